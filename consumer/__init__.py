@@ -1,0 +1,1 @@
+"""The GPU consumer: `facefleet worker` and the processors it runs."""

@@ -1,0 +1,55 @@
+"""`sleep`: a processor for load and chaos tests. It sleeps options.sleep_s, reporting progress.
+
+It writes a small JSON result so the whole result path (temp dir, manifest, rename) is exercised.
+Options: sleep_s (float, default 1), steps (int, default 10), fail (str: "permanent" or
+"transient", to test error paths).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from consumer.errors import PermanentJobError, TransientJobError
+from consumer.processors.base import JobContext, ProcessorOutput
+from facefleet.settings import WorkerSettings
+
+
+@dataclass
+class SleepProcessor:
+    name: str = "sleep"
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, ctx: JobContext) -> ProcessorOutput:
+        opts = ctx.job.options
+        try:
+            sleep_s = float(opts.get("sleep_s", 1.0) or 0.0)  # type: ignore[arg-type]
+            steps = max(1, int(opts.get("steps", 10) or 1))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise PermanentJobError("invalid_option", f"sleep_s/steps: {exc}") from exc
+        if sleep_s < 0 or sleep_s > 24 * 3600:
+            raise PermanentJobError("invalid_option", f"sleep_s must be in [0, 86400], got {sleep_s}")
+        fail = opts.get("fail")
+        if fail == "permanent":
+            raise PermanentJobError("invalid_request", "failure requested by options.fail")
+        if fail == "transient":
+            raise TransientJobError("internal_error", "transient failure requested by options.fail")
+        start = time.monotonic()
+        for i in range(steps):
+            ctx.progress(i / steps, "sleep", eta_s=sleep_s * (steps - i) / steps)
+            deadline = start + sleep_s * (i + 1) / steps
+            while (left := deadline - time.monotonic()) > 0:
+                ctx.checkpoint()
+                time.sleep(min(left, 0.2))
+        ctx.checkpoint()
+        (ctx.output_dir / "result.json").write_text(
+            json.dumps({"job_id": ctx.job.job_id, "slept_s": sleep_s})
+        )
+        return ProcessorOutput("result.json", {"sleep": round(time.monotonic() - start, 4)})
+
+
+def create(settings: WorkerSettings) -> SleepProcessor:
+    return SleepProcessor()

@@ -1,0 +1,60 @@
+"""The `facefleet` command: one entry point, subcommands registered by each part of the system.
+
+Each part owns a module with `register(subparsers)`; modules are imported lazily by name so the
+producer's CLI never loads the consumer (nor onnxruntime) and `facefleet --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (command, module, one-line help). The module's register() adds the subcommand's arguments and
+# sets `func` (argparse.Namespace -> exit code).
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("topology", "producer.cli", "declare exchanges and queues (idempotent)"),
+    ("submit", "producer.cli", "submit a face-fusion job"),
+    ("watch", "producer.cli", "replay and follow a job's events"),
+    ("cancel", "producer.cli", "cancel a job"),
+    ("status", "producer.cli", "per-tier queue depth and consumers"),
+    ("worker", "consumer.cli", "run a consumer worker"),
+    ("models", "models.cli", "pull, verify and generate model weights"),
+    ("simulate", "keda.cli", "simulate KEDA/HPA scaling for a tier and plan thresholds"),
+    ("gateway", "producer.gateway.cli", "run the HTTP/WebSocket progress gateway"),
+    ("demo", "facefleet.demo", "run one job end to end on a local broker"),
+)
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facefleet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = argv[0] if argv else None
+    for name, module_name, help_text in COMMANDS:
+        if wanted in (name,) or wanted in (None, "-h", "--help"):
+            if wanted == name:
+                module = importlib.import_module(module_name)
+                module.register(sub, name)
+            else:
+                sub.add_parser(name, help=help_text)
+        else:
+            sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.error(f"{args.command}: not available in this build")
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Typed settings, read from the environment once per process, failing fast with a clear message.
+
+Every process builds exactly one settings object at start-up (`WorkerSettings.load()` and so on)
+and passes it down; nothing else reads os.environ. Variables use the FACEFLEET_ prefix, except
+AMQP_URL, which follows the common convention (the chart fills it from a Secret).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+class SettingsError(SystemExit):
+    """Raised (as a clean exit 2) when the environment does not describe a valid process."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEFLEET_", extra="ignore", frozen=True)
+
+    amqp_url: str = Field(
+        default=DEFAULT_AMQP_URL, validation_alias=AliasChoices("AMQP_URL", "FACEFLEET_AMQP_URL")
+    )
+    """Broker URL with credentials; heartbeat and timeouts may ride in its query string."""
+    data_root: Path = Path("./var/facefleet")
+    """Root of all file:// media and results; URIs outside it are refused."""
+    tiers_json: str | None = Field(default=None, validation_alias="FACEFLEET_TIERS")
+    """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
+    high, standard, batch."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp(cls, v: str) -> str:
+        if not v.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return v
+
+    def tiers(self) -> tuple[TierSpec, ...]:
+        if not self.tiers_json:
+            return DEFAULT_TIERS
+        try:
+            raw = json.loads(self.tiers_json)
+            specs = tuple(TierSpec(**{**item, "name": check_tier(item["name"])}) for item in raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise SettingsError(f"FACEFLEET_TIERS: {exc}") from exc
+        if not specs:
+            raise SettingsError("FACEFLEET_TIERS: at least one tier is needed")
+        return specs
+
+    def tier(self, name: str) -> TierSpec:
+        for spec in self.tiers():
+            if spec.name == name:
+                return spec
+        known = ", ".join(t.name for t in self.tiers())
+        raise SettingsError(f"unknown tier {name!r}; known tiers: {known} (see FACEFLEET_TIERS)")
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Build from the environment; any problem exits with a message naming the variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                field = str(err["loc"][0]) if err["loc"] else "?"
+                lines.append(f"  {_env_name(cls, field)}: {err['msg']} (got {err.get('input')!r})")
+            raise SettingsError("invalid settings:\n" + "\n".join(lines)) from exc
+
+
+def _env_name(cls: type[BaseSettings], field: str) -> str:
+    info = cls.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    if isinstance(alias, str):
+        return alias
+    return f"FACEFLEET_{field.upper()}"
+
+
+class ProducerSettings(CommonSettings):
+    """Settings of the CLI, the producer SDK and the gateway."""
+
+    confirm_timeout_s: float = 30.0
+    """How long a publish waits for the broker's confirm before it is reported as failed."""
+    gateway_url: str | None = None
+    """When set, `watch` and `submit --wait` follow events through the gateway over WebSocket."""
+
+
+class WorkerSettings(CommonSettings):
+    """Settings of `facefleet worker` (the GPU consumer)."""
+
+    tier: str = "standard"
+    processor: str = "sleep"
+    backend: Literal["insightface", "classic"] = "classic"
+    """faceswap backend: insightface (ONNX models from model_dir) or classic (OpenCV only)."""
+    concurrency: int = Field(default=1, ge=1, le=64)
+    """Jobs run at once; also the AMQP prefetch (1 per GPU slot: a crash loop then burns only one
+    job's delivery count)."""
+    model_dir: Path = Path("./var/models")
+    execution_providers: str = "tensorrt,cuda,cpu"
+    """Preference order; the first available one is used, CPU always last."""
+    device_id: int = 0
+    gpu_mem_limit_mb: int | None = None
+    drain_timeout_s: float = 600.0
+    """After SIGTERM, how long running jobs may finish before they are requeued. Keep it below
+    the pod's terminationGracePeriodSeconds."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Attempts for transient errors (in this worker and across redeliveries) before the job is
+    dead-lettered."""
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    lease_s: float = 15.0
+    """A job's claim expires this long after its worker stops renewing it (crash)."""
+    health_host: str = "127.0.0.1"
+    health_port: int = 9464
+    """HTTP port for /healthz, /readyz and /metrics; 0 disables it."""
+    progress_interval_s: float = 0.5
+    """Minimum time between two progress events of one job."""
+    journal_fsync: bool = True
+    """fsync the per-job event journal; only benchmarks on throw-away data turn it off."""
+    pod_name: str | None = Field(default=None, validation_alias="POD_NAME")
+    pod_namespace: str | None = Field(default=None, validation_alias="POD_NAMESPACE")
+    deletion_cost: bool = False
+    """Set controller.kubernetes.io/pod-deletion-cost on this pod while busy (needs RBAC)."""
+
+    def providers(self) -> list[str]:
+        names = {
+            "tensorrt": "TensorrtExecutionProvider",
+            "cuda": "CUDAExecutionProvider",
+            "cpu": "CPUExecutionProvider",
+        }
+        out = []
+        for item in self.execution_providers.split(","):
+            key = item.strip().lower()
+            if key not in names:
+                raise SettingsError(
+                    f"FACEFLEET_EXECUTION_PROVIDERS: unknown provider {item!r}; use {list(names)}"
+                )
+            out.append(names[key])
+        if "CPUExecutionProvider" not in out:
+            out.append("CPUExecutionProvider")
+        return out
+
+
+def die(error: SettingsError) -> None:
+    print(f"facefleet: {error.message}", file=sys.stderr)
+
+
+def environ_snapshot() -> dict[str, str]:
+    """The FACEFLEET_* part of the environment, for diagnostics (never includes AMQP_URL)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("FACEFLEET_")}

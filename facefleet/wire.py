@@ -1,0 +1,331 @@
+"""The wire contract: every name and message shape that crosses RabbitMQ.
+
+Producer, consumer, gateway and users' own consumers all import this module; it imports neither
+side. Names here are public API: renaming one is a breaking change and bumps SCHEMA_VERSION.
+
+Topology (see README "Wire contract"):
+
+    facefleet.jobs      direct   routing key = tier  -> facefleet.jobs.<tier>   (quorum)
+    facefleet.jobs.dead fanout                       -> facefleet.jobs.dead     (quorum, parked)
+                                                     -> facefleet.jobs.dead.notify (quorum)
+    facefleet.events    topic    job.<job_id>.<type> -> facefleet.events.log    (stream)
+    facefleet.control   topic    cancel.<job_id>     -> one exclusive queue per worker
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+"""Version of the JSON bodies below. A consumer refuses (dead-letters) any other version."""
+
+CONTENT_TYPE = "application/json"
+
+# --- exchanges and queues -------------------------------------------------------------------
+
+JOBS_EXCHANGE = "facefleet.jobs"
+DEAD_EXCHANGE = "facefleet.jobs.dead"
+DEAD_QUEUE = "facefleet.jobs.dead"
+DEAD_NOTIFY_QUEUE = "facefleet.jobs.dead.notify"
+EVENTS_EXCHANGE = "facefleet.events"
+EVENTS_STREAM = "facefleet.events.log"
+CONTROL_EXCHANGE = "facefleet.control"
+
+# --- headers ----------------------------------------------------------------------------------
+
+HEADER_SCHEMA = "x-facefleet-schema"
+HEADER_JOB_ID = "x-facefleet-job-id"
+HEADER_DEAD_REASON = "x-facefleet-dead-reason"
+HEADER_DEAD_CODE = "x-facefleet-dead-code"
+HEADER_ATTEMPT = "x-facefleet-attempt"
+HEADER_STREAM_FILTER = "x-stream-filter-value"
+"""RabbitMQ 3.13+ stream filtering; older brokers ignore the header."""
+
+TIER_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+def job_queue(tier: str) -> str:
+    """Queue that holds one tier's jobs; the only place that builds the name."""
+    check_tier(tier)
+    return f"{JOBS_EXCHANGE}.{tier}"
+
+
+def check_tier(tier: str) -> str:
+    if not TIER_PATTERN.match(tier):
+        raise ValueError(
+            f"invalid tier {tier!r}: use lower-case letters, digits and '-', starting with a letter"
+        )
+    return tier
+
+
+def event_routing_key(job_id: str, event_type: str) -> str:
+    return f"job.{job_id}.{event_type}"
+
+
+def job_events_binding(job_id: str) -> str:
+    """Binding key that matches every event of one job."""
+    return f"job.{job_id}.*"
+
+
+def cancel_routing_key(job_id: str) -> str:
+    return f"cancel.{job_id}"
+
+
+CANCEL_BINDING = "cancel.*"
+
+
+# --- tiers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """What the broker must know about a QoS tier.
+
+    max_job_s bounds one job's run time; it sets the consumer timeout (3.12+) and, in the chart,
+    terminationGracePeriodSeconds.
+    """
+
+    name: str
+    max_job_s: int = 900
+    max_length: int = 10_000
+    delivery_limit: int = 5
+
+    def consumer_timeout_ms(self) -> int:
+        """Ack timeout above the tier's longest job, with margin (RabbitMQ checks once a minute)."""
+        return (self.max_job_s + 300) * 1000
+
+
+DEFAULT_TIERS: tuple[TierSpec, ...] = (
+    TierSpec("high", max_job_s=600, max_length=2_000),
+    TierSpec("standard", max_job_s=900, max_length=10_000),
+    TierSpec("batch", max_job_s=3_600, max_length=100_000),
+)
+
+
+@dataclass(frozen=True)
+class BrokerFeatures:
+    """What the connected broker supports, read from its server_properties, never assumed."""
+
+    product: str
+    version: tuple[int, ...]
+
+    @classmethod
+    def from_server_properties(cls, props: dict[str, Any]) -> BrokerFeatures:
+        def text(v: Any) -> str:
+            return v.decode() if isinstance(v, bytes) else str(v)
+
+        raw = text(props.get("version", "0"))
+        nums = tuple(int(x) for x in re.findall(r"\d+", raw)[:3]) or (0,)
+        return cls(product=text(props.get("product", "unknown")), version=nums)
+
+    @property
+    def queue_consumer_timeout(self) -> bool:
+        """x-consumer-timeout as a queue argument arrived in RabbitMQ 3.12."""
+        return self.version >= (3, 12)
+
+    @property
+    def stream_filtering(self) -> bool:
+        return self.version >= (3, 13)
+
+
+def job_queue_arguments(tier: TierSpec, features: BrokerFeatures) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": tier.delivery_limit,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        "x-max-length": tier.max_length,
+        "x-overflow": "reject-publish",
+    }
+    if features.queue_consumer_timeout:
+        args["x-consumer-timeout"] = tier.consumer_timeout_ms()
+    return args
+
+
+DEAD_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+EVENTS_STREAM_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "stream",
+    "x-max-age": "7D",
+    "x-max-length-bytes": 5_000_000_000,
+    "x-stream-max-segment-size-bytes": 50_000_000,
+}
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+EventType = Literal[
+    "queued",
+    "started",
+    "progress",
+    "retrying",
+    "completed",
+    "failed",
+    "dead_lettered",
+    "cancelled",
+]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+TERMINAL_EVENTS: frozenset[str] = frozenset({"completed", "failed", "dead_lettered", "cancelled"})
+
+ErrorCode = Literal[
+    # bad input: permanent
+    "invalid_request",
+    "unsupported_schema",
+    "media_not_found",
+    "media_outside_data_root",
+    "corrupt_media",
+    "unsupported_media",
+    "too_large",
+    "no_face_in_source",
+    "no_face_in_target",
+    "invalid_option",
+    "deadline_exceeded",
+    # environment: mostly transient
+    "model_missing",
+    "storage_error",
+    "resource_exhausted",
+    "internal_error",
+    "delivery_limit",
+    "tier_full",
+]
+ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DecodeError(ValueError):
+    """A body that is not a valid message of our schema; carries the reason for the dead letter."""
+
+    def __init__(self, reason: str, *, code: ErrorCode = "invalid_request") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code: ErrorCode = code
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Any:
+        """Parse and validate; any failure becomes a DecodeError naming what is wrong."""
+        try:
+            raw = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DecodeError(f"body is not JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise DecodeError(f"body is a JSON {type(raw).__name__}, expected an object")
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DecodeError(
+                f"unsupported schema_version {version!r}; this build reads {SCHEMA_VERSION}",
+                code="unsupported_schema",
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise DecodeError(f"invalid {cls.__name__}: {problems}") from exc
+
+
+JobOptionValue = str | int | float | bool | None
+
+
+class JobRequest(_Message):
+    """One face-fusion job as published to facefleet.jobs."""
+
+    job_id: str
+    idempotency_key: str = Field(min_length=1, max_length=200)
+    tier: str
+    created_at: datetime
+    deadline: datetime | None = None
+    processor: str | None = None
+    """Optional pin to a processor; a worker running another one fails the job clearly."""
+    source_uri: str = Field(min_length=1)
+    target_uri: str = Field(min_length=1)
+    output_uri_prefix: str = Field(min_length=1)
+    options: dict[str, JobOptionValue] = Field(default_factory=dict)
+
+    @field_validator("tier")
+    @classmethod
+    def _tier(cls, v: str) -> str:
+        return check_tier(v)
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str) -> str:
+        try:
+            uuid.UUID(v)
+        except ValueError as exc:
+            raise ValueError("job_id must be a UUID") from exc
+        return v
+
+
+class EventPayload(BaseModel):
+    """Payload of an event; which fields are set depends on the event type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # progress
+    fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    stage: str | None = None
+    eta_s: float | None = None
+    frames_done: int | None = None
+    frames_total: int | None = None
+    # started / retrying
+    worker: str | None = None
+    attempt: int | None = None
+    delay_s: float | None = None
+    queue_wait_s: float | None = None
+    # completed
+    result_uri: str | None = None
+    manifest_uri: str | None = None
+    timings_s: dict[str, float] | None = None
+    # failed / retrying / dead_lettered / cancelled
+    code: ErrorCode | None = None
+    message: str | None = None
+    retryable: bool | None = None
+    # queued
+    tier: str | None = None
+
+
+class JobEvent(_Message):
+    """One entry in a job's history: per job, seq starts at 1 and increases by exactly 1."""
+
+    job_id: str
+    seq: int = Field(ge=1)
+    type: EventType
+    ts: datetime
+    payload: EventPayload = Field(default_factory=EventPayload)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_EVENTS
+
+
+class CancelRequest(_Message):
+    job_id: str
+    reason: str = "cancelled by user"
+    requested_at: datetime
+
+
+def job_id_for_key(idempotency_key: str) -> str:
+    """Deterministic job id: the same idempotency key always names the same job."""
+    return str(uuid.uuid5(_JOB_NAMESPACE, idempotency_key))
+
+
+_JOB_NAMESPACE = uuid.UUID("6f1c1a52-3c55-4f43-8a51-0d1f4c6a9e21")
