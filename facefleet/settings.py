@@ -65,7 +65,7 @@ class CommonSettings(BaseSettings):
             raise SettingsError("FACEFLEET_TIERS: at least one tier is needed")
         return specs
 
-    def tier(self, name: str) -> TierSpec:
+    def tier_spec(self, name: str) -> TierSpec:
         for spec in self.tiers():
             if spec.name == name:
                 return spec
