@@ -140,6 +140,19 @@ class WorkerSettings(CommonSettings):
     pod_namespace: str | None = Field(default=None, validation_alias="POD_NAMESPACE")
     deletion_cost: bool = False
     """Set controller.kubernetes.io/pod-deletion-cost on this pod while busy (needs RBAC)."""
+    media_max_bytes: int = Field(default=2_000_000_000, ge=1)
+    """Largest source or target file a faceswap job accepts, in bytes (checked before reading)."""
+    media_max_pixels: int = Field(default=40_000_000, ge=1)
+    """Largest width*height of an image or video frame; checked from the header, before any
+    decode, so a decompression bomb is refused without allocating its pixels."""
+    media_max_frames: int = Field(default=18_000, ge=1)
+    """Most frames a video target may have (10 min at 30 fps)."""
+    media_max_duration_s: float = Field(default=600.0, gt=0)
+    """Longest video target, in seconds."""
+    media_image_formats: str = "jpeg,png,webp,bmp"
+    """Image formats accepted as source or target (sniffed from content, not the extension)."""
+    media_video_formats: str = "mp4,mov,webm,matroska,avi"
+    """Video containers accepted as target (sniffed from content, not the extension)."""
 
     def providers(self) -> list[str]:
         names = {

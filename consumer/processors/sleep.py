@@ -31,7 +31,9 @@ class SleepProcessor:
         except (TypeError, ValueError) as exc:
             raise PermanentJobError("invalid_option", f"sleep_s/steps: {exc}") from exc
         if sleep_s < 0 or sleep_s > 24 * 3600:
-            raise PermanentJobError("invalid_option", f"sleep_s must be in [0, 86400], got {sleep_s}")
+            raise PermanentJobError(
+                "invalid_option", f"sleep_s must be in [0, 86400], got {sleep_s}"
+            )
         fail = opts.get("fail")
         if fail == "permanent":
             raise PermanentJobError("invalid_request", "failure requested by options.fail")

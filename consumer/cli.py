@@ -1,0 +1,74 @@
+"""`facefleet worker`: build the settings, the processor and the worker, then run until drained."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from facefleet.settings import SettingsError, WorkerSettings, die
+
+
+def register(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="run a consumer worker for one tier")
+    p.add_argument("--tier", help="QoS tier to consume (FACEFLEET_TIER)")
+    p.add_argument("--processor", help="sleep | noop | faceswap (FACEFLEET_PROCESSOR)")
+    p.add_argument("--backend", help="faceswap backend: insightface | classic (FACEFLEET_BACKEND)")
+    p.add_argument(
+        "--concurrency", type=int, help="jobs at once = prefetch (FACEFLEET_CONCURRENCY)"
+    )
+    p.add_argument("--health-port", type=int, help="0 disables (FACEFLEET_HEALTH_PORT)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {
+        key: value
+        for key, value in {
+            "tier": args.tier,
+            "processor": args.processor,
+            "backend": args.backend,
+            "concurrency": args.concurrency,
+            "health_port": args.health_port,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = WorkerSettings.load(**overrides)
+        settings.tier_spec(settings.tier)
+        settings.providers()
+    except SettingsError as exc:
+        die(exc)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    from consumer.errors import JobError
+    from consumer.health import serve_health
+    from consumer.processors import create_processor
+    from consumer.worker import Worker
+
+    try:
+        processor = create_processor(settings.processor, settings)
+    except (ValueError, JobError) as exc:
+        die(SettingsError(f"cannot start processor {settings.processor!r}: {exc}"))
+        return 2
+    on_busy = None
+    if settings.deletion_cost:
+        try:
+            from consumer.podcost import PodDeletionCost
+
+            cost = PodDeletionCost(settings.pod_name, settings.pod_namespace, True)
+            on_busy = lambda busy: cost.busy() if busy else cost.idle()  # noqa: E731
+        except ImportError:
+            logging.getLogger(__name__).warning("pod deletion cost unavailable")
+    worker = Worker(settings, processor, on_busy=on_busy)
+    server = None
+    if settings.health_port:
+        server = serve_health(worker, settings.health_host, settings.health_port)
+    try:
+        return worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()

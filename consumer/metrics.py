@@ -1,0 +1,39 @@
+"""Prometheus metrics of one worker, in an explicit registry (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.jobs = Counter(
+            "facefleet_jobs",
+            "Jobs by tier and outcome (completed, failed, cancelled, dead_lettered, retried, "
+            "requeued, malformed)",
+            ["tier", "outcome"],
+            registry=self.registry,
+        )
+        self.duplicates = Counter(
+            "facefleet_duplicate_deliveries",
+            "Deliveries of jobs that had already ended, acked without running again",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "facefleet_job_duration_seconds",
+            "Processing time of one attempt",
+            ["tier"],
+            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "facefleet_queue_wait_seconds",
+            "Time from submission to start",
+            ["tier"],
+            buckets=(0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=self.registry,
+        )
+        self.ready = Gauge("facefleet_worker_ready", "1 when consuming", registry=self.registry)
+        self.busy = Gauge("facefleet_worker_busy_jobs", "Jobs running now", registry=self.registry)

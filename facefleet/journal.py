@@ -1,0 +1,162 @@
+"""Per-job event journal: the single authority on a job's event sequence numbers.
+
+Why a journal: events come from several processes over a job's life (the producer's `queued`,
+one or more workers' `started`/`progress`/terminal event after crashes and redeliveries). Each
+event is appended to jobs/<id>/events.jsonl under the job's flock, *then* published with a
+confirm, so that seq is gapless and strictly increasing across processes, the stream sees events
+in seq order, and an event whose publish failed is republished by the next writer (an outbox).
+Watchers may therefore see a seq twice (after a crash between confirm and watermark) but never a
+gap; they drop duplicates by seq.
+
+The journal also answers "has this job already finished?" so a redelivered job never gets a
+second terminal event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from facefleet.storage import Storage, write_durable
+from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
+
+Publish = Callable[[JobEvent], None]
+
+
+class JobJournal:
+    def __init__(self, storage: Storage, job_id: str, *, fsync: bool = True) -> None:
+        self.storage = storage
+        self.job_id = job_id
+        self.dir = storage.job_dir(job_id)
+        self.path = self.dir / "events.jsonl"
+        self.watermark_path = self.dir / "published"
+        self.fsync = fsync
+        self._cache: list[JobEvent] = []
+        self._cache_size = -1
+
+    def events(self) -> list[JobEvent]:
+        """All events so far (re-read only when the file changed size)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size != self._cache_size:
+            with open(self.path, "rb") as fh:
+                lines = fh.read().splitlines()
+            self._cache = [JobEvent.decode(line) for line in lines if line.strip()]
+            self._cache_size = size
+        return list(self._cache)
+
+    def terminal(self) -> JobEvent | None:
+        for event in reversed(self.events()):
+            if event.terminal:
+                return event
+        return None
+
+    def _watermark(self) -> int:
+        try:
+            return int(self.watermark_path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def append(
+        self,
+        event_type: EventType,
+        payload: EventPayload | None,
+        publish: Publish,
+        *,
+        locked: bool = False,
+    ) -> JobEvent | None:
+        """Append one event and publish it; None if the job already ended (nothing is written).
+
+        Call with locked=True only from inside `storage.job_lock(job_id)`.
+        """
+        if not locked:
+            with self.storage.job_lock(self.job_id):
+                return self.append(event_type, payload, publish, locked=True)
+        events = self.events()
+        self._flush_outbox(events, publish)
+        if any(e.terminal for e in events):
+            return None
+        event = JobEvent(
+            job_id=self.job_id,
+            seq=(events[-1].seq + 1) if events else 1,
+            type=event_type,
+            ts=utcnow(),
+            payload=payload or EventPayload(),
+        )
+        with open(self.path, "ab") as fh:
+            fh.write(event.encode() + b"\n")
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        publish(event)
+        self.watermark_path.write_text(str(event.seq))
+        return event
+
+    def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
+        mark = self._watermark()
+        pending = [e for e in events if e.seq > mark]
+        for event in pending:
+            publish(event)
+        if pending:
+            self.watermark_path.write_text(str(pending[-1].seq))
+
+
+@dataclass(frozen=True)
+class Claim:
+    worker: str
+    token: str
+
+
+class JobClaim:
+    """A lease on a job so two deliveries of it (duplicate submit, redelivery) never run at once.
+
+    The holder renews the lease by touching claim.json; a holder that died (kill -9) stops
+    renewing and the claim becomes takeable after lease_s. A live claim is never broken: the
+    second delivery waits instead, then finds the job finished and is acked without a second run.
+    """
+
+    def __init__(self, storage: Storage, job_id: str, worker: str, *, lease_s: float) -> None:
+        self.storage = storage
+        self.job_id = job_id
+        self.path = storage.job_dir(job_id) / "claim.json"
+        self.worker = worker
+        self.lease_s = lease_s
+        self.token = os.urandom(8).hex()
+
+    def holder(self) -> tuple[dict[str, Any], float] | None:
+        try:
+            data = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (FileNotFoundError, ValueError):
+            return None
+        return data, age
+
+    def try_acquire(self) -> bool:
+        """Take the claim if it is free or stale; call under the job lock."""
+        current = self.holder()
+        if current is not None:
+            data, age = current
+            if data.get("token") != self.token and age < self.lease_s:
+                return False
+        write_durable(
+            self.path,
+            json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()}).encode(),
+        )
+        return True
+
+    def renew(self) -> None:
+        current = self.holder()
+        if current is not None and current[0].get("token") == self.token:
+            os.utime(self.path)
+
+    def release(self) -> None:
+        current = self.holder()
+        if current is not None and current[0].get("token") == self.token:
+            Path(self.path).unlink(missing_ok=True)

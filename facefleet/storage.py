@@ -1,0 +1,186 @@
+"""Media and results under one data root, with durable, atomic writes.
+
+Layout under FACEFLEET_DATA_ROOT (a shared volume in Kubernetes):
+
+    uploads/<sha256[:16]>/<name>      media copied in by `facefleet submit` / the gateway
+    jobs/<job_id>/events.jsonl        the job's event journal (facefleet.journal)
+    jobs/<job_id>/claim.json          lease of the worker running the job
+    jobs/<job_id>/cancel              cancellation marker
+    results/<job_id>/                 the result files + manifest.json, renamed into place whole
+
+file:// URIs (and plain paths) must resolve inside the root after following symlinks; anything
+else is refused, so a job can never read /etc/passwd or write outside its volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from facefleet.wire import ErrorCode
+
+
+class StorageError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write a file so that after return it survives a crash: temp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Storage:
+    """The data root. Thread-safe: it keeps no state besides the root path."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+
+    # --- URIs --------------------------------------------------------------------------------
+
+    def resolve(self, uri: str) -> Path:
+        """Local path of a file:// URI or path, refused unless it lies inside the data root."""
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            raw = unquote(parsed.path) if parsed.scheme == "file" else uri
+            if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+                raise StorageError(
+                    "media_outside_data_root", f"{uri}: remote file hosts are not allowed"
+                )
+            path = Path(raw)
+            if not path.is_absolute():
+                path = self.root / path
+        else:
+            raise StorageError(
+                "invalid_request", f"{uri}: unsupported URI scheme {parsed.scheme!r} (use file://)"
+            )
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise StorageError(
+                "media_outside_data_root",
+                f"{uri} resolves to {resolved}, outside the data root {self.root}",
+            )
+        return resolved
+
+    def uri(self, path: Path) -> str:
+        return path.resolve().as_uri()
+
+    def import_file(self, source: Path) -> str:
+        """Copy a local file into uploads/ (content-addressed) and return its URI."""
+        if not source.is_file():
+            raise StorageError("media_not_found", f"{source}: no such file")
+        digest = hashlib.sha256()
+        with open(source, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        dest_dir = self.root / "uploads" / digest.hexdigest()[:16]
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / source.name
+        if not dest.exists():
+            tmp = dest_dir / f".{source.name}.{uuid.uuid4().hex[:8]}.tmp"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, dest)
+        return self.uri(dest)
+
+    def default_output_prefix(self) -> str:
+        results = self.root / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        return results.as_uri() + "/"
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        uuid.UUID(job_id)  # never let a job id become a path traversal
+        path = self.root / "jobs" / job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def result_dir(self, output_uri_prefix: str, job_id: str) -> Path:
+        """Deterministic result directory of a job: <prefix>/<job_id>/."""
+        uuid.UUID(job_id)
+        base = self.resolve(output_uri_prefix.rstrip("/") or "/")
+        return base / job_id
+
+    def request_cancel(self, job_id: str, reason: str) -> None:
+        write_durable(self.job_dir(job_id) / "cancel", reason.encode())
+
+    def cancel_reason(self, job_id: str) -> str | None:
+        path = self.root / "jobs" / job_id / "cancel"
+        try:
+            return path.read_text() or "cancelled"
+        except FileNotFoundError:
+            return None
+
+    @contextlib.contextmanager
+    def job_lock(self, job_id: str) -> Iterator[None]:
+        """Exclusive lock over one job's journal and claim, across processes (flock)."""
+        fd = os.open(self.job_dir(job_id) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # --- results -----------------------------------------------------------------------------
+
+    def new_work_dir(self, result_dir: Path) -> Path:
+        result_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = result_dir.parent / f".tmp-{result_dir.name}-{uuid.uuid4().hex[:8]}"
+        work.mkdir()
+        return work
+
+    def commit_result(self, work_dir: Path, result_dir: Path, manifest: dict[str, Any]) -> bool:
+        """Make a finished work dir the job's result, atomically and durably.
+
+        Returns False if another delivery of the same job committed first (its result wins and
+        this one is discarded), which is how a redelivered job avoids a second completion.
+        """
+        (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for item in work_dir.iterdir():
+            if item.is_file():
+                with open(item, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(work_dir)
+        try:
+            os.rename(work_dir, result_dir)
+        except OSError:
+            if (result_dir / "manifest.json").exists():
+                shutil.rmtree(work_dir, ignore_errors=True)
+                return False
+            raise
+        fsync_dir(result_dir.parent)
+        return True
+
+    def read_manifest(self, result_dir: Path) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads((result_dir / "manifest.json").read_text())
+            return data
+        except FileNotFoundError:
+            return None

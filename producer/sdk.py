@@ -1,0 +1,301 @@
+"""Synchronous producer SDK on pika: submit with confirms, cancel, queue status.
+
+    client = JobClient(ProducerSettings.load())
+    result = client.submit("standard", "photos/me.jpg", "photos/group.jpg", options={"enhance": True})
+    client.close()
+
+A submission is durable when `submit()` returns: the job is confirmed by the broker (quorum
+queue: by a quorum of replicas) and its `queued` event is in the journal and the events stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from facefleet.amqp import connect, declare_topology, publish_event
+from facefleet.journal import JobJournal
+from facefleet.settings import ProducerSettings
+from facefleet.storage import Storage, StorageError
+from facefleet.wire import (
+    CONTENT_TYPE,
+    CONTROL_EXCHANGE,
+    HEADER_JOB_ID,
+    HEADER_SCHEMA,
+    JOBS_EXCHANGE,
+    SCHEMA_VERSION,
+    CancelRequest,
+    EventPayload,
+    JobOptionValue,
+    JobRequest,
+    cancel_routing_key,
+    check_tier,
+    job_id_for_key,
+    job_queue,
+    utcnow,
+)
+from producer.errors import (
+    InvalidJobError,
+    PublishNackedError,
+    TierFullError,
+    UnroutableJobError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_id: str
+    duplicate: bool
+    """True when the idempotency key was seen before: no new job was queued."""
+    request: JobRequest | None = None
+
+
+@dataclass(frozen=True)
+class TierStatus:
+    tier: str
+    ready: int
+    unacked: int | None
+    consumers: int
+
+
+def media_uri(storage: Storage, value: str) -> str:
+    """A URI for the job: local files are copied into the data root, URIs are checked."""
+    if "://" in value:
+        storage.resolve(value)
+        return value
+    path = Path(value)
+    if path.exists():
+        if path.resolve().is_relative_to(storage.root):
+            return storage.uri(path)
+        return storage.import_file(path)
+    raise StorageError("media_not_found", f"{value}: no such file")
+
+
+def build_request(
+    storage: Storage,
+    tier: str,
+    source: str,
+    target: str,
+    *,
+    options: dict[str, JobOptionValue] | None = None,
+    idempotency_key: str | None = None,
+    deadline: datetime | None = None,
+    output_uri_prefix: str | None = None,
+    processor: str | None = None,
+) -> JobRequest:
+    try:
+        check_tier(tier)
+        key = idempotency_key or str(uuid.uuid4())
+        return JobRequest(
+            job_id=job_id_for_key(key),
+            idempotency_key=key,
+            tier=tier,
+            created_at=utcnow(),
+            deadline=deadline,
+            processor=processor,
+            source_uri=media_uri(storage, source),
+            target_uri=media_uri(storage, target),
+            output_uri_prefix=output_uri_prefix or storage.default_output_prefix(),
+            options=dict(options or {}),
+        )
+    except StorageError as exc:
+        raise InvalidJobError(exc.message) from exc
+    except ValueError as exc:
+        raise InvalidJobError(str(exc)) from exc
+
+
+def job_properties(request: JobRequest) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=request.job_id,
+        timestamp=int(request.created_at.timestamp()),
+        headers={HEADER_SCHEMA: SCHEMA_VERSION, HEADER_JOB_ID: request.job_id},
+    )
+
+
+class JobClient:
+    """Blocking client; one per thread (pika connections are not thread-safe)."""
+
+    def __init__(self, settings: ProducerSettings, *, storage: Storage | None = None) -> None:
+        self.settings = settings
+        self.storage = storage or Storage(settings.data_root)
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+
+    # --- connection ----------------------------------------------------------------------------
+
+    def _ch(self) -> BlockingChannel:
+        if self._connection is None or not self._connection.is_open:
+            self._connection = connect(self.settings.amqp_url, "facefleet-producer")
+            self._channel = None
+        if self._channel is None or not self._channel.is_open:
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+        return self._channel
+
+    def close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        self._connection = None
+
+    def __enter__(self) -> JobClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def apply_topology(self) -> None:
+        self._ch()
+        assert self._connection is not None
+        declare_topology(self._connection, self.settings.tiers())
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        tier: str,
+        source: str,
+        target: str,
+        *,
+        options: dict[str, JobOptionValue] | None = None,
+        idempotency_key: str | None = None,
+        deadline: datetime | None = None,
+        output_uri_prefix: str | None = None,
+        processor: str | None = None,
+    ) -> SubmitResult:
+        """Queue one job; returns once the broker confirmed it and `queued` was published.
+
+        Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
+        """
+        request = build_request(
+            self.storage,
+            tier,
+            source,
+            target,
+            options=options,
+            idempotency_key=idempotency_key,
+            deadline=deadline,
+            output_uri_prefix=output_uri_prefix,
+            processor=processor,
+        )
+        return self.submit_request(request)
+
+    def submit_request(self, request: JobRequest) -> SubmitResult:
+        journal = JobJournal(self.storage, request.job_id)
+        # The job lock orders us before the worker: it cannot append `started` until `queued`
+        # is in, so seq 1 is always `queued`.
+        with self.storage.job_lock(request.job_id):
+            if journal.events():
+                return SubmitResult(request.job_id, duplicate=True)
+            self._publish_job(request)
+            journal.append(
+                "queued",
+                EventPayload(tier=request.tier),
+                lambda ev: publish_event(self._ch(), ev),
+                locked=True,
+            )
+        return SubmitResult(request.job_id, duplicate=False, request=request)
+
+    def _publish_job(self, request: JobRequest) -> None:
+        ch = self._ch()
+        try:
+            ch.basic_publish(
+                JOBS_EXCHANGE,
+                request.tier,
+                request.encode(),
+                job_properties(request),
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError as exc:
+            raise UnroutableJobError(
+                f"no queue is bound for tier {request.tier!r}: run `facefleet topology apply` "
+                "or check FACEFLEET_TIERS"
+            ) from exc
+        except pika.exceptions.NackError as exc:
+            depth = self._depth(request.tier)
+            if depth is not None:
+                raise TierFullError(request.tier, depth) from exc
+            raise PublishNackedError(f"broker refused job {request.job_id}") from exc
+
+    def _depth(self, tier: str) -> int | None:
+        try:
+            ch = self._ch()
+            frame = ch.queue_declare(job_queue(tier), passive=True)
+            count: int = frame.method.message_count
+            return count
+        except pika.exceptions.AMQPError:
+            return None
+
+    def cancel(self, job_id: str, reason: str = "cancelled by user") -> None:
+        """Ask for cancellation: a durable marker (for a job still queued) plus a control message
+        (for a job running now). The worker emits `cancelled` at its next step boundary."""
+        uuid.UUID(job_id)
+        self.storage.request_cancel(job_id, reason)
+        msg = CancelRequest(job_id=job_id, reason=reason, requested_at=utcnow())
+        self._ch().basic_publish(
+            CONTROL_EXCHANGE,
+            cancel_routing_key(job_id),
+            msg.encode(),
+            pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1),
+        )
+
+    def status(self) -> list[TierStatus]:
+        """Per tier: jobs ready, jobs being processed (unacked) and consumers.
+
+        AMQP reports only ready messages; unacked needs the management API, which is used when
+        reachable (FACEFLEET_MANAGEMENT_URL-style URL derived from AMQP_URL, port 15672).
+        """
+        out = []
+        mgmt = _management_counts(self.settings.amqp_url)
+        for spec in self.settings.tiers():
+            qname = job_queue(spec.name)
+            try:
+                frame = self._ch().queue_declare(qname, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                self._channel = None
+                out.append(TierStatus(spec.name, 0, None, 0))
+                continue
+            info: dict[str, Any] = mgmt.get(qname, {})
+            out.append(
+                TierStatus(
+                    spec.name,
+                    frame.method.message_count,
+                    info.get("messages_unacknowledged"),
+                    frame.method.consumer_count,
+                )
+            )
+        return out
+
+
+def _management_counts(amqp_url: str) -> dict[str, dict[str, Any]]:
+    """Queue details from the management API when it is enabled; {} otherwise."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote, unquote, urlparse
+
+    parsed = urlparse(amqp_url)
+    host = parsed.hostname or "127.0.0.1"
+    vhost = unquote(parsed.path[1:]) or "/"
+    url = f"http://{host}:15672/api/queues/{quote(vhost, safe='')}?columns=name,messages_unacknowledged"
+    req = urllib.request.Request(url)
+    creds = f"{parsed.username or 'guest'}:{parsed.password or 'guest'}".encode()
+    req.add_header("Authorization", "Basic " + base64.b64encode(creds).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=2) as resp:
+            rows = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+    return {row["name"]: row for row in rows if isinstance(row, dict) and "name" in row}

@@ -1,0 +1,103 @@
+"""Follow one job's events from the durable events stream: full history first, then live.
+
+The stream (facefleet.events.log) keeps every event for days, so a watcher that starts late, or
+reconnects, misses nothing. Events are delivered to the caller in seq order, each seq once:
+duplicates (an event republished after a crash) are dropped and out-of-order arrivals wait in a
+small buffer. On RabbitMQ 3.13+ the broker filters the stream by job id; older brokers send every
+event and the watcher filters them here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from facefleet.amqp import connect, features
+from facefleet.wire import EVENTS_STREAM, DecodeError, JobEvent
+
+
+class WatchTimeout(TimeoutError):
+    pass
+
+
+class SeqOrderer:
+    """Releases events in seq order, once each, starting after `after_seq`."""
+
+    def __init__(self, after_seq: int = 0) -> None:
+        self.next_seq = after_seq + 1
+        self._pending: dict[int, JobEvent] = {}
+
+    def push(self, event: JobEvent) -> list[JobEvent]:
+        if event.seq < self.next_seq:
+            return []
+        self._pending[event.seq] = event
+        out = []
+        while self.next_seq in self._pending:
+            out.append(self._pending.pop(self.next_seq))
+            self.next_seq += 1
+        return out
+
+
+def watch_events(
+    amqp_url: str,
+    job_id: str,
+    *,
+    after_seq: int = 0,
+    since: datetime | None = None,
+    timeout_s: float | None = None,
+    idle_poll_s: float = 0.5,
+) -> Iterator[JobEvent]:
+    """Yield the job's events with seq > after_seq in order; stops after the terminal event.
+
+    `since` (e.g. the job's created_at) lets the stream start near the job instead of at its
+    first retained chunk. Raises WatchTimeout if no terminal event arrives within timeout_s.
+    """
+    connection = connect(amqp_url, f"facefleet-watch-{job_id[:8]}")
+    try:
+        feats = features(connection)
+        ch = connection.channel()
+        ch.basic_qos(prefetch_count=1000)
+        args: dict[str, Any] = {"x-stream-offset": "first"}
+        if since is not None:
+            args["x-stream-offset"] = since - timedelta(minutes=1)
+        if feats.stream_filtering:
+            args["x-stream-filter"] = job_id
+            args["x-stream-match-unfiltered"] = False
+        orderer = SeqOrderer(after_seq)
+        buffered: list[JobEvent] = []
+        prefix = f"job.{job_id}."
+
+        def on_message(
+            channel: Any, method: Any, _props: pika.BasicProperties, body: bytes
+        ) -> None:
+            channel.basic_ack(method.delivery_tag)
+            if not method.routing_key.startswith(prefix):
+                return
+            try:
+                event = JobEvent.decode(body)
+            except DecodeError:
+                return
+            buffered.extend(orderer.push(event))
+
+        ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            connection.process_data_events(time_limit=idle_poll_s)
+            while buffered:
+                event = buffered.pop(0)
+                yield event
+                if event.terminal:
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                raise WatchTimeout(f"no terminal event for job {job_id} within {timeout_s} s")
+    finally:
+        try:
+            if connection.is_open:
+                connection.close()
+        except pika.exceptions.AMQPError:
+            pass
