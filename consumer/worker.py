@@ -61,7 +61,6 @@ from facefleet.wire import (
     CONTENT_TYPE,
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
-    DEAD_NOTIFY_QUEUE,
     HEADER_DEAD_CODE,
     HEADER_DEAD_REASON,
     CancelRequest,
@@ -71,6 +70,7 @@ from facefleet.wire import (
     EventType,
     JobEvent,
     JobRequest,
+    dead_notify_queue,
     job_queue,
     utcnow,
 )
@@ -251,7 +251,7 @@ class Worker:
         # Broker-side dead letters (delivery limit after crashes) get their event here.
         notify = conn.channel()
         notify.basic_qos(prefetch_count=10)
-        notify.basic_consume(DEAD_NOTIFY_QUEUE, self._on_dead_letter)
+        notify.basic_consume(dead_notify_queue(self.tier.name), self._on_dead_letter)
         control = conn.channel()
         ctl = control.queue_declare("", exclusive=True, auto_delete=True)
         control.queue_bind(ctl.method.queue, CONTROL_EXCHANGE, CANCEL_BINDING)

@@ -26,7 +26,6 @@ from facefleet.wire import (
     CONTENT_TYPE,
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
-    DEAD_NOTIFY_QUEUE,
     DEAD_QUEUE,
     DEAD_QUEUE_ARGUMENTS,
     EVENTS_EXCHANGE,
@@ -40,6 +39,7 @@ from facefleet.wire import (
     BrokerFeatures,
     JobEvent,
     TierSpec,
+    dead_notify_queue,
     event_routing_key,
     job_queue,
     job_queue_arguments,
@@ -74,18 +74,20 @@ def declare_topology(
     ch = connection.channel()
     try:
         ch.exchange_declare(JOBS_EXCHANGE, "direct", durable=True)
-        ch.exchange_declare(DEAD_EXCHANGE, "fanout", durable=True)
+        ch.exchange_declare(DEAD_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True)
-        for name in (DEAD_QUEUE, DEAD_NOTIFY_QUEUE):
-            _declare_queue(connection, name, DEAD_QUEUE_ARGUMENTS)
-            ch.queue_bind(name, DEAD_EXCHANGE)
+        _declare_queue(connection, DEAD_QUEUE, DEAD_QUEUE_ARGUMENTS)
+        ch.queue_bind(DEAD_QUEUE, DEAD_EXCHANGE, "#")
         _declare_queue(connection, EVENTS_STREAM, EVENTS_STREAM_ARGUMENTS)
         ch.queue_bind(EVENTS_STREAM, EVENTS_EXCHANGE, "job.#")
         for tier in tiers:
             qname = job_queue(tier.name)
             _declare_queue(connection, qname, job_queue_arguments(tier, feats))
             ch.queue_bind(qname, JOBS_EXCHANGE, tier.name)
+            notify = dead_notify_queue(tier.name)
+            _declare_queue(connection, notify, DEAD_QUEUE_ARGUMENTS)
+            ch.queue_bind(notify, DEAD_EXCHANGE, tier.name)
     finally:
         if ch.is_open:
             ch.close()

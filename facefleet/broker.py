@@ -117,9 +117,7 @@ def _local_binary() -> Broker | None:
     }
     (base / "enabled_plugins").write_text("[].\n")
     (base / "rabbitmq.conf").write_text("listeners.tcp.default = 127.0.0.1:%d\n" % port)
-    proc = subprocess.Popen(
-        [server], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([server], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

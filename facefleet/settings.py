@@ -11,10 +11,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
 
@@ -104,6 +112,108 @@ class ProducerSettings(CommonSettings):
     """When set, `watch` and `submit --wait` follow events through the gateway over WebSocket."""
 
 
+UPLOAD_KINDS: tuple[str, ...] = (
+    "jpeg",
+    "png",
+    "webp",
+    "bmp",
+    "mp4",
+    "mov",
+    "webm",
+    "matroska",
+    "avi",
+)
+"""Media kinds the gateway can recognise from content (magic bytes)."""
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+class GatewaySettings(ProducerSettings):
+    """Settings of `facefleet gateway` (HTTP submit + WebSocket progress)."""
+
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    """Comma-separated API keys accepted as `Authorization: Bearer <key>` (FACEFLEET_API_KEYS);
+    empty means nobody can submit."""
+    dev_insecure_secret: bool = False
+    """Dev only: without FACEFLEET_TOKEN_SECRET, sign job tokens with a random per-process
+    secret (tokens then die with the process and do not work across replicas)."""
+    token_secret: SecretStr | None = Field(default=None, validate_default=True)
+    """HMAC key for job-scoped tokens, at least 32 characters; the chart fills it from a Secret.
+    Every replica must share it."""
+    token_ttl_s: int = Field(default=6 * 3600, ge=60)
+    """How long a job token stays valid after submit; long enough to follow the job and reload."""
+    max_upload_bytes: int = Field(default=100_000_000, ge=1)
+    """Largest source or target upload, in bytes (413 above it)."""
+    upload_types: Annotated[tuple[str, ...], NoDecode] = UPLOAD_KINDS
+    """Accepted media kinds, sniffed from content (415 otherwise); sources must be images."""
+    ws_send_queue: int = Field(default=256, ge=1)
+    """Events queued for one WebSocket client; a client this far behind is dropped (close 4008)
+    and reconnects with after_seq, so memory per client stays bounded."""
+    heartbeat_s: float = Field(default=20.0, gt=0)
+    """WebSocket ping interval; a client that does not answer within the same time is closed."""
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    management_url: str | None = Field(default=None, validate_default=True)
+    """RabbitMQ management API for the status page (ready/unacked/consumers per tier); default:
+    http://<AMQP_URL host>:15672 with the AMQP credentials."""
+    default_tier: str = "standard"
+    """Tier of a submit that names none."""
+    retry_after_s: int = Field(default=30, ge=1)
+    """Retry-After of a 429 (tier full)."""
+    auth_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a WebSocket may wait before sending its token as the first message."""
+    replay_idle_s: float = Field(default=1.0, gt=0)
+    """A per-job stream replay that has seen nothing for this long has reached the stream's end
+    (used only when the shared consumer has not yet fixed the end offset)."""
+    replay_timeout_s: float = Field(default=60.0, gt=0)
+    """Upper bound of one per-job stream replay; beyond it the client is closed with 1011."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        return _comma_list(v)
+
+    @field_validator("upload_types", mode="before")
+    @classmethod
+    def _types(cls, v: Any) -> Any:
+        kinds = _comma_list(v)
+        unknown = [k for k in kinds if k not in UPLOAD_KINDS]
+        if unknown:
+            raise ValueError(f"unknown kinds {unknown}; known: {', '.join(UPLOAD_KINDS)}")
+        return kinds
+
+    @field_validator("token_secret")
+    @classmethod
+    def _secret(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if v is None:
+            if info.data.get("dev_insecure_secret"):
+                return None
+            raise ValueError(
+                "required: set FACEFLEET_TOKEN_SECRET (>= 32 random characters, shared by all "
+                "replicas), or FACEFLEET_DEV_INSECURE_SECRET=true for a throw-away dev secret"
+            )
+        if len(v.get_secret_value()) < 32:
+            raise ValueError("too short: use at least 32 random characters")
+        return v
+
+    @field_validator("default_tier")
+    @classmethod
+    def _tier(cls, v: str) -> str:
+        return check_tier(v)
+
+    @field_validator("management_url")
+    @classmethod
+    def _management(cls, v: str | None, info: ValidationInfo) -> str:
+        if v:
+            return v.rstrip("/")
+        parsed = urlparse(str(info.data.get("amqp_url", DEFAULT_AMQP_URL)))
+        return f"http://{parsed.hostname or '127.0.0.1'}:15672"
+
+
 class WorkerSettings(CommonSettings):
     """Settings of `facefleet worker` (the GPU consumer)."""
 
@@ -138,6 +248,8 @@ class WorkerSettings(CommonSettings):
     """fsync the per-job event journal; only benchmarks on throw-away data turn it off."""
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME")
     pod_namespace: str | None = Field(default=None, validation_alias="POD_NAMESPACE")
+    allow_chaos: bool = False
+    """Let the `sleep` processor's chaos options kill this worker (chaos tests only)."""
     deletion_cost: bool = False
     """Set controller.kubernetes.io/pod-deletion-cost on this pod while busy (needs RBAC)."""
     media_max_bytes: int = Field(default=2_000_000_000, ge=1)

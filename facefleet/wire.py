@@ -6,8 +6,8 @@ side. Names here are public API: renaming one is a breaking change and bumps SCH
 Topology (see README "Wire contract"):
 
     facefleet.jobs      direct   routing key = tier  -> facefleet.jobs.<tier>   (quorum)
-    facefleet.jobs.dead fanout                       -> facefleet.jobs.dead     (quorum, parked)
-                                                     -> facefleet.jobs.dead.notify (quorum)
+    facefleet.jobs.dead topic    routing key = tier  -> facefleet.jobs.dead     (quorum, parked, "#")
+                                                     -> facefleet.jobs.dead.notify.<tier> (quorum)
     facefleet.events    topic    job.<job_id>.<type> -> facefleet.events.log    (stream)
     facefleet.control   topic    cancel.<job_id>     -> one exclusive queue per worker
 """
@@ -33,7 +33,6 @@ CONTENT_TYPE = "application/json"
 JOBS_EXCHANGE = "facefleet.jobs"
 DEAD_EXCHANGE = "facefleet.jobs.dead"
 DEAD_QUEUE = "facefleet.jobs.dead"
-DEAD_NOTIFY_QUEUE = "facefleet.jobs.dead.notify"
 EVENTS_EXCHANGE = "facefleet.events"
 EVENTS_STREAM = "facefleet.events.log"
 CONTROL_EXCHANGE = "facefleet.control"
@@ -55,6 +54,14 @@ def job_queue(tier: str) -> str:
     """Queue that holds one tier's jobs; the only place that builds the name."""
     check_tier(tier)
     return f"{JOBS_EXCHANGE}.{tier}"
+
+
+def dead_notify_queue(tier: str) -> str:
+    """Per-tier copy of dead letters, consumed by that tier's workers to emit `dead_lettered`
+    for jobs the broker dead-lettered itself (delivery limit). The parked DEAD_QUEUE is for
+    people and is never consumed by FaceFleet."""
+    check_tier(tier)
+    return f"{DEAD_QUEUE}.notify.{tier}"
 
 
 def check_tier(tier: str) -> str:

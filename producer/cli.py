@@ -112,9 +112,13 @@ def cmd_topology(args: argparse.Namespace) -> int:
         feats = declare_topology(conn, settings.tiers())
     finally:
         conn.close()
-    note = "per-queue x-consumer-timeout set" if feats.queue_consumer_timeout else (
-        "broker < 3.12: x-consumer-timeout not supported per queue; set consumer_timeout in "
-        "rabbitmq.conf above the longest tier's max job time"
+    note = (
+        "per-queue x-consumer-timeout set"
+        if feats.queue_consumer_timeout
+        else (
+            "broker < 3.12: x-consumer-timeout not supported per queue; set consumer_timeout in "
+            "rabbitmq.conf above the longest tier's max job time"
+        )
     )
     tiers = ", ".join(t.name for t in settings.tiers())
     version = ".".join(map(str, feats.version))
@@ -138,7 +142,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             processor=args.processor,
         )
     if args.json:
-        print(json.dumps({"job_id": result.job_id, "duplicate": result.duplicate, "tier": args.tier}))
+        print(
+            json.dumps({"job_id": result.job_id, "duplicate": result.duplicate, "tier": args.tier})
+        )
     else:
         dup = " (duplicate idempotency key: existing job)" if result.duplicate else ""
         print(f"job {result.job_id} queued on tier {args.tier}{dup}")
@@ -151,7 +157,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 @_guard
 def cmd_watch(args: argparse.Namespace) -> int:
     return follow(
-        _settings(), args.job_id, json_lines=args.json, after_seq=args.after_seq, timeout_s=args.timeout
+        _settings(),
+        args.job_id,
+        json_lines=args.json,
+        after_seq=args.after_seq,
+        timeout_s=args.timeout,
     )
 
 
@@ -191,7 +201,10 @@ def _event_source(
         except ImportError:
             pass
         else:
-            return watch_via_gateway(settings, job_id, after_seq=after_seq, timeout_s=timeout_s)
+            events: Iterator[JobEvent] = watch_via_gateway(
+                settings, job_id, after_seq=after_seq, timeout_s=timeout_s
+            )
+            return events
     from producer.watch import watch_events
 
     since = _created_at(settings, job_id)
@@ -223,7 +236,7 @@ class ProgressBar:
         p = event.payload
         if event.type == "progress" and p.fraction is not None:
             width = 30
-            filled = int(round(p.fraction * width))
+            filled = round(p.fraction * width)
             eta = f" eta {p.eta_s:.0f}s" if p.eta_s is not None else ""
             frames = f" {p.frames_done}/{p.frames_total} frames" if p.frames_total else ""
             line = f"[{'#' * filled}{'.' * (width - filled)}] {p.fraction * 100:5.1f}% {p.stage or ''}{frames}{eta}"

@@ -12,27 +12,43 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, Protocol
 
 import pika
 import pika.exceptions
+from typing_extensions import TypeVar
 
 from facefleet.amqp import connect, features
-from facefleet.wire import EVENTS_STREAM, DecodeError, JobEvent
+from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
+
+STREAM_START_MARGIN = timedelta(minutes=1)
+"""Start this long before `since`: stream timestamps are per chunk and clocks drift."""
 
 
 class WatchTimeout(TimeoutError):
     pass
 
 
-class SeqOrderer:
-    """Releases events in seq order, once each, starting after `after_seq`."""
+class HasSeq(Protocol):
+    @property
+    def seq(self) -> int: ...
+
+
+E = TypeVar("E", bound=HasSeq, default=JobEvent)
+
+
+class SeqOrderer(Generic[E]):
+    """Releases events in seq order, once each, starting after `after_seq`.
+
+    Generic so the gateway can order pre-encoded frames (anything with a `seq`) without
+    re-encoding each event per subscriber.
+    """
 
     def __init__(self, after_seq: int = 0) -> None:
         self.next_seq = after_seq + 1
-        self._pending: dict[int, JobEvent] = {}
+        self._pending: dict[int, E] = {}
 
-    def push(self, event: JobEvent) -> list[JobEvent]:
+    def push(self, event: E) -> list[E]:
         if event.seq < self.next_seq:
             return []
         self._pending[event.seq] = event
@@ -41,6 +57,18 @@ class SeqOrderer:
             out.append(self._pending.pop(self.next_seq))
             self.next_seq += 1
         return out
+
+
+def stream_arguments(job_id: str, since: datetime | None, feats: BrokerFeatures) -> dict[str, Any]:
+    """basic.consume arguments that read one job's events from the stream, shared by the sync
+    watcher, the async SDK and the gateway's per-job replay."""
+    args: dict[str, Any] = {"x-stream-offset": "first"}
+    if since is not None:
+        args["x-stream-offset"] = since - STREAM_START_MARGIN
+    if feats.stream_filtering:
+        args["x-stream-filter"] = job_id
+        args["x-stream-match-unfiltered"] = False
+    return args
 
 
 def watch_events(
@@ -62,12 +90,7 @@ def watch_events(
         feats = features(connection)
         ch = connection.channel()
         ch.basic_qos(prefetch_count=1000)
-        args: dict[str, Any] = {"x-stream-offset": "first"}
-        if since is not None:
-            args["x-stream-offset"] = since - timedelta(minutes=1)
-        if feats.stream_filtering:
-            args["x-stream-filter"] = job_id
-            args["x-stream-match-unfiltered"] = False
+        args = stream_arguments(job_id, since, feats)
         orderer = SeqOrderer(after_seq)
         buffered: list[JobEvent] = []
         prefix = f"job.{job_id}."

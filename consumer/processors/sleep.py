@@ -2,12 +2,15 @@
 
 It writes a small JSON result so the whole result path (temp dir, manifest, rename) is exercised.
 Options: sleep_s (float, default 1), steps (int, default 10), fail (str: "permanent" or
-"transient", to test error paths).
+"transient", to test error paths), chaos_kill (bool: SIGKILL the worker half-way, to test crash
+redelivery; honoured only when the worker runs with FACEFLEET_ALLOW_CHAOS=true).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ from facefleet.settings import WorkerSettings
 @dataclass
 class SleepProcessor:
     name: str = "sleep"
+    allow_chaos: bool = False
 
     def warm_up(self) -> None:
         return None
@@ -39,8 +43,11 @@ class SleepProcessor:
             raise PermanentJobError("invalid_request", "failure requested by options.fail")
         if fail == "transient":
             raise TransientJobError("internal_error", "transient failure requested by options.fail")
+        chaos = bool(opts.get("chaos_kill")) and self.allow_chaos
         start = time.monotonic()
         for i in range(steps):
+            if chaos and i >= steps // 2:
+                os.kill(os.getpid(), signal.SIGKILL)
             ctx.progress(i / steps, "sleep", eta_s=sleep_s * (steps - i) / steps)
             deadline = start + sleep_s * (i + 1) / steps
             while (left := deadline - time.monotonic()) > 0:
@@ -54,4 +61,4 @@ class SleepProcessor:
 
 
 def create(settings: WorkerSettings) -> SleepProcessor:
-    return SleepProcessor()
+    return SleepProcessor(allow_chaos=settings.allow_chaos)

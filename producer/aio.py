@@ -1,0 +1,352 @@
+"""Asynchronous producer SDK on aio-pika: the same contract as `producer.sdk.JobClient`.
+
+    async with AsyncJobClient(ProducerSettings.load()) as client:
+        result = await client.submit("standard", "photos/me.jpg", "photos/group.jpg")
+        async for event in client.watch(result.job_id):
+            ...
+
+Why it shares rather than copies: the request is built by `sdk.build_request`, message
+properties come from `sdk.job_properties` / `amqp.event_properties` (converted once, below), the
+journal is the same `JobJournal` under the same `storage.job_lock`, stream arguments and ordering
+come from `producer.watch`. Only the transport differs.
+
+The event loop never blocks on files: the flock, the journal append (fsync) and media import run
+in worker threads (`asyncio.to_thread`); the journal's synchronous publish callback hops back
+onto the loop with `run_coroutine_threadsafe`, so the job lock stays held across the confirmed
+publishes exactly as in the sync client. A per-process asyncio lock per job id sits in front of
+the flock so duplicate submits of one job cannot fill the thread pool with blocked flock calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+import pika
+
+from facefleet.amqp import connect, declare_topology, event_properties
+from facefleet.journal import JobJournal
+from facefleet.settings import ProducerSettings
+from facefleet.storage import Storage
+from facefleet.wire import (
+    CONTENT_TYPE,
+    CONTROL_EXCHANGE,
+    EVENTS_EXCHANGE,
+    EVENTS_STREAM,
+    JOBS_EXCHANGE,
+    BrokerFeatures,
+    CancelRequest,
+    DecodeError,
+    EventPayload,
+    JobEvent,
+    JobOptionValue,
+    JobRequest,
+    cancel_routing_key,
+    event_routing_key,
+    job_queue,
+    utcnow,
+)
+from producer.errors import PublishNackedError, TierFullError, UnroutableJobError
+from producer.sdk import SubmitResult, build_request, job_properties
+from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
+
+
+def as_message(body: bytes, props: pika.BasicProperties) -> aio_pika.Message:
+    """The aio-pika twin of a pika message, so both SDKs publish identical properties."""
+    return aio_pika.Message(
+        body,
+        content_type=props.content_type,
+        delivery_mode=props.delivery_mode,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        headers=props.headers,
+    )
+
+
+def event_message(event: JobEvent) -> aio_pika.Message:
+    return as_message(event.encode(), event_properties(event))
+
+
+def server_features(connection: aio_pika.abc.AbstractConnection) -> BrokerFeatures:
+    transport = connection.transport
+    props: dict[str, Any] = dict(transport.connection.server_properties) if transport else {}
+    return BrokerFeatures.from_server_properties(props)
+
+
+@contextlib.asynccontextmanager
+async def job_lock(storage: Storage, job_id: str) -> AsyncIterator[None]:
+    """`storage.job_lock` (a blocking flock) held from the event loop without blocking it.
+
+    If the waiting task is cancelled, the lock is released as soon as the thread gets it.
+    """
+    cm = storage.job_lock(job_id)
+    acquire = asyncio.ensure_future(asyncio.to_thread(cm.__enter__))
+    try:
+        await asyncio.shield(acquire)
+    except asyncio.CancelledError:
+        acquire.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() else cm.__exit__(None, None, None)
+        )
+        raise
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+class AsyncJobClient:
+    """aio-pika client: one robust connection, one confirming publisher channel.
+
+    Safe for many concurrent tasks on one event loop; not shared across loops.
+    """
+
+    def __init__(
+        self,
+        settings: ProducerSettings,
+        *,
+        storage: Storage | None = None,
+        connection_name: str = "facefleet-producer-aio",
+    ) -> None:
+        self.settings = settings
+        self.storage = storage or Storage(settings.data_root)
+        self.connection_name = connection_name
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._jobs: aio_pika.abc.AbstractExchange | None = None
+        self._events: aio_pika.abc.AbstractExchange | None = None
+        self._control: aio_pika.abc.AbstractExchange | None = None
+        self._features: BrokerFeatures | None = None
+        self._connect_lock = asyncio.Lock()
+        self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # --- connection ----------------------------------------------------------------------------
+
+    async def connect(self) -> aio_pika.abc.AbstractRobustConnection:
+        async with self._connect_lock:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await aio_pika.connect_robust(
+                    self.settings.amqp_url,
+                    client_properties={"connection_name": self.connection_name},
+                )
+                self._features = server_features(self._connection)
+                self._channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                # Exchanges by name only: declaring is `apply_topology`'s job.
+                self._jobs = await self._channel.get_exchange(JOBS_EXCHANGE, ensure=False)
+                self._events = await self._channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+                self._control = await self._channel.get_exchange(CONTROL_EXCHANGE, ensure=False)
+            return self._connection
+
+    @property
+    def features(self) -> BrokerFeatures:
+        if self._features is None:
+            raise RuntimeError("not connected: await connect() first")
+        return self._features
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+
+    async def __aenter__(self) -> AsyncJobClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def apply_topology(self) -> BrokerFeatures:
+        """Declare the topology with the one shared (pika) declaration, in a thread: it runs once
+        at start-up, and a second implementation could drift from the contract."""
+
+        def declare() -> BrokerFeatures:
+            conn = connect(self.settings.amqp_url, f"{self.connection_name}-topology")
+            try:
+                return declare_topology(conn, self.settings.tiers())
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(declare)
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        tier: str,
+        source: str,
+        target: str,
+        *,
+        options: dict[str, JobOptionValue] | None = None,
+        idempotency_key: str | None = None,
+        deadline: datetime | None = None,
+        output_uri_prefix: str | None = None,
+        processor: str | None = None,
+    ) -> SubmitResult:
+        """Queue one job; returns once the broker confirmed it and `queued` was published.
+
+        Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
+        """
+        request = await asyncio.to_thread(
+            build_request,
+            self.storage,
+            tier,
+            source,
+            target,
+            options=options,
+            idempotency_key=idempotency_key,
+            deadline=deadline,
+            output_uri_prefix=output_uri_prefix,
+            processor=processor,
+        )
+        return await self.submit_request(request)
+
+    async def submit_request(self, request: JobRequest) -> SubmitResult:
+        await self.connect()
+        loop = asyncio.get_running_loop()
+        journal = JobJournal(self.storage, request.job_id)
+        local = self._job_locks.setdefault(request.job_id, asyncio.Lock())
+        async with local, job_lock(self.storage, request.job_id):
+            if await asyncio.to_thread(journal.events):
+                return SubmitResult(request.job_id, duplicate=True)
+            await self._publish_job(request)
+
+            def publish_from_thread(event: JobEvent) -> None:
+                future = asyncio.run_coroutine_threadsafe(self.publish_event(event), loop)
+                future.result(timeout=self.settings.confirm_timeout_s + 5)
+
+            await asyncio.to_thread(
+                journal.append,
+                "queued",
+                EventPayload(tier=request.tier),
+                publish_from_thread,
+                locked=True,
+            )
+        return SubmitResult(request.job_id, duplicate=False, request=request)
+
+    async def _publish_job(self, request: JobRequest) -> None:
+        assert self._jobs is not None
+        try:
+            await self._jobs.publish(
+                as_message(request.encode(), job_properties(request)),
+                request.tier,
+                mandatory=True,
+                timeout=self.settings.confirm_timeout_s,
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise UnroutableJobError(
+                f"no queue is bound for tier {request.tier!r}: run `facefleet topology apply` "
+                "or check FACEFLEET_TIERS"
+            ) from exc
+        except aio_pika.exceptions.DeliveryError as exc:
+            depth = await self.depth(request.tier)
+            if depth is not None:
+                raise TierFullError(request.tier, depth) from exc
+            raise PublishNackedError(f"broker refused job {request.job_id}") from exc
+
+    async def publish_event(self, event: JobEvent) -> None:
+        """Publish one journal event with confirm; raises if it reached no stream."""
+        await self.connect()
+        assert self._events is not None
+        await self._events.publish(
+            event_message(event),
+            event_routing_key(event.job_id, event.type),
+            mandatory=True,
+            timeout=self.settings.confirm_timeout_s,
+        )
+
+    async def depth(self, tier: str) -> int | None:
+        """Jobs ready in a tier's queue, or None if it cannot be read (passive declare on a
+        throw-away channel: a 404 closes the channel it happens on)."""
+        conn = await self.connect()
+        try:
+            async with conn.channel() as ch:
+                queue = await ch.declare_queue(job_queue(tier), passive=True)
+                result = queue.declaration_result
+                return int(result.message_count) if result.message_count is not None else None
+        except (TimeoutError, aio_pika.exceptions.AMQPError):
+            return None
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by user") -> None:
+        """Ask for cancellation: a durable marker plus a control message (see JobClient.cancel)."""
+        uuid.UUID(job_id)
+        await asyncio.to_thread(self.storage.request_cancel, job_id, reason)
+        await self.connect()
+        assert self._control is not None
+        msg = CancelRequest(job_id=job_id, reason=reason, requested_at=utcnow())
+        await self._control.publish(
+            aio_pika.Message(msg.encode(), content_type=CONTENT_TYPE, delivery_mode=1),
+            cancel_routing_key(job_id),
+            mandatory=False,
+        )
+
+    # --- events --------------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        job_id: str,
+        *,
+        after_seq: int = 0,
+        since: datetime | None = None,
+        timeout_s: float | None = None,
+        prefetch: int = 1000,
+    ) -> AsyncIterator[JobEvent]:
+        """Yield the job's events with seq > after_seq in order, once each; stops after the
+        terminal event. Reads the durable stream (full history, then live) on its own channel.
+
+        Raises WatchTimeout if no terminal event arrives within timeout_s.
+        """
+        conn = await self.connect()
+        orderer: SeqOrderer[JobEvent] = SeqOrderer(after_seq)
+        inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
+        prefix = f"job.{job_id}."
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            if not (message.routing_key or "").startswith(prefix):
+                return
+            try:
+                event = JobEvent.decode(message.body)
+            except DecodeError:
+                return
+            for ready in orderer.push(event):
+                inbox.put_nowait(ready)
+
+        channel = await conn.channel()
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await channel.get_queue(EVENTS_STREAM, ensure=False)
+            await queue.consume(
+                on_message, arguments=stream_arguments(job_id, since, self.features)
+            )
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout_s is None else loop.time() + timeout_s
+            while True:
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    event = await asyncio.wait_for(inbox.get(), left)
+                except TimeoutError:
+                    raise WatchTimeout(
+                        f"no terminal event for job {job_id} within {timeout_s} s"
+                    ) from None
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
+                await channel.close()

@@ -1,0 +1,212 @@
+"""Shared fixtures: the real broker, isolated tiers and data roots, worker processes.
+
+Integration tests talk to a real RabbitMQ found by facefleet.broker.discover() (AMQP_URL, the
+local broker, testcontainers, or a rabbitmq-server binary). Without one they are skipped on a
+laptop and fail in CI (CI=true). Each test gets its own tier (so its own queue) and data root,
+so tests never see each other's jobs; the shared exchanges and the events stream are filtered by
+job id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+
+from facefleet.broker import Broker, NoBrokerError, discover
+from facefleet.wire import DEAD_EXCHANGE, dead_notify_queue, job_queue
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    try:
+        found = discover()
+    except NoBrokerError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs a broker: {exc}")
+        pytest.skip(str(exc))
+    yield found
+    found.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(broker: Broker) -> str:
+    return broker.url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Env:
+    """One isolated world: a tier of its own, a data root of its own, on the shared broker."""
+
+    amqp_url: str
+    tier: str
+    data_root: Path
+    tiers: list[dict[str, Any]]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def vars(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FACEFLEET_")}
+        env.update(
+            AMQP_URL=self.amqp_url,
+            FACEFLEET_DATA_ROOT=str(self.data_root),
+            FACEFLEET_TIERS=json.dumps(self.tiers),
+            FACEFLEET_TIER=self.tier,
+            FACEFLEET_RETRY_BASE_S="0.2",
+            FACEFLEET_LEASE_S="3",
+            FACEFLEET_PROGRESS_INTERVAL_S="0.2",
+        )
+        env.update(extra)
+        return env
+
+    def settings_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for key, value in self.vars().items():
+            monkeypatch.setenv(key, value)
+
+    def start_worker(
+        self, *, processor: str = "sleep", wait_ready: bool = True, **extra: str
+    ) -> Worker:
+        port = free_port()
+        log = self.data_root / f"worker-{len(self.procs)}.log"
+        fh = open(log, "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "facefleet.cli", "worker", "--processor", processor],
+            env=self.vars(FACEFLEET_HEALTH_PORT=str(port), **extra),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        worker = Worker(proc, port, log)
+        if wait_ready:
+            worker.wait_ready()
+        return worker
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def wait_ready(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log.read_text()}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"worker not ready in {timeout_s}s:\n{self.log.read_text()}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float = 30) -> int:
+        return self.proc.wait(timeout_s)
+
+
+def delete_queue(amqp_url: str, name: str) -> None:
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        conn.channel().queue_delete(name)
+        conn.close()
+    except pika.exceptions.AMQPError:
+        pass
+
+
+@pytest.fixture
+def make_env(amqp_url: str, tmp_path: Path) -> Iterator[Callable[..., Env]]:
+    envs: list[Env] = []
+
+    def factory(**tier_opts: Any) -> Env:
+        tier = "t" + uuid.uuid4().hex[:10]
+        spec = {"name": tier, "max_job_s": 60, "delivery_limit": 5, **tier_opts}
+        root = tmp_path / f"data-{tier}"
+        root.mkdir()
+        env = Env(amqp_url, tier, root, [spec])
+        envs.append(env)
+        return env
+
+    yield factory
+    for env in envs:
+        env.stop_all()
+        delete_queue(amqp_url, job_queue(env.tier))
+        delete_queue(amqp_url, dead_notify_queue(env.tier))
+
+
+@pytest.fixture
+def env(make_env: Callable[..., Env]) -> Env:
+    return make_env()
+
+
+class DeadLetters:
+    """Captures dead letters through a private queue bound to the dead-letter fanout."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self.ch = self.conn.channel()
+        self.ch.exchange_declare(DEAD_EXCHANGE, "topic", durable=True)
+        self.queue = self.ch.queue_declare("", exclusive=True).method.queue
+        self.ch.queue_bind(self.queue, DEAD_EXCHANGE, "#")
+
+    def wait_for(
+        self, match: Callable[[pika.BasicProperties, bytes], bool], timeout_s: float = 20
+    ) -> tuple[pika.BasicProperties, bytes]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                self.conn.sleep(0.1)
+                continue
+            if match(props, body):
+                return props, body
+        raise AssertionError("no matching dead letter")
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
+
+
+@pytest.fixture
+def dead_letters(amqp_url: str) -> Iterator[DeadLetters]:
+    dl = DeadLetters(amqp_url)
+    yield dl
+    dl.close()

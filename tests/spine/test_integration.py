@@ -1,0 +1,393 @@
+"""The job spine against a real RabbitMQ and real worker processes (sleep/noop processors).
+
+No broker mocks here: every test publishes with confirms, runs `facefleet worker` as a
+subprocess, and reads the outcome from the job's journal and the events stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pika
+import pytest
+
+from facefleet.journal import JobJournal
+from facefleet.settings import ProducerSettings
+from facefleet.storage import Storage
+from facefleet.wire import (
+    HEADER_DEAD_CODE,
+    HEADER_DEAD_REASON,
+    JOBS_EXCHANGE,
+    JobEvent,
+    job_queue,
+)
+from producer.errors import InvalidJobError, TierFullError, UnroutableJobError
+from producer.sdk import JobClient
+from producer.watch import watch_events
+from tests.conftest import DeadLetters, Env
+
+pytestmark = pytest.mark.integration
+
+
+def client_for(env: Env, monkeypatch: pytest.MonkeyPatch) -> JobClient:
+    env.settings_env(monkeypatch)
+    client = JobClient(ProducerSettings.load())
+    client.apply_topology()
+    return client
+
+
+def media(env: Env, name: str = "in.txt") -> str:
+    path = env.data_root / "media" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("not really a photo; the sleep processor does not read it")
+    return str(path)
+
+
+def journal(env: Env, job_id: str) -> list[JobEvent]:
+    return JobJournal(Storage(env.data_root), job_id).events()
+
+
+def wait_terminal(env: Env, job_id: str, timeout_s: float = 30) -> list[JobEvent]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = journal(env, job_id)
+        if events and events[-1].terminal:
+            return events
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end: {[e.type for e in journal(env, job_id)]}")
+
+
+def types(events: list[JobEvent]) -> list[str]:
+    return [e.type for e in events if e.type != "progress"]
+
+
+def assert_gapless(events: list[JobEvent]) -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+def test_job_completes_with_ordered_events_and_durable_result(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    env.start_worker()
+    src = media(env)
+    result = client.submit(env.tier, src, src, options={"sleep_s": 0.6, "steps": 3})
+    events = wait_terminal(env, result.job_id)
+    assert_gapless(events)
+    assert types(events) == ["queued", "started", "completed"]
+    assert any(e.type == "progress" for e in events)
+    done = events[-1].payload
+    assert done.result_uri is not None and done.manifest_uri is not None
+    manifest = json.loads(Path(done.manifest_uri.removeprefix("file://")).read_text())
+    assert manifest["job_id"] == result.job_id
+    assert Path(done.result_uri.removeprefix("file://")).exists()
+    # The stream holds the same history, in order, for a watcher that starts late.
+    streamed = list(watch_events(env.amqp_url, result.job_id, timeout_s=20))
+    assert [(e.seq, e.type) for e in streamed] == [(e.seq, e.type) for e in events]
+
+
+def test_watch_resumes_after_a_seq_without_gaps(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = client_for(env, monkeypatch)
+    env.start_worker()
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 0.3}).job_id
+    events = wait_terminal(env, job)
+    resumed = list(watch_events(env.amqp_url, job, after_seq=2, timeout_s=20))
+    assert [e.seq for e in resumed] == [e.seq for e in events if e.seq > 2]
+
+
+def test_same_idempotency_key_gives_one_job_and_one_execution(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    first = client.submit(env.tier, src, src, idempotency_key="order-42", options={"sleep_s": 0.3})
+    second = client.submit(env.tier, src, src, idempotency_key="order-42", options={"sleep_s": 0.3})
+    assert not first.duplicate
+    assert second.job_id == first.job_id and second.duplicate
+    env.start_worker()
+    events = wait_terminal(env, first.job_id)
+    assert types(events).count("started") == 1
+    assert types(events).count("completed") == 1
+
+
+def test_duplicate_message_for_a_running_job_waits_and_is_not_run_twice(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one job in the queue (e.g. a re-published message) with two workers."""
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    result = client.submit(env.tier, src, src, options={"sleep_s": 1.5})
+    assert result.request is not None
+    # Publish the very same job message again, as a producer retry after a lost confirm would.
+    ch = client._ch()
+    ch.basic_publish(JOBS_EXCHANGE, env.tier, result.request.encode(), mandatory=True)
+    env.start_worker()
+    env.start_worker()
+    events = wait_terminal(env, result.job_id)
+    time.sleep(2.0)  # let the second copy be handled too
+    events = journal(env, result.job_id)
+    assert types(events) == ["queued", "started", "completed"]
+    assert_queue_empty(env)
+
+
+def assert_queue_empty(env: Env, timeout_s: float = 15) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(env.amqp_url))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            frame = conn.channel().queue_declare(job_queue(env.tier), passive=True)
+            if frame.method.message_count == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{frame.method.message_count} jobs left in the queue")
+            conn.sleep(0.2)
+    finally:
+        conn.close()
+
+
+def test_unroutable_tier_raises_a_clear_error(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    with pytest.raises(UnroutableJobError, match="no queue is bound"):
+        client.submit("nosuchtier" + uuid.uuid4().hex[:6], src, src)
+
+
+def test_full_tier_raises_tier_full(make_env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Quorum queues may overshoot reject-publish by a message or two (anchors.md B11)."""
+    env = make_env(max_length=2)
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    accepted = 0
+    with pytest.raises(TierFullError) as info:
+        for _ in range(6):
+            client.submit(env.tier, src, src)
+            accepted += 1
+    assert 2 <= accepted <= 4
+    assert info.value.tier == env.tier
+    assert "retry later" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        pytest.param("/etc/passwd", "outside the data root", id="path-outside-data-root"),
+        pytest.param("http://example.invalid/a.jpg", "unsupported URI scheme", id="http-uri"),
+        pytest.param("missing/file.jpg", "no such file", id="missing-local-file"),
+    ],
+)
+def test_bad_media_is_refused_before_anything_is_queued(
+    env: Env, monkeypatch: pytest.MonkeyPatch, source: str, message: str
+) -> None:
+    client = client_for(env, monkeypatch)
+    if source == "/etc/passwd":
+        source = "file:///etc/passwd"
+    with pytest.raises(InvalidJobError, match=message):
+        client.submit(env.tier, source, media(env))
+
+
+def test_permanent_error_fails_at_once_with_its_code(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    env.start_worker()
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"fail": "permanent"}).job_id
+    events = wait_terminal(env, job)
+    assert types(events) == ["queued", "started", "failed"]
+    assert events[-1].payload.code == "invalid_request"
+    assert events[-1].payload.retryable is False
+
+
+def test_transient_errors_retry_with_backoff_then_dead_letter(
+    env: Env, monkeypatch: pytest.MonkeyPatch, dead_letters: DeadLetters
+) -> None:
+    client = client_for(env, monkeypatch)
+    env.start_worker(FACEFLEET_MAX_ATTEMPTS="3")
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"fail": "transient"}).job_id
+    events = wait_terminal(env, job)
+    assert types(events) == ["queued", "started", "retrying", "retrying", "dead_lettered"]
+    delays = [e.payload.delay_s or 0 for e in events if e.type == "retrying"]
+    assert delays[1] > delays[0]  # exponential backoff (jitter is ±20%, the base doubles)
+    props, _ = dead_letters.wait_for(lambda p, b: p.message_id == job)
+    assert "gave up after 3 attempts" in props.headers[HEADER_DEAD_REASON]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        pytest.param(b"\x00\xffnot json", "not JSON", id="not-json"),
+        pytest.param(b"[1, 2]", "expected an object", id="json-array"),
+        pytest.param(
+            json.dumps({"schema_version": 99, "job_id": str(uuid.uuid4())}).encode(),
+            "unsupported schema_version 99",
+            id="unknown-schema-version",
+        ),
+        pytest.param(
+            json.dumps({"schema_version": 1, "job_id": str(uuid.uuid4()), "tier": "x"}).encode(),
+            "invalid JobRequest",
+            id="missing-fields",
+        ),
+    ],
+)
+def test_malformed_message_is_dead_lettered_with_reason_and_worker_goes_on(
+    env: Env,
+    monkeypatch: pytest.MonkeyPatch,
+    dead_letters: DeadLetters,
+    body: bytes,
+    reason: str,
+) -> None:
+    client = client_for(env, monkeypatch)
+    worker = env.start_worker()
+    marker = uuid.uuid4().hex
+    client._ch().basic_publish(
+        JOBS_EXCHANGE, env.tier, body, pika.BasicProperties(correlation_id=marker), mandatory=True
+    )
+    props, dead_body = dead_letters.wait_for(lambda p, b: p.correlation_id == marker or b == body)
+    assert dead_body == body
+    assert reason in props.headers[HEADER_DEAD_REASON]
+    assert props.headers[HEADER_DEAD_CODE] in ("invalid_request", "unsupported_schema")
+    # The worker is alive and still serves good jobs.
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id
+    assert wait_terminal(env, job)[-1].type == "completed"
+    assert worker.proc.poll() is None
+    parsed = json.loads(body) if body.startswith(b"{") else None
+    if parsed and "job_id" in parsed:
+        assert journal(env, parsed["job_id"])[-1].type == "dead_lettered"
+
+
+def test_cancel_running_job_between_steps(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = client_for(env, monkeypatch)
+    env.start_worker()
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 20}).job_id
+    deadline = time.monotonic() + 15
+    while "started" not in types(journal(env, job)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.cancel(job, "user changed their mind")
+    events = wait_terminal(env, job, timeout_s=10)
+    assert events[-1].type == "cancelled"
+    assert events[-1].payload.message == "user changed their mind"
+
+
+def test_cancel_queued_job_before_any_worker_takes_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 5}).job_id
+    client.cancel(job)
+    env.start_worker()
+    events = wait_terminal(env, job)
+    assert types(events) == ["queued", "cancelled"]
+
+
+def test_sigterm_drains_the_running_job_then_exits_zero(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    worker = env.start_worker()
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 2}).job_id
+    while "started" not in types(journal(env, job)):
+        time.sleep(0.05)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert types(journal(env, job)) == ["queued", "started", "completed"]
+
+
+def test_sigterm_requeues_what_cannot_finish_within_the_drain_deadline(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    worker = env.start_worker(FACEFLEET_DRAIN_TIMEOUT_S="1")
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 4}).job_id
+    while "started" not in types(journal(env, job)):
+        time.sleep(0.05)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert not journal(env, job)[-1].terminal  # requeued, not failed
+    env.start_worker()
+    events = wait_terminal(env, job)
+    assert types(events)[-1] == "completed"
+    assert types(events).count("completed") == 1
+
+
+def test_heartbeats_keep_flowing_during_a_job_longer_than_the_heartbeat(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """heartbeat=2 s means the broker drops a silent connection after ~4 s; the job runs 8 s."""
+    client = client_for(env, monkeypatch)
+    sep = "&" if "?" in env.amqp_url else "?"
+    worker = env.start_worker(AMQP_URL=f"{env.amqp_url}{sep}heartbeat=2")
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 8, "steps": 2}).job_id
+    events = wait_terminal(env, job, timeout_s=40)
+    assert types(events) == ["queued", "started", "completed"]
+    assert "connection lost" not in worker.log.read_text()
+
+
+def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    jobs = [
+        client.submit(env.tier, src, src, options={"sleep_s": 1.2, "steps": 6}).job_id
+        for _ in range(6)
+    ]
+    workers = [env.start_worker(), env.start_worker()]
+    kills = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ended = [j for j in jobs if (ev := journal(env, j)) and ev[-1].terminal]
+        if len(ended) == len(jobs):
+            break
+        if kills < 4:
+            time.sleep(0.7)
+            victim = workers[kills % 2]
+            victim.signal(signal.SIGKILL)
+            victim.wait(10)
+            kills += 1
+            workers[(kills - 1) % 2] = env.start_worker()
+        else:
+            time.sleep(0.2)
+    assert kills == 4
+    for job in jobs:
+        events = journal(env, job)
+        assert_gapless(events)
+        assert types(events).count("completed") == 1, types(events)
+        assert events[-1].type == "completed"
+        streamed = list(watch_events(env.amqp_url, job, timeout_s=20))
+        assert [e.type for e in streamed].count("completed") == 1
+    assert_queue_empty(env)
+
+
+def test_job_that_keeps_killing_workers_is_dead_lettered_by_the_delivery_limit(
+    make_env, monkeypatch: pytest.MonkeyPatch, dead_letters: DeadLetters
+) -> None:  # type: ignore[no-untyped-def]
+    env = make_env(delivery_limit=2)
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 0.4, "chaos_kill": True}).job_id
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        events = journal(env, job)
+        if events and events[-1].terminal:
+            break
+        worker = env.start_worker(FACEFLEET_ALLOW_CHAOS="true", wait_ready=False)
+        with contextlib.suppress(Exception):
+            worker.wait(8)
+    events = wait_terminal(env, job, timeout_s=20)
+    assert events[-1].type == "dead_lettered"
+    assert events[-1].payload.code == "delivery_limit"
+    assert types(events).count("started") >= 2

@@ -1,0 +1,77 @@
+"""The per-job journal: gapless seq across writers, outbox republish, nothing after the end.
+
+Publishing goes to a fake (a list); the real broker path is covered in tests/spine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from facefleet.journal import JobClaim, JobJournal
+from facefleet.storage import Storage
+from facefleet.wire import EventPayload, JobEvent
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    return Storage(tmp_path)
+
+
+def test_two_writers_share_one_gapless_sequence(storage: Storage) -> None:
+    job = str(uuid.uuid4())
+    published: list[JobEvent] = []
+    a, b = JobJournal(storage, job, fsync=False), JobJournal(storage, job, fsync=False)
+
+    def write(j: JobJournal) -> None:
+        for _ in range(50):
+            j.append("progress", EventPayload(fraction=0.1), published.append)
+
+    threads = [threading.Thread(target=write, args=(j,)) for j in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [e.seq for e in a.events()] == list(range(1, 101))
+    assert [e.seq for e in published] == list(range(1, 101))
+
+
+def test_an_event_whose_publish_failed_is_republished_by_the_next_writer(storage: Storage) -> None:
+    job = str(uuid.uuid4())
+    journal = JobJournal(storage, job, fsync=False)
+
+    def broken(_: JobEvent) -> None:
+        raise ConnectionError("broker gone")
+
+    with pytest.raises(ConnectionError):
+        journal.append("started", None, broken)
+    published: list[JobEvent] = []
+    JobJournal(storage, job).append("completed", None, published.append)
+    assert [(e.seq, e.type) for e in published] == [(1, "started"), (2, "completed")]
+
+
+def test_nothing_is_appended_after_a_terminal_event(storage: Storage) -> None:
+    job = str(uuid.uuid4())
+    journal = JobJournal(storage, job, fsync=False)
+    sink: list[JobEvent] = []
+    journal.append("completed", None, sink.append)
+    assert journal.append("completed", None, sink.append) is None
+    assert journal.append("failed", None, sink.append) is None
+    assert [e.type for e in journal.events()] == ["completed"]
+    assert journal.terminal() is not None
+
+
+def test_a_live_claim_is_respected_and_a_stale_one_is_taken_over(storage: Storage) -> None:
+    job = str(uuid.uuid4())
+    first = JobClaim(storage, job, "w1", lease_s=0.5)
+    second = JobClaim(storage, job, "w2", lease_s=0.5)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    time.sleep(0.7)  # w1 died: it stopped renewing
+    assert second.try_acquire()
+    first.release()  # a late release by the old holder must not free w2's claim
+    assert not JobClaim(storage, job, "w3", lease_s=0.5).try_acquire()
