@@ -116,7 +116,7 @@ def _local_binary() -> Broker | None:
         "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
     }
     (base / "enabled_plugins").write_text("[].\n")
-    (base / "rabbitmq.conf").write_text("listeners.tcp.default = 127.0.0.1:%d\n" % port)
+    (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n")
     proc = subprocess.Popen([server], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
     deadline = time.monotonic() + 60

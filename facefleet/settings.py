@@ -214,6 +214,17 @@ class GatewaySettings(ProducerSettings):
         return f"http://{parsed.hostname or '127.0.0.1'}:15672"
 
 
+class GatewayClientSettings(ProducerSettings):
+    """What `facefleet watch` / `submit --wait` need to follow a job through the gateway."""
+
+    gateway_api_key: SecretStr | None = None
+    """API key used to obtain a job token (POST /v1/jobs/{id}/token) when none is given."""
+    gateway_token: SecretStr | None = None
+    """A job token from the submit answer; used as is when set (FACEFLEET_GATEWAY_TOKEN)."""
+    gateway_reconnects: int = Field(default=5, ge=0)
+    """Reconnects (resuming with after_seq) after a dropped connection before giving up."""
+
+
 class WorkerSettings(CommonSettings):
     """Settings of `facefleet worker` (the GPU consumer)."""
 
