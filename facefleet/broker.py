@@ -97,9 +97,10 @@ def _free_port() -> int:
 
 
 def _local_binary() -> Broker | None:
-    server = shutil.which("rabbitmq-server") or (
-        "/usr/sbin/rabbitmq-server" if Path("/usr/sbin/rabbitmq-server").exists() else None
-    )
+    # Debian's /usr/sbin/rabbitmq-server is a wrapper that switches to the rabbitmq user and its
+    # home; the real script runs as us with everything in the temp dir.
+    real = sorted(Path("/usr/lib/rabbitmq/lib").glob("rabbitmq_server-*/sbin/rabbitmq-server"))
+    server = str(real[-1]) if real else shutil.which("rabbitmq-server")
     if server is None:
         return None
     base = Path(tempfile.mkdtemp(prefix="facefleet-rabbit-"))
