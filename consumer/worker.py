@@ -155,6 +155,7 @@ class _Context:
                 frames_done=frames_done,
                 frames_total=frames_total,
             ),
+            wait=False,
         )
 
     def checkpoint(self) -> None:
@@ -417,9 +418,14 @@ class Worker:
             self._finish(ch, delivery, action)
 
     def emit(
-        self, journal: JobJournal, event_type: EventType, payload: EventPayload
+        self,
+        journal: JobJournal,
+        event_type: EventType,
+        payload: EventPayload,
+        *,
+        wait: bool = True,
     ) -> JobEvent | None:
-        return journal.append(event_type, payload, self.publisher.publish_event)
+        return journal.append(event_type, payload, self.publisher.publish_event, wait=wait)
 
     def cancel_reason(self, job_id: str) -> str | None:
         return self._cancelled.get(job_id) or self.storage.cancel_reason(job_id)
@@ -500,6 +506,7 @@ class Worker:
             journal,
             "started",
             EventPayload(worker=self.name, attempt=attempt, queue_wait_s=round(wait_s, 3)),
+            wait=False,
         )
         while True:
             t0 = time.monotonic()

@@ -173,12 +173,27 @@ class ThreadedPublisher:
         mandatory: bool = True,
         timeout_s: float = 30.0,
     ) -> None:
+        self.publish_async(exchange, routing_key, body, properties, mandatory=mandatory).result(
+            timeout=timeout_s
+        )
+
+    def publish_async(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        *,
+        mandatory: bool = True,
+    ) -> Future[None]:
+        """Queue a publish; the Future resolves on the broker's confirm. One thread publishes
+        all requests in order, so messages of one job reach the broker in call order."""
         fut: Future[None] = Future()
         self._requests.put(_Request(exchange, routing_key, body, properties, mandatory, fut))
-        fut.result(timeout=timeout_s)
+        return fut
 
-    def publish_event(self, event: JobEvent) -> None:
-        self.publish(
+    def publish_event(self, event: JobEvent) -> Future[None]:
+        return self.publish_async(
             EVENTS_EXCHANGE,
             event_routing_key(event.job_id, event.type),
             event.encode(),

@@ -18,14 +18,16 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facefleet.storage import Storage, write_durable
+from facefleet.storage import Storage
 from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
 
-Publish = Callable[[JobEvent], None]
+Publish = Callable[[JobEvent], "Future[None] | None"]
+"""Publishes one event; returns None once confirmed, or a Future that resolves on the confirm."""
 
 
 class JobJournal:
@@ -36,6 +38,7 @@ class JobJournal:
         self.path = self.dir / "events.jsonl"
         self.watermark_path = self.dir / "published"
         self.fsync = fsync
+        self._inflight: dict[int, Future[None] | None] = {}
         self._cache: list[JobEvent] = []
         self._cache_size = -1
 
@@ -71,14 +74,18 @@ class JobJournal:
         publish: Publish,
         *,
         locked: bool = False,
+        wait: bool = True,
     ) -> JobEvent | None:
         """Append one event and publish it; None if the job already ended (nothing is written).
 
+        wait=False returns once the event is durable in the journal and handed to the publisher
+        (progress events: a GPU step never stalls on a broker round trip); the next waiting
+        append, and every terminal event, first makes sure all earlier events were confirmed.
         Call with locked=True only from inside `storage.job_lock(job_id)`.
         """
         if not locked:
             with self.storage.job_lock(self.job_id):
-                return self.append(event_type, payload, publish, locked=True)
+                return self.append(event_type, payload, publish, locked=True, wait=wait)
         events = self.events()
         self._flush_outbox(events, publish)
         if any(e.terminal for e in events):
@@ -94,18 +101,37 @@ class JobJournal:
             fh.write(event.encode() + b"\n")
             fh.flush()
             if self.fsync:
-                os.fsync(fh.fileno())
-        publish(event)
-        self.watermark_path.write_text(str(event.seq))
+                os.fdatasync(fh.fileno())
+        self._inflight[event.seq] = publish(event)
+        if wait or event.terminal:
+            self._settle(events + [event], publish)
         return event
 
+    def _settle(self, events: list[JobEvent], publish: Publish) -> None:
+        """Wait for every in-flight publish; republish failures; advance the watermark."""
+        by_seq = {e.seq: e for e in events}
+        for seq in sorted(self._inflight):
+            fut = self._inflight.pop(seq)
+            if fut is None:
+                continue
+            try:
+                fut.result(timeout=60)
+            except Exception:
+                again = publish(by_seq[seq])
+                if again is not None:
+                    again.result(timeout=60)
+        if events:
+            self.watermark_path.write_text(str(events[-1].seq))
+
     def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
+        """Republish events a crashed or failed writer left unconfirmed (not ours in flight)."""
         mark = self._watermark()
-        pending = [e for e in events if e.seq > mark]
+        pending = [e for e in events if e.seq > mark and e.seq not in self._inflight]
+        if not pending:
+            return
         for event in pending:
-            publish(event)
-        if pending:
-            self.watermark_path.write_text(str(pending[-1].seq))
+            self._inflight[event.seq] = publish(event)
+        self._settle(events, publish)
 
 
 @dataclass(frozen=True)
@@ -145,10 +171,10 @@ class JobClaim:
             data, age = current
             if data.get("token") != self.token and age < self.lease_s:
                 return False
-        write_durable(
-            self.path,
-            json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()}).encode(),
-        )
+        # No fsync: a lease lost in a node crash only means the job is takeable sooner.
+        tmp = self.path.with_name(f".claim.{self.token}.tmp")
+        tmp.write_text(json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()}))
+        os.replace(tmp, self.path)
         return True
 
     def renew(self) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints FaceFleet's figure beside a baseline measured in the same run."""

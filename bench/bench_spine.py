@@ -1,0 +1,247 @@
+"""No-op jobs end to end: FaceFleet vs Celery on the same broker, in the same run.
+
+FaceFleet: confirmed publish (+ `queued` event) -> worker (noop processor) -> result committed
+-> `completed` event in the stream -> ack. Throughput is jobs / (first publish .. last
+`completed` seen by a stream consumer).
+Celery 5 baseline: acks_late, prefetch 1, quorum queue, publisher confirms, prefork -c N;
+throughput is tasks / (first publish .. last marker file written by a task).
+
+Both get the same number of worker processes. Runs are interleaved (FaceFleet, Celery, ...) and
+the medians are compared, because this 2-core machine's run-to-run spread is about ±30%.
+
+    python -m bench.bench_spine --jobs 2000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from facefleet.broker import discover
+from facefleet.settings import ProducerSettings
+from facefleet.wire import EVENTS_STREAM, JobEvent, job_queue
+from producer.sdk import JobClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env(amqp_url: str, data_root: Path, tier: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEFLEET_")}
+    env.update(
+        AMQP_URL=amqp_url,
+        FACEFLEET_DATA_ROOT=str(data_root),
+        FACEFLEET_TIERS=json.dumps([{"name": tier, "max_length": 1_000_000}]),
+        FACEFLEET_TIER=tier,
+        FACEFLEET_HEALTH_PORT="0",
+        FACEFLEET_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    return env
+
+
+class CompletedCounter:
+    """Counts `completed` events for a set of jobs from the events stream (offset: next)."""
+
+    def __init__(self, amqp_url: str, job_ids: set[str]) -> None:
+        self.amqp_url = amqp_url
+        self.job_ids = job_ids
+        self.done: set[str] = set()
+        self.last_at = 0.0
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def _run(self) -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=2000)
+
+        def on_msg(c: Any, method: Any, _p: Any, body: bytes) -> None:
+            c.basic_ack(method.delivery_tag)
+            if method.routing_key.endswith(".completed"):
+                ev = JobEvent.decode(body)
+                if ev.job_id in self.job_ids and ev.job_id not in self.done:
+                    self.done.add(ev.job_id)
+                    self.last_at = time.perf_counter()
+
+        ch.basic_consume(EVENTS_STREAM, on_msg, arguments={"x-stream-offset": "next"})
+        self.ready.set()
+        while not self.stop.is_set():
+            conn.process_data_events(time_limit=0.1)
+        conn.close()
+
+
+def run_facefleet(amqp_url: str, jobs: int, workers: int, concurrency: int) -> float:
+    tier = "bench" + uuid.uuid4().hex[:8]
+    data_root = Path(tempfile.mkdtemp(prefix="ff-bench-"))
+    env = _env(amqp_url, data_root, tier, FACEFLEET_CONCURRENCY=str(concurrency))
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("FACEFLEET_", "AMQP_URL"))})
+    src = data_root / "in.txt"
+    src.write_text("x")
+    client = JobClient(ProducerSettings.load())
+    client.apply_topology()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "facefleet.cli", "worker", "--processor", "noop"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(workers)
+    ]
+    _wait_consumers(amqp_url, job_queue(tier), workers)
+    requests = []
+    from producer.sdk import build_request
+
+    for _ in range(jobs):
+        requests.append(build_request(client.storage, tier, str(src), str(src)))
+    counter = CompletedCounter(amqp_url, {r.job_id for r in requests})
+    t0 = time.perf_counter()
+    for req in requests:
+        client.submit_request(req)
+    deadline = time.monotonic() + 600
+    while len(counter.done) < jobs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = counter.last_at - t0
+    counter.stop.set()
+    done = len(counter.done)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+    client._ch().queue_delete(job_queue(tier))
+    client.close()
+    shutil.rmtree(data_root, ignore_errors=True)
+    if done < jobs:
+        raise RuntimeError(f"facefleet: only {done}/{jobs} jobs completed")
+    return jobs / elapsed
+
+
+def run_celery(amqp_url: str, jobs: int, workers: int) -> float:
+    queue = "bench.celery." + uuid.uuid4().hex[:8]
+    markers = Path(tempfile.mkdtemp(prefix="celery-bench-"))
+    env = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "BENCH_CELERY_QUEUE": queue,
+        "BENCH_CELERY_MARKERS": str(markers),
+    }
+    os.environ.update(
+        {"BENCH_CELERY_QUEUE": queue, "BENCH_CELERY_MARKERS": str(markers), "AMQP_URL": amqp_url}
+    )
+    import importlib
+
+    import bench.celery_app as celery_app
+
+    celery_app = importlib.reload(celery_app)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_app",
+            "worker",
+            "-c",
+            str(workers),
+            "-P",
+            "prefork",
+            "-Q",
+            queue,
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_consumers(amqp_url, queue, 1)
+    t0 = time.time()
+    for i in range(jobs):
+        celery_app.noop.apply_async((i,))
+    deadline = time.monotonic() + 600
+    last = 0.0
+    count = 0
+    while time.monotonic() < deadline:
+        count = len(os.listdir(markers))
+        if count >= jobs:
+            last = max(os.stat(markers / n).st_mtime for n in os.listdir(markers))
+            break
+        time.sleep(0.05)
+    elapsed = last - t0 if last else float("inf")
+    proc.terminate()
+    proc.wait(60)
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    conn.channel().queue_delete(queue)
+    conn.close()
+    shutil.rmtree(markers, ignore_errors=True)
+    if count < jobs:
+        raise RuntimeError(f"celery: only {count}/{jobs} tasks completed")
+    return jobs / elapsed
+
+
+def _wait_consumers(amqp_url: str, queue: str, n: int, timeout_s: float = 60) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ch = conn.channel()
+            try:
+                if ch.queue_declare(queue, passive=True).method.consumer_count >= n:
+                    return
+            except pika.exceptions.ChannelClosedByBroker:
+                pass
+            conn.sleep(0.2)
+        raise RuntimeError(f"{queue}: fewer than {n} consumers after {timeout_s}s")
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1, help="FaceFleet jobs per worker")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    url = discover().url
+    ff, cel = [], []
+    for r in range(args.rounds):
+        ff.append(run_facefleet(url, args.jobs, args.workers, args.concurrency))
+        cel.append(run_celery(url, args.jobs, args.workers))
+        print(
+            f"round {r + 1}: facefleet {ff[-1]:8.1f} jobs/s   celery {cel[-1]:8.1f} jobs/s",
+            flush=True,
+        )
+    f, c = statistics.median(ff), statistics.median(cel)
+    print(
+        f"\nno-op jobs end to end, {args.jobs} jobs, {args.workers} worker processes "
+        f"(facefleet concurrency {args.concurrency}), median of {args.rounds} rounds:\n"
+        f"  facefleet  {f:8.1f} jobs/s  (confirmed publish, queued/started/completed events, durable result)\n"
+        f"  celery     {c:8.1f} jobs/s  (acks_late, prefetch 1, quorum queue, confirms, no events)\n"
+        f"  ratio      {f / c:8.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
