@@ -104,7 +104,7 @@ class JobJournal:
                 os.fdatasync(fh.fileno())
         self._inflight[event.seq] = publish(event)
         if wait or event.terminal:
-            self._settle(events + [event], publish)
+            self._settle([*events, event], publish)
         return event
 
     def _settle(self, events: list[JobEvent], publish: Publish) -> None:
