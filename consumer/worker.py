@@ -130,6 +130,7 @@ class _Context:
         self.target_path = target_path
         self.output_dir = output_dir
         self._last_progress = 0.0
+        self._last_stage: str | None = None
 
     def progress(
         self,
@@ -142,9 +143,15 @@ class _Context:
     ) -> None:
         self.checkpoint()
         now = time.monotonic()
-        if now - self._last_progress < self.worker.settings.progress_interval_s and fraction < 1.0:
+        # Every stage change is reported; within a stage, at most one event per interval.
+        if (
+            stage == self._last_stage
+            and fraction < 1.0
+            and now - self._last_progress < self.worker.settings.progress_interval_s
+        ):
             return
         self._last_progress = now
+        self._last_stage = stage
         self.worker.emit(
             self.journal,
             "progress",

@@ -236,6 +236,9 @@ class WorkerSettings(CommonSettings):
     """Jobs run at once; also the AMQP prefetch (1 per GPU slot: a crash loop then burns only one
     job's delivery count)."""
     model_dir: Path = Path("./var/models")
+    model_catalog: Path | None = None
+    """Catalogue the model files are checked against; default: the packaged models/catalog.yaml
+    (tests point it at the tiny models' catalogue)."""
     execution_providers: str = "tensorrt,cuda,cpu"
     """Preference order; the first available one is used, CPU always last."""
     device_id: int = 0

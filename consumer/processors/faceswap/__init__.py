@@ -314,5 +314,6 @@ def _no_target_face(options: FaceSwapOptions, video: bool = False) -> str:
 
 
 def create(settings: WorkerSettings) -> FaceSwapProcessor:
-    """The registry's entry point: backend from settings.backend (FACEFLEET_BACKEND)."""
-    return FaceSwapProcessor(settings)
+    """The registry's entry point: backend from settings.backend (FACEFLEET_BACKEND), model
+    catalogue from settings.model_catalog (FACEFLEET_MODEL_CATALOG; default: the packaged one)."""
+    return FaceSwapProcessor(settings, catalog_path=settings.model_catalog)

@@ -1,0 +1,206 @@
+"""The face pipeline through the spine: real broker, real worker processes, real photos.
+
+- classic backend on insightface's sample photos (what `make demo` does);
+- insightface backend on tiny models that went through the init container's path first
+  (`facefleet models pull` from a loopback HTTP mirror into the model volume);
+- a bad-input corpus, each ending in its error code while the worker keeps serving good jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facefleet.journal import JobJournal
+from facefleet.settings import ProducerSettings
+from facefleet.storage import Storage
+from facefleet.wire import JobEvent
+from models.tiny import write_tiny_models
+from producer.sdk import JobClient
+from tests.conftest import Env
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
+
+IMAGES = Path(cv2.__file__).parent.parent / "insightface" / "data" / "images"
+
+
+def wait_terminal(env: Env, job_id: str, timeout_s: float = 120) -> list[JobEvent]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = JobJournal(Storage(env.data_root), job_id).events()
+        if events and events[-1].terminal:
+            return events
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.fixture
+def client(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobClient]:
+    env.settings_env(monkeypatch)
+    c = JobClient(ProducerSettings.load())
+    c.apply_topology()
+    yield c
+    c.close()
+
+
+def test_classic_backend_swaps_faces_on_a_real_photo(env: Env, client: JobClient) -> None:
+    env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
+    target = IMAGES / "t1.jpg"
+    # The tiny detector finds warm blobs (models/tiny.py); astronaut.png gives it one.
+    import skimage
+
+    source = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    job = client.submit(
+        env.tier,
+        str(source),
+        str(IMAGES / "t1.jpg"),
+        options={"enhance": True, "enhance_blend": 50},
+    ).job_id
+    events = wait_terminal(env, job)
+    assert events[-1].type == "completed", events[-1]
+    stages = [e.payload.stage for e in events if e.type == "progress"]
+    for stage in ("decode", "detect", "swap", "encode"):
+        assert any(stage in (s or "") for s in stages), stages
+    result = cv2.imread(events[-1].payload.result_uri.removeprefix("file://"))  # type: ignore[union-attr]
+    original = cv2.imread(str(target))
+    assert result.shape == original.shape
+    changed = np.abs(result.astype(int) - original.astype(int)).max(axis=2) > 10
+    assert changed.mean() > 0.002  # faces changed...
+    assert changed.mean() < 0.25  # ...and not the whole picture
+    assert not changed[:, :60].any() and not changed[-60:, :].any()  # far from faces: untouched
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, env: Env) -> Path:
+    """Tiny models served over loopback HTTP and pulled the way the init container does."""
+    mirror = tmp_path / "mirror"
+    catalog = write_tiny_models(mirror)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dest = tmp_path / "models"
+    try:
+        pull = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "facefleet.cli",
+                "models",
+                "pull",
+                "--catalog",
+                str(catalog),
+                "--dest",
+                str(dest),
+                "--base-url",
+                f"http://127.0.0.1:{server.server_port}/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env.vars(),
+        )
+    finally:
+        server.shutdown()
+    assert pull.returncode == 0, pull.stderr
+    return dest
+
+
+def test_insightface_backend_on_tiny_models_after_a_preload(
+    env: Env, client: JobClient, model_dir: Path
+) -> None:
+    worker = env.start_worker(
+        processor="faceswap",
+        FACEFLEET_BACKEND="insightface",
+        FACEFLEET_MODEL_DIR=str(model_dir),
+        FACEFLEET_EXECUTION_PROVIDERS="cpu",
+        FACEFLEET_MODEL_CATALOG=str(model_dir.parent / "mirror" / "catalog.yaml"),
+    )
+    # The tiny detector finds warm blobs (models/tiny.py); astronaut.png gives it some.
+    import skimage
+
+    source = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    job = client.submit(
+        env.tier,
+        str(source),
+        str(IMAGES / "t1.jpg"),
+        options={"enhance": True, "enhance_blend": 50},
+    ).job_id
+    events = wait_terminal(env, job)
+    assert events[-1].type == "completed", events[-1]
+    assert worker.proc.poll() is None
+
+
+def test_worker_refuses_to_start_without_its_models(env: Env, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facefleet.cli",
+            "worker",
+            "--processor",
+            "faceswap",
+            "--backend",
+            "insightface",
+        ],
+        env=env.vars(FACEFLEET_MODEL_DIR=str(tmp_path / "empty"), FACEFLEET_HEALTH_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "det_10g.onnx" in proc.stderr and "facefleet models pull" in proc.stderr
+
+
+def _corpus(root: Path) -> dict[str, tuple[Path, str]]:
+    jpeg = (IMAGES / "t1.jpg").read_bytes()
+    cases = {
+        "zero-byte": (b"", "corrupt_media"),
+        "truncated-jpeg": (jpeg[: len(jpeg) // 2], "corrupt_media"),
+        "not-an-image": (b"hello, this is text\n" * 50, "unsupported_media"),
+        "png-declaring-huge-size": (
+            b"\x89PNG\r\n\x1a\n"
+            + b"\x00\x00\x00\rIHDR"
+            + (100_000).to_bytes(4, "big") * 2
+            + b"\x08\x02\x00\x00\x00"
+            + b"\x00" * 4,
+            "too_large",
+        ),
+        "no-face": (
+            cv2.imencode(".png", np.full((200, 200, 3), 120, np.uint8))[1].tobytes(),
+            "no_face_in_target",
+        ),
+    }
+    out = {}
+    for name, (data, code) in cases.items():
+        path = root / f"{name}.bin"
+        path.write_bytes(data)
+        out[name] = (path, code)
+    return out
+
+
+def test_bad_inputs_fail_with_their_codes_and_the_worker_goes_on(
+    env: Env, client: JobClient
+) -> None:
+    worker = env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
+    source = str(IMAGES / "Tom_Hanks_54745.png")
+    jobs = {
+        name: (client.submit(env.tier, source, str(path)).job_id, code)
+        for name, (path, code) in _corpus(env.data_root).items()
+    }
+    for name, (job, code) in jobs.items():
+        last = wait_terminal(env, job)[-1]
+        assert (last.type, last.payload.code) == ("failed", code), (name, last)
+        assert last.payload.message
+    good = client.submit(env.tier, source, str(IMAGES / "t1.jpg")).job_id
+    assert wait_terminal(env, good)[-1].type == "completed"
+    assert worker.proc.poll() is None
