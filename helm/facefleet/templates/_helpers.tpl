@@ -1,0 +1,201 @@
+{{/*
+facefleet.name: the chart name, or nameOverride.
+*/}}
+{{- define "facefleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 30 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+facefleet.fullname: the release-aware prefix of every resource name.
+Truncated to 30 characters (not the usual 63): the longest derived name is the HPA KEDA creates,
+"keda-hpa-" (9) + "<fullname>-worker-" (fullname + 8) + tier, which must stay within 63. That
+leaves 16 characters for a tier name; longer ones are reported by facefleet.validateValues.
+*/}}
+{{- define "facefleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 30 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 30 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 30 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.chart: chart name and version for the helm.sh/chart label.
+*/}}
+{{- define "facefleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+facefleet.labels: common labels of every object. Call with (dict "root" $ "component" "worker").
+*/}}
+{{- define "facefleet.labels" -}}
+helm.sh/chart: {{ include "facefleet.chart" .root }}
+{{ include "facefleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: facefleet
+{{- end -}}
+
+{{/*
+facefleet.selectorLabels: immutable selector labels. Call with (dict "root" $ "component" "worker"
+"tier" "high"); tier is optional.
+*/}}
+{{- define "facefleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "facefleet.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- with .tier }}
+facefleet.io/tier: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+facefleet.workerName: name of a tier's Deployment, ScaledObject or ScaledJob.
+Call with (dict "root" $ "tier" "high").
+*/}}
+{{- define "facefleet.workerName" -}}
+{{- printf "%s-worker-%s" (include "facefleet.fullname" .root) .tier -}}
+{{- end -}}
+
+{{/*
+facefleet.image: "repository@digest" when a digest is pinned, else "repository:tag" (the tag
+defaults to the appVersion). Call with (dict "root" $ "image" .Values.image.consumer).
+*/}}
+{{- define "facefleet.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.secretName: the Secret with AMQP URL, management credentials and gateway secrets.
+*/}}
+{{- define "facefleet.secretName" -}}
+{{- default (include "facefleet.fullname" .) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{/*
+facefleet.dataClaim: the data PVC's name.
+*/}}
+{{- define "facefleet.dataClaim" -}}
+{{- default (printf "%s-data" (include "facefleet.fullname" .)) .Values.data.existingClaim -}}
+{{- end -}}
+
+{{/*
+facefleet.modelClaim: the model PVC's name (models.volume.type pvc).
+*/}}
+{{- define "facefleet.modelClaim" -}}
+{{- default (printf "%s-models" (include "facefleet.fullname" .)) .Values.models.volume.existingClaim -}}
+{{- end -}}
+
+{{/*
+facefleet.workerServiceAccount: the workers' ServiceAccount.
+*/}}
+{{- define "facefleet.workerServiceAccount" -}}
+{{- printf "%s-worker" (include "facefleet.fullname" .) -}}
+{{- end -}}
+
+{{/*
+facefleet.enabledTiers: sorted names of the enabled tiers, as a JSON list (templates cannot
+return lists; use `include ... | fromJsonArray`).
+*/}}
+{{- define "facefleet.enabledTiers" -}}
+{{- $names := list -}}
+{{- range $name := keys .Values.tiers | sortAlpha -}}
+{{- if (index $.Values.tiers $name).enabled -}}
+{{- $names = append $names $name -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{/*
+facefleet.gracePeriod: a tier's terminationGracePeriodSeconds: the explicit value, or
+maxJobSeconds + 30. Call with the tier map.
+*/}}
+{{- define "facefleet.gracePeriod" -}}
+{{- if kindIs "invalid" .terminationGracePeriodSeconds -}}
+{{- add (int .maxJobSeconds) 30 -}}
+{{- else -}}
+{{- int .terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.tiersJson: FACEFLEET_TIERS, the one description of all enabled tiers that workers,
+gateway and CLI read (facefleet.settings.CommonSettings.tiers): a JSON list of
+{"name", "max_job_s", "max_length", "delivery_limit"}. Keep it the only place that builds it.
+*/}}
+{{- define "facefleet.tiersJson" -}}
+{{- $out := list -}}
+{{- range $name := include "facefleet.enabledTiers" . | fromJsonArray -}}
+{{- $t := index $.Values.tiers $name -}}
+{{- $out = append $out (dict "name" $name "max_job_s" (int $t.maxJobSeconds) "max_length" (int $t.maxLength) "delivery_limit" (int $t.deliveryLimit)) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/*
+facefleet.testTier: tier of the helm test job: tests.tier, else the first enabled tier that keeps
+a replica running (minReplicas > 0), else the first enabled tier.
+*/}}
+{{- define "facefleet.testTier" -}}
+{{- $enabled := include "facefleet.enabledTiers" . | fromJsonArray -}}
+{{- $pick := "" -}}
+{{- range $name := $enabled -}}
+{{- if and (not $pick) (gt (int (index $.Values.tiers $name).scaling.minReplicas) 0) -}}
+{{- $pick = $name -}}
+{{- end -}}
+{{- end -}}
+{{- default (default (first $enabled) $pick) .Values.tests.tier -}}
+{{- end -}}
+
+{{/*
+facefleet.podSecurityContext / facefleet.containerSecurityContext: non-root, read-only root
+filesystem, no privilege escalation, no capabilities, RuntimeDefault seccomp. UID/GID 10001 is
+the `app` user of both images (consumer/Dockerfile, producer/Dockerfile).
+*/}}
+{{- define "facefleet.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "facefleet.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+facefleet.secretEnv: an env entry read from the chart's Secret.
+Call with (dict "root" $ "name" "AMQP_URL" "key" .Values.secrets.keys.amqpUrl).
+*/}}
+{{- define "facefleet.secretEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "facefleet.secretName" .root }}
+      key: {{ .key }}
+{{- end -}}

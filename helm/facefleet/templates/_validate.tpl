@@ -1,0 +1,85 @@
+{{/*
+facefleet.validateValues: cross-field rules that values.schema.json cannot express. Collects every
+problem and fails once; each message names the value, says why it is wrong and how to fix it.
+Included by templates/validation.yaml, so `helm template`, `helm lint` and `helm upgrade` all
+stop before anything reaches the cluster.
+*/}}
+{{- define "facefleet.validateValues" -}}
+{{- $msgs := list -}}
+{{- $enabled := include "facefleet.enabledTiers" . | fromJsonArray -}}
+{{- if not $enabled -}}
+{{- $msgs = append $msgs "tiers: no tier is enabled. Enable one, e.g. --set tiers.standard.enabled=true" -}}
+{{- end -}}
+{{- range $name := $enabled -}}
+{{- $t := index $.Values.tiers $name -}}
+{{- $s := $t.scaling -}}
+{{- $p := printf "tiers.%s" $name -}}
+{{- $min := int $s.minReplicas -}}
+{{- $max := int $s.maxReplicas -}}
+{{- if gt $min $max -}}
+{{- $msgs = append $msgs (printf "%s.scaling.minReplicas (%d) is above %s.scaling.maxReplicas (%d); KEDA rejects it (min <= max). Fix: --set %s.scaling.maxReplicas=%d or lower minReplicas" $p $min $p $max $p $min) -}}
+{{- end -}}
+{{- if ge (float64 $s.activationJobs) (float64 $s.jobsPerReplica) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.activationJobs (%v) must be below %s.scaling.jobsPerReplica (%v): activation wins over the target, so a tier with that many jobs would stay at zero. Fix: --set %s.scaling.activationJobs=0" $p $s.activationJobs $p $s.jobsPerReplica $p) -}}
+{{- end -}}
+{{- if lt (float64 $s.jobsPerReplica) (float64 $t.prefetch) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.jobsPerReplica (%v) is below %s.prefetch (%d): each busy worker holds prefetch unacked jobs, which the trigger counts, so the HPA would keep pods that get no work. Fix: --set %s.scaling.jobsPerReplica=%d" $p $s.jobsPerReplica $p (int $t.prefetch) $p (int $t.prefetch)) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $t.terminationGracePeriodSeconds) -}}
+{{- $need := add (int $t.maxJobSeconds) (int $.Values.workers.drainMarginSeconds) -}}
+{{- if lt (int $t.terminationGracePeriodSeconds) (int $need) -}}
+{{- $msgs = append $msgs (printf "%s.terminationGracePeriodSeconds (%d) is shorter than %s.maxJobSeconds (%d) + workers.drainMarginSeconds (%d): a draining worker would be killed mid-job. Fix: --set %s.terminationGracePeriodSeconds=%d, or null to derive maxJobSeconds + 30" $p (int $t.terminationGracePeriodSeconds) $p (int $t.maxJobSeconds) (int $.Values.workers.drainMarginSeconds) $p (int $need)) -}}
+{{- end -}}
+{{- end -}}
+{{- $long := printf "%s-worker-%s" (include "facefleet.fullname" $) $name -}}
+{{- if gt (len $long) 54 -}}
+{{- $msgs = append $msgs (printf "tiers.%s: the workload name %q is %d characters; KEDA's HPA name keda-hpa-<name> must fit 63, so at most 54. Fix: a shorter tier name or --set fullnameOverride=<short>" $name $long (len $long)) -}}
+{{- end -}}
+{{- if eq $t.mode "job" -}}
+{{- if not (kindIs "invalid" $s.idleReplicas) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.idleReplicas is set but %s.mode is job: ScaledJobs have no idle replica count. Fix: --set %s.scaling.idleReplicas=null" $p $p $p) -}}
+{{- end -}}
+{{- $strategy := $t.scaledJob.scalingStrategy -}}
+{{- if has $strategy (list "accurate" "eager") -}}
+{{- $msgs = append $msgs (printf "%s.scaledJob.scalingStrategy=%s: the trigger counts unacknowledged jobs, which already include the ones running Jobs hold, so %s would start a new Job for every busy one on each poll. Fix: --set %s.scaledJob.scalingStrategy=default" $p $strategy $strategy $p) -}}
+{{- end -}}
+{{- if and (eq $strategy "custom") (kindIs "invalid" $t.scaledJob.customScalingQueueLengthDeduction) (kindIs "invalid" $t.scaledJob.customScalingRunningJobPercentage) -}}
+{{- $msgs = append $msgs (printf "%s.scaledJob.scalingStrategy=custom needs customScalingQueueLengthDeduction or customScalingRunningJobPercentage. Fix: --set %s.scaledJob.customScalingRunningJobPercentage=1" $p $p) -}}
+{{- end -}}
+{{- else -}}
+{{- if not (kindIs "invalid" $s.idleReplicas) -}}
+{{- if lt $min 1 -}}
+{{- $msgs = append $msgs (printf "%s.scaling.idleReplicas (%v) needs %s.scaling.minReplicas >= 1 (KEDA: idleReplicaCount < minReplicaCount). Fix: --set %s.scaling.minReplicas=1 or idleReplicas=null" $p $s.idleReplicas $p $p) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $t.podDeletionCost (not $.Values.rbac.create) -}}
+{{- $msgs = append $msgs (printf "%s.podDeletionCost is true but rbac.create is false: the worker could not patch its pod. Fix: --set rbac.create=true or --set %s.podDeletionCost=false" $p $p) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.secrets.create .Values.secrets.existingSecret -}}
+{{- $msgs = append $msgs "secrets.create is true and secrets.existingSecret is set: choose one. Fix: --set secrets.create=false to use your Secret" -}}
+{{- end -}}
+{{- if and .Values.secrets.create (not .Values.secrets.existingSecret) -}}
+{{- range $key := list "amqpUrl" "rabbitmqUsername" "rabbitmqPassword" -}}
+{{- if not (index $.Values.secrets.values $key) -}}
+{{- $msgs = append $msgs (printf "secrets.values.%s is empty but secrets.create is true. Fix: --set-string secrets.values.%s=... (or create the Secret yourself and set secrets.existingSecret)" $key $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.gateway.enabled .Values.gateway.ingress.enabled (not .Values.gateway.ingress.host) -}}
+{{- $msgs = append $msgs "gateway.ingress.enabled is true but gateway.ingress.host is empty. Fix: --set gateway.ingress.host=facefleet.example.com" -}}
+{{- end -}}
+{{- if and .Values.tests.tier (not (has .Values.tests.tier $enabled)) -}}
+{{- $msgs = append $msgs (printf "tests.tier=%s is not an enabled tier (%s). Fix: --set tests.tier=%s or leave it empty" .Values.tests.tier (join ", " $enabled) (default "" (first $enabled))) -}}
+{{- end -}}
+{{- $prefix := printf "file://%s/" (trimSuffix "/" .Values.data.mountPath) -}}
+{{- range $key := list "source" "target" -}}
+{{- if not (hasPrefix $prefix (index $.Values.tests $key)) -}}
+{{- $msgs = append $msgs (printf "tests.%s=%s is not under the data volume (%s): the worker refuses URIs outside FACEFLEET_DATA_ROOT. Fix: --set tests.%s=%ssamples/helm-test/%s.jpg" $key (index $.Values.tests $key) $prefix $key $prefix $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if $msgs -}}
+{{- fail (printf "\n\nVALUES ERROR (facefleet chart):\n  * %s\n" (join "\n  * " $msgs)) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,161 @@
+"""Generate helm/facefleet/README.md from README.md.gotmpl and the comments in values.yaml.
+
+values.yaml is documented in helm-docs style: a comment `# -- text` (continued by further `#`
+lines) directly above a key documents that key; `# @default -- text` replaces the displayed
+default. The table is inserted where the template says `{{ template "chart.valuesTable" . }}`,
+so the real helm-docs could take over without touching values.yaml.
+
+Usage: ``python helm/tools/gen_readme.py [--check]``. `documented()` and `undocumented()` are
+used by tests/helm/test_docs.py to require a description for every value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "helm" / "facefleet"
+VALUES = CHART / "values.yaml"
+TEMPLATE = CHART / "README.md.gotmpl"
+README = CHART / "README.md"
+TABLE_TOKEN = '{{ template "chart.valuesTable" . }}'
+
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_./-]+):(?P<rest>.*)$")
+DOC_START = re.compile(r"^ *# -- ?(?P<text>.*)$")
+DEFAULT_LINE = re.compile(r"^ *# @default -- ?(?P<text>.*)$")
+COMMENT = re.compile(r"^ *# ?(?P<text>.*)$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    description: str
+    default: str | None  # from `# @default --`, else None (taken from the parsed values)
+
+
+def parse(text: str) -> list[Entry]:
+    """Documented keys of a values file, in file order."""
+    entries: list[Entry] = []
+    stack: list[tuple[int, str]] = []  # (indent, key) of enclosing maps
+    doc: list[str] | None = None
+    default: str | None = None
+    for line in text.splitlines():
+        if m := DEFAULT_LINE.match(line):
+            default = m["text"].strip()
+            continue
+        if m := DOC_START.match(line):
+            doc = [m["text"].strip()]
+            continue
+        if (m := COMMENT.match(line)) and line.lstrip().startswith("#"):
+            if doc is not None:
+                doc.append(m["text"].strip())
+            continue
+        m = KEY_LINE.match(line)
+        if not m:
+            if line.strip() and not line.lstrip().startswith("-"):
+                doc, default = None, None
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([k for _, k in stack] + [m["key"]])
+        if doc is not None:
+            entries.append(Entry(path, " ".join(t for t in doc if t), default))
+        doc, default = None, None
+        rest = m["rest"].split(" #", 1)[0].strip()
+        if rest == "":  # a block follows: this key is a map (or a block list)
+            stack.append((indent, m["key"]))
+    return entries
+
+
+def lookup(values: Any, path: str) -> Any:
+    for part in path.split("."):
+        values = values[part]
+    return values
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object"}[
+        type(value)
+    ]
+
+
+def leaf_paths(values: Any, prefix: str = "") -> list[str]:
+    if isinstance(values, dict) and values:
+        out: list[str] = []
+        for key, value in values.items():
+            out += leaf_paths(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [prefix]
+
+
+def documented(text: str | None = None) -> set[str]:
+    return {e.path for e in parse(text if text is not None else VALUES.read_text())}
+
+
+def undocumented(text: str | None = None) -> list[str]:
+    """Leaf values with no description: neither documented themselves nor inside a documented
+    block whose children carry no descriptions of their own (e.g. `resources`)."""
+    text = text if text is not None else VALUES.read_text()
+    docs = documented(text)
+    values = yaml.safe_load(text)
+    missing = []
+    for leaf in leaf_paths(values):
+        parts = leaf.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        if leaf in docs:
+            continue
+        if any(a in docs and not any(d.startswith(a + ".") for d in docs) for a in ancestors):
+            continue
+        missing.append(leaf)
+    return missing
+
+
+def table(text: str) -> str:
+    values = yaml.safe_load(text)
+    rows = ["| Key | Type | Default | Description |", "|-----|------|---------|-------------|"]
+    for e in parse(text):
+        value = lookup(values, e.path)
+        shown = e.default if e.default is not None else f"`{json.dumps(value)}`"
+        desc = e.description.replace("|", "\\|")
+        shown = shown.replace("|", "\\|")
+        rows.append(f"| {e.path} | {type_name(value)} | {shown} | {desc} |")
+    return "\n".join(rows)
+
+
+def render() -> str:
+    body = TEMPLATE.read_text().replace(TABLE_TOKEN, table(VALUES.read_text()))
+    header = (
+        "<!-- Generated by helm/tools/gen_readme.py from README.md.gotmpl and values.yaml;"
+        " edit those, not this file. -->\n"
+    )
+    return header + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not README.exists() or README.read_text() != text:
+            print(f"{README} is stale: run python helm/tools/gen_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(text)
+    print(README)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Values users change with `helm upgrade --set`: good ones land where they should, bad ones are
+rejected at render time with a message that names the value (and, for cross-field rules, the fix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helm.chart import HelmError, by_kind, render, template
+
+SO_HIGH = "ff-facefleet-worker-high"
+
+
+def scaled_object(objs: list[dict[str, Any]], name: str = SO_HIGH) -> dict[str, Any]:
+    return next(o for o in by_kind(objs, "ScaledObject") if o["metadata"]["name"] == name)
+
+
+def dig(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("sets", "path", "expected"),
+    [
+        pytest.param(["tiers.high.scaling.minReplicas=2"], "spec.minReplicaCount", 2,
+                     id="min-replicas"),
+        pytest.param(["tiers.high.scaling.maxReplicas=20"], "spec.maxReplicaCount", 20,
+                     id="max-replicas"),
+        pytest.param(["tiers.high.scaling.jobsPerReplica=3"], "spec.triggers.0.metadata.value",
+                     "3", id="jobs-per-replica-is-trigger-value"),
+        pytest.param(["tiers.high.scaling.jobsPerReplica=3", "tiers.high.scaling.activationJobs=2"],
+                     "spec.triggers.0.metadata.activationValue", "2", id="activation-jobs"),
+        pytest.param(["tiers.high.scaling.pollingInterval=15"], "spec.pollingInterval", 15,
+                     id="polling-interval"),
+        pytest.param(["tiers.high.scaling.cooldownPeriod=600"], "spec.cooldownPeriod", 600,
+                     id="cooldown-period"),
+        pytest.param(["tiers.high.scaling.idleReplicas=0"], "spec.idleReplicaCount", 0,
+                     id="idle-replicas"),
+        pytest.param(["tiers.high.scaling.scaleDown.stabilizationWindowSeconds=600"],
+                     "spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleDown."
+                     "stabilizationWindowSeconds", 600, id="scale-down-window"),
+        pytest.param(["tiers.high.scaling.scaleUp.pods=2", "tiers.high.scaling.scaleUp.percent=null"],
+                     "spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleUp.policies",
+                     [{"type": "Pods", "value": 2, "periodSeconds": 15}], id="scale-up-pods-only"),
+        pytest.param(["tiers.high.scaling.scaleDown.selectPolicy=Disabled"],
+                     "spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleDown.selectPolicy",
+                     "Disabled", id="scale-down-disabled"),
+        pytest.param(["tiers.high.scaling.scaleUp.percent=50", "tiers.high.scaling.scaleUp.periodSeconds=60"],
+                     "spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleUp.policies.1",
+                     {"type": "Percent", "value": 50, "periodSeconds": 60}, id="scale-up-percent"),
+    ],
+)  # fmt: skip
+def test_set_lands_in_the_scaled_object(
+    helm: Path, sets: list[str], path: str, expected: Any
+) -> None:
+    assert dig(scaled_object(render(helm, sets=sets)), path) == expected
+
+
+def test_null_behaviour_renders_none(helm: Path) -> None:
+    so = scaled_object(
+        render(helm, sets=["tiers.high.scaling.scaleUp=null", "tiers.high.scaling.scaleDown=null"])
+    )
+    assert "advanced" not in so["spec"]
+
+
+def test_grace_period_override(helm: Path) -> None:
+    objs = render(helm, sets=["tiers.high.terminationGracePeriodSeconds=900"])
+    dep = next(o for o in by_kind(objs, "Deployment") if o["metadata"]["name"] == SO_HIGH)
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
+
+
+REJECTED = [
+    # schema: types, ranges, unknown keys, enums
+    pytest.param(["tiers.high.scaling.minReplicas=-1"],
+                 ["/tiers/high/scaling/minReplicas", "minimum"], id="negative-min-replicas"),
+    pytest.param(["tiers.high.scaling.maxReplicas=0"],
+                 ["/tiers/high/scaling/maxReplicas", "minimum"], id="zero-max-replicas"),
+    pytest.param(["tiers.high.scaling.jobsPerReplica=0"],
+                 ["/tiers/high/scaling/jobsPerReplica", "minimum"], id="zero-target"),
+    pytest.param(["tiers.high.scaling.jobsPerReplica=2.5"],
+                 ["/tiers/high/scaling/jobsPerReplica"], id="fractional-target"),
+    pytest.param(["tiers.high.scaling.pollingInterval=0"],
+                 ["/tiers/high/scaling/pollingInterval", "minimum"], id="zero-polling-interval"),
+    pytest.param(["tiers.high.scaling.cooldownPeriod=-5"],
+                 ["/tiers/high/scaling/cooldownPeriod", "minimum"], id="negative-cooldown"),
+    pytest.param(["tiers.high.scaling.maxReplicas=ten"],
+                 ["/tiers/high/scaling/maxReplicas", "want integer"], id="wrong-type"),
+    pytest.param(["tiers.high.scaling.maxReplica=5"],
+                 ["/tiers/high/scaling", "'maxReplica' not allowed"], id="unknown-key-typo"),
+    pytest.param(["tiers.high.gpus=2"], ["/tiers/high", "'gpus' not allowed"],
+                 id="unknown-tier-key"),
+    pytest.param(["gateway.replicaCount=3"], ["/gateway", "'replicaCount' not allowed"],
+                 id="unknown-gateway-key"),
+    pytest.param(["tiers.high.mode=cronjob"], ["/tiers/high/mode"], id="unknown-mode"),
+    pytest.param(["tiers.high.scaling.scaleUp.selectPolicy=Fastest"],
+                 ["/tiers/high/scaling/scaleUp"], id="bad-select-policy"),
+    pytest.param(["tiers.high.scaling.scaleDown.stabilizationWindowSeconds=4000"],
+                 ["/tiers/high/scaling/scaleDown"], id="window-above-hpa-limit"),
+    pytest.param(["tiers.high.scaling.scaleUp.periodSeconds=0"],
+                 ["/tiers/high/scaling/scaleUp"], id="zero-policy-period"),
+    pytest.param(["tiers.high.scaling.idleReplicas=2"],
+                 ["/tiers/high/scaling/idleReplicas"], id="idle-replicas-not-zero"),
+    pytest.param(["tiers.high.backend=torch"], ["/tiers/high/backend"], id="unknown-backend"),
+    pytest.param(["tiers.high.processor=deepfake"], ["/tiers/high/processor"],
+                 id="unknown-processor"),
+    pytest.param(["tiers.high.executionProviders=cuda;cpu"],
+                 ["/tiers/high/executionProviders"], id="bad-providers"),
+    pytest.param(["tiers.High_Tier.enabled=true"], ["/tiers", "High_Tier"],
+                 id="invalid-tier-name"),
+    pytest.param(["rabbitmq.managementUrl=http://guest:guest@rabbitmq:15672"],
+                 ["/rabbitmq/managementUrl"], id="credentials-in-management-url"),
+    pytest.param(["models.volume.type=nfs"], ["/models/volume/type"], id="unknown-model-volume"),
+    # cross-field rules (templates/_validate.tpl): name the value and the fix
+    pytest.param(["tiers.high.scaling.minReplicas=40"],
+                 ["tiers.high.scaling.minReplicas (40) is above tiers.high.scaling.maxReplicas (32)",
+                  "Fix: --set tiers.high.scaling.maxReplicas=40"], id="min-above-max-rejected"),
+    pytest.param(["tiers.standard.scaling.activationJobs=2"],
+                 ["tiers.standard.scaling.activationJobs (2) must be below "
+                  "tiers.standard.scaling.jobsPerReplica (2)", "Fix:"],
+                 id="activation-not-below-target"),
+    pytest.param(["tiers.high.terminationGracePeriodSeconds=300"],
+                 ["tiers.high.terminationGracePeriodSeconds (300) is shorter than "
+                  "tiers.high.maxJobSeconds (600)",
+                  "Fix: --set tiers.high.terminationGracePeriodSeconds=615"],
+                 id="grace-below-max-job-time"),
+    pytest.param(["tiers.high.prefetch=4"],
+                 ["tiers.high.scaling.jobsPerReplica (1) is below tiers.high.prefetch (4)",
+                  "Fix: --set tiers.high.scaling.jobsPerReplica=4"], id="target-below-prefetch"),
+    pytest.param(["tiers.standard.scaling.idleReplicas=0"],
+                 ["tiers.standard.scaling.idleReplicas (0) needs tiers.standard.scaling.minReplicas >= 1"],
+                 id="idle-replicas-with-min-zero"),
+    pytest.param(["tiers.batch.scaling.idleReplicas=0"],
+                 ["tiers.batch.scaling.idleReplicas is set but tiers.batch.mode is job"],
+                 id="idle-replicas-on-scaledjob"),
+    pytest.param(["tiers.batch.scaledJob.scalingStrategy=accurate"],
+                 ["tiers.batch.scaledJob.scalingStrategy=accurate",
+                  "Fix: --set tiers.batch.scaledJob.scalingStrategy=default"],
+                 id="accurate-strategy-double-counts"),
+    pytest.param(["tiers.batch.scaledJob.scalingStrategy=custom"],
+                 ["tiers.batch.scaledJob.scalingStrategy=custom needs"], id="custom-without-knobs"),
+    pytest.param(["tiers.high.enabled=false", "tiers.standard.enabled=false",
+                  "tiers.batch.enabled=false"], ["tiers: no tier is enabled"], id="no-tier"),
+    pytest.param(["tiers.standard-gpu-a100-80gb.enabled=true"], ["/tiers/standard-gpu-a100-80gb"],
+                 id="incomplete-new-tier"),
+    pytest.param(["secrets.create=true"],
+                 ["secrets.values.amqpUrl is empty but secrets.create is true",
+                  "secrets.values.rabbitmqPassword is empty"], id="created-secret-without-values"),
+    pytest.param(["secrets.create=true", "secrets.existingSecret=mine"],
+                 ["secrets.create is true and secrets.existingSecret is set"],
+                 id="secret-both-ways"),
+    pytest.param(["gateway.ingress.enabled=true"],
+                 ["gateway.ingress.enabled is true but gateway.ingress.host is empty"],
+                 id="ingress-without-host"),
+    pytest.param(["rbac.create=false"],
+                 ["tiers.high.podDeletionCost is true but rbac.create is false"],
+                 id="deletion-cost-without-rbac"),
+    pytest.param(["tests.tier=gold"], ["tests.tier=gold is not an enabled tier"],
+                 id="test-tier-unknown"),
+    pytest.param(["tests.source=file:///elsewhere/a.jpg"],
+                 ["tests.source=file:///elsewhere/a.jpg is not under the data volume"],
+                 id="test-media-outside-data-root"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sets", "fragments"), REJECTED)
+def test_bad_values_are_rejected(helm: Path, sets: list[str], fragments: list[str]) -> None:
+    with pytest.raises(HelmError) as err:
+        template(helm, sets=sets)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_long_tier_name_is_explained(helm: Path, tmp_path: Path) -> None:
+    """A tier name that would push KEDA's HPA name (keda-hpa-<workload>) past 63 characters."""
+    base = yaml.safe_load((Path(__file__).parents[2] / "helm/facefleet/values.yaml").read_text())
+    f = tmp_path / "long.yaml"
+    f.write_text(yaml.safe_dump({
+        "fullnameOverride": "facefleet-production-eu-west-1",
+        "tiers": {"standard-a100-80gb": base["tiers"]["standard"]},
+    }))  # fmt: skip
+    with pytest.raises(HelmError) as err:
+        template(helm, values_files=[str(f)])
+    assert '"facefleet-production-eu-west-1-worker-standard-a100-80gb" is 56 characters' in str(
+        err.value
+    )
+    assert "Fix: a shorter tier name" in str(err.value)
