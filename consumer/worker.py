@@ -204,6 +204,8 @@ class Worker:
         self._consumer_tag: str | None = None
         self.publisher = ThreadedPublisher(settings.amqp_url, f"facefleet-worker-{self.name}")
         self.last_tick = time.monotonic()
+        self.last_activity = time.monotonic()
+        self.handled = 0
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -270,6 +272,21 @@ class Worker:
         while not self._draining.is_set():
             conn.process_data_events(time_limit=0.25)
             self.last_tick = time.monotonic()
+            self._check_exit_conditions()
+
+    def _check_exit_conditions(self) -> None:
+        """ScaledJob mode: leave after max_jobs deliveries, or when idle for idle_exit_s."""
+        s = self.settings
+        if s.max_jobs is not None and self.handled >= s.max_jobs:
+            log.info("handled %d job(s) (FACEFLEET_MAX_JOBS); exiting", self.handled)
+            self._draining.set()
+        elif (
+            s.idle_exit_s is not None
+            and self._inflight_count() == 0
+            and time.monotonic() - self.last_activity > s.idle_exit_s
+        ):
+            log.info("idle for %.0f s (FACEFLEET_IDLE_EXIT_S); exiting", s.idle_exit_s)
+            self._draining.set()
 
     def _drain(self) -> None:
         self._set_state(WorkerState.DRAINING)
@@ -318,6 +335,7 @@ class Worker:
         body: bytes,
     ) -> None:
         delivery = Delivery(method.delivery_tag, body, props, bool(method.redelivered))
+        self.last_activity = time.monotonic()
         with self._inflight_lock:
             self._inflight[delivery.tag] = ""
         if self.on_busy is not None:
@@ -411,6 +429,8 @@ class Worker:
         with self._inflight_lock:
             self._inflight.pop(delivery.tag, None)
             idle = not self._inflight
+            self.handled += 1
+            self.last_activity = time.monotonic()
         if idle and self.on_busy is not None:
             self.on_busy(False)
 

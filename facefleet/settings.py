@@ -246,6 +246,11 @@ class WorkerSettings(CommonSettings):
     drain_timeout_s: float = 600.0
     """After SIGTERM, how long running jobs may finish before they are requeued. Keep it below
     the pod's terminationGracePeriodSeconds."""
+    max_jobs: int | None = Field(default=None, ge=1)
+    """Exit (0) after handling this many deliveries: a ScaledJob's pod does its share and ends."""
+    idle_exit_s: float | None = Field(default=None, gt=0)
+    """Exit (0) after this long with no delivery and nothing running (ScaledJob pods whose
+    message another pod took); None = run until SIGTERM."""
     max_attempts: int = Field(default=3, ge=1)
     """Attempts for transient errors (in this worker and across redeliveries) before the job is
     dead-lettered."""

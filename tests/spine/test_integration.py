@@ -391,3 +391,20 @@ def test_job_that_keeps_killing_workers_is_dead_lettered_by_the_delivery_limit(
     assert events[-1].type == "dead_lettered"
     assert events[-1].payload.code == "delivery_limit"
     assert types(events).count("started") >= 2
+
+
+def test_scaledjob_worker_exits_after_its_share_of_jobs(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    jobs = [client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id for _ in range(3)]
+    worker = env.start_worker(FACEFLEET_MAX_JOBS="2", wait_ready=False)
+    assert worker.wait(30) == 0
+    assert sum(1 for j in jobs if journal(env, j)[-1].type == "completed") == 2
+
+
+def test_scaledjob_worker_exits_when_idle(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    client_for(env, monkeypatch)
+    worker = env.start_worker(FACEFLEET_IDLE_EXIT_S="1", wait_ready=False)
+    assert worker.wait(30) == 0
