@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy helm/tools
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration and not slow and not e2e"

@@ -31,10 +31,24 @@ def _args(*extra: str, values: Path = RECOMMENDED) -> list[str]:
     ]
 
 
-def test_seed_spike_meets_goal_with_recommended_values(tmp_path: Path) -> None:
+CHART_VALUES = Path(__file__).parents[2] / "helm" / "facefleet" / "values.yaml"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(RECOMMENDED, id="recommended-example"),
+        pytest.param(CHART_VALUES, id="chart-defaults"),
+    ],
+)
+def test_seed_spike_meets_goal(tmp_path: Path, values: Path) -> None:
     """Goal from the issue: the 300-job backlog drains in <= 5 min using <= half the
     GPU-seconds of a static fleet sized for the peak (200/min x 6 s = 20 pods), over 30 min."""
-    rc = main(_args("--trace", str(SEED_TRACE), "--duration", "1800", "--out", str(tmp_path)))
+    rc = main(
+        _args(
+            "--trace", str(SEED_TRACE), "--duration", "1800", "--out", str(tmp_path), values=values
+        )
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["jobs"] == 585
