@@ -81,6 +81,23 @@ class Env:
         env.update(extra)
         return env
 
+    def cli(
+        self, *args: str, timeout_s: float = 60, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `facefleet ARGS` as a user would, in this world's environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "facefleet.cli", *args],
+            env=self.vars(**extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    def submit_args(self, source: str, target: str, *options: str) -> list[str]:
+        """`submit` arguments for this world's tier, with `--option` for each K=V."""
+        opts = [x for o in options for x in ("--option", o)]
+        return ["submit", "--tier", self.tier, "--source", source, "--target", target, *opts]
+
     def settings_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for key, value in self.vars().items():
             monkeypatch.setenv(key, value)

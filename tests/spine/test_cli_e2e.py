@@ -14,16 +14,6 @@ from tests.conftest import Env
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
-def facefleet(env: Env, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "facefleet.cli", *args],
-        env=env.vars(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-
-
 @pytest.fixture
 def photo(env: Env) -> str:
     path = env.data_root / "in.bin"
@@ -41,22 +31,9 @@ def photo(env: Env) -> str:
 def test_submit_wait_json_prints_one_object_then_event_lines(
     env: Env, photo: str, options: list[str], exit_code: int, last_type: str
 ) -> None:
-    assert facefleet(env, "topology", "apply").returncode == 0
+    assert env.cli("topology", "apply").returncode == 0
     env.start_worker()
-    opts = [x for o in options for x in ("--option", o)]
-    proc = facefleet(
-        env,
-        "submit",
-        "--tier",
-        env.tier,
-        "--source",
-        photo,
-        "--target",
-        photo,
-        *opts,
-        "--wait",
-        "--json",
-    )
+    proc = env.cli(*env.submit_args(photo, photo, *options), "--wait", "--json")
     assert proc.returncode == exit_code, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert "job_id" in lines[0]
@@ -66,21 +43,9 @@ def test_submit_wait_json_prints_one_object_then_event_lines(
 
 
 def test_watch_replays_a_finished_job_and_cancel_exits_3(env: Env, photo: str) -> None:
-    facefleet(env, "topology", "apply")
+    env.cli("topology", "apply")
     env.start_worker()
-    sub = facefleet(
-        env,
-        "submit",
-        "--tier",
-        env.tier,
-        "--source",
-        photo,
-        "--target",
-        photo,
-        "--option",
-        "sleep_s=30",
-        "--json",
-    )
+    sub = env.cli(*env.submit_args(photo, photo, "sleep_s=30"), "--json")
     job_id = json.loads(sub.stdout)["job_id"]
     watcher = subprocess.Popen(
         [sys.executable, "-m", "facefleet.cli", "watch", job_id],
@@ -90,41 +55,29 @@ def test_watch_replays_a_finished_job_and_cancel_exits_3(env: Env, photo: str) -
         text=True,
     )
     time.sleep(2)
-    assert facefleet(env, "cancel", job_id).returncode == 0
+    assert env.cli("cancel", job_id).returncode == 0
     _, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 3, err
     assert "cancelled" in err and "started" in err  # the human progress output goes to stderr
-    replay = facefleet(env, "watch", job_id, "--json")
+    replay = env.cli("watch", job_id, "--json")
     assert replay.returncode == 3
     assert json.loads(replay.stdout.splitlines()[-1])["type"] == "cancelled"
 
 
 def test_status_lists_the_tier_with_its_consumer(env: Env) -> None:
-    facefleet(env, "topology", "apply")
+    env.cli("topology", "apply")
     env.start_worker()
-    proc = facefleet(env, "status", "--json")
+    proc = env.cli("status", "--json")
     rows = {r["tier"]: r for r in json.loads(proc.stdout)}
     assert rows[env.tier]["consumers"] == 1
 
 
 def test_worker_health_readiness_and_metrics(env: Env, photo: str) -> None:
-    facefleet(env, "topology", "apply")
+    env.cli("topology", "apply")
     worker = env.start_worker()
     assert worker.get("/healthz")[0] == 200
     assert worker.get("/readyz") == (200, "ready\n")
-    facefleet(
-        env,
-        "submit",
-        "--tier",
-        env.tier,
-        "--source",
-        photo,
-        "--target",
-        photo,
-        "--option",
-        "sleep_s=0.1",
-        "--wait",
-    )
+    env.cli(*env.submit_args(photo, photo, "sleep_s=0.1"), "--wait")
     status, text = worker.get("/metrics")
     assert status == 200
     assert f'facefleet_jobs_total{{outcome="completed",tier="{env.tier}"}} 1.0' in text
@@ -133,6 +86,6 @@ def test_worker_health_readiness_and_metrics(env: Env, photo: str) -> None:
 
 def test_unreachable_broker_is_a_clear_error(env: Env, photo: str) -> None:
     env.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2F"
-    proc = facefleet(env, "submit", "--tier", env.tier, "--source", photo, "--target", photo)
+    proc = env.cli(*env.submit_args(photo, photo))
     assert proc.returncode == 4
     assert "cannot reach the broker" in proc.stderr

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -90,24 +88,17 @@ def model_dir(tmp_path: Path, env: Env) -> Path:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     dest = tmp_path / "models"
     try:
-        pull = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "facefleet.cli",
-                "models",
-                "pull",
-                "--catalog",
-                str(catalog),
-                "--dest",
-                str(dest),
-                "--base-url",
-                f"http://127.0.0.1:{server.server_port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env.vars(),
+        base = f"http://127.0.0.1:{server.server_port}/"
+        pull = env.cli(
+            "models",
+            "pull",
+            "--catalog",
+            str(catalog),
+            "--dest",
+            str(dest),
+            "--base-url",
+            base,
+            timeout_s=120,
         )
     finally:
         server.shutdown()
@@ -141,21 +132,14 @@ def test_insightface_backend_on_tiny_models_after_a_preload(
 
 
 def test_worker_refuses_to_start_without_its_models(env: Env, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "facefleet.cli",
-            "worker",
-            "--processor",
-            "faceswap",
-            "--backend",
-            "insightface",
-        ],
-        env=env.vars(FACEFLEET_MODEL_DIR=str(tmp_path / "empty"), FACEFLEET_HEALTH_PORT="0"),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    proc = env.cli(
+        "worker",
+        "--processor",
+        "faceswap",
+        "--backend",
+        "insightface",
+        FACEFLEET_MODEL_DIR=str(tmp_path / "empty"),
+        FACEFLEET_HEALTH_PORT="0",
     )
     assert proc.returncode == 2
     assert "det_10g.onnx" in proc.stderr and "facefleet models pull" in proc.stderr

@@ -12,22 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.templates import ARCFACE_DST
+
 Frame = np.ndarray
 """HxWx3 uint8 BGR image."""
 Matrix = np.ndarray
 """2x3 float affine matrix."""
 
-ARCFACE_DST = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
-"""insightface's 112 px template: left eye, right eye, nose, left and right mouth corner."""
 
 FFHQ_512 = (
     np.array(
