@@ -51,7 +51,8 @@ class JobJournal:
         if size != self._cache_size:
             with open(self.path, "rb") as fh:
                 lines = fh.read().splitlines()
-            self._cache = [JobEvent.decode(line) for line in lines if line.strip()]
+            # Our own lines: validate as JSON in one pass (pydantic-core), no schema dispatch.
+            self._cache = [JobEvent.model_validate_json(line) for line in lines if line.strip()]
             self._cache_size = size
         return list(self._cache)
 
@@ -97,11 +98,15 @@ class JobJournal:
             ts=utcnow(),
             payload=payload or EventPayload(),
         )
+        line = event.encode() + b"\n"
         with open(self.path, "ab") as fh:
-            fh.write(event.encode() + b"\n")
+            fh.write(line)
             fh.flush()
             if self.fsync:
                 os.fdatasync(fh.fileno())
+        # Under the lock the cache was just refreshed to the file; extend it instead of re-reading.
+        self._cache = [*events, event]
+        self._cache_size = max(self._cache_size, 0) + len(line)
         self._inflight[event.seq] = publish(event)
         if wait or event.terminal:
             self._settle([*events, event], publish)
