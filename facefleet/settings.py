@@ -89,8 +89,14 @@ class CommonSettings(BaseSettings):
             lines = []
             for err in exc.errors():
                 field = str(err["loc"][0]) if err["loc"] else "?"
-                lines.append(f"  {_env_name(cls, field)}: {err['msg']} (got {err.get('input')!r})")
+                shown = "***" if _is_secret(field) else repr(err.get("input"))
+                lines.append(f"  {_env_name(cls, field)}: {err['msg']} (got {shown})")
             raise SettingsError("invalid settings:\n" + "\n".join(lines)) from exc
+
+
+def _is_secret(field: str) -> bool:
+    """Never echo credentials: URLs carry passwords, keys and secrets are what they say."""
+    return any(word in field.lower() for word in ("url", "secret", "key", "token", "password"))
 
 
 def _env_name(cls: type[BaseSettings], field: str) -> str:

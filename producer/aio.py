@@ -271,15 +271,20 @@ class AsyncJobClient:
         )
 
     async def depth(self, tier: str) -> int | None:
-        """Jobs ready in a tier's queue, or None if it cannot be read (passive declare on a
-        throw-away channel: a 404 closes the channel it happens on)."""
+        """Jobs ready in a tier's queue, or None if it cannot be read."""
+        info = await self.queue_info(tier)
+        return None if info is None else info[0]
+
+    async def queue_info(self, tier: str) -> tuple[int, int] | None:
+        """(ready jobs, consumers) of a tier's queue, or None if it cannot be read (passive
+        declare on a throw-away channel: a 404 closes the channel it happens on)."""
         conn = await self.connect()
         try:
             async with conn.channel() as ch:
                 queue = await ch.declare_queue(job_queue(tier), passive=True)
                 result = queue.declaration_result
-                return int(result.message_count) if result.message_count is not None else None
-        except (TimeoutError, aio_pika.exceptions.AMQPError):
+                return int(result.message_count or 0), int(result.consumer_count or 0)
+        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError):
             return None
 
     async def cancel(self, job_id: str, reason: str = "cancelled by user") -> None:

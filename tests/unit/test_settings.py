@@ -62,3 +62,19 @@ def test_execution_providers(
 ) -> None:
     monkeypatch.setenv("FACEFLEET_EXECUTION_PROVIDERS", value)
     assert WorkerSettings.load().providers() == expected
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        pytest.param("AMQP_URL", "http://user:hunter2@rabbit/", id="amqp-url-password"),
+        pytest.param("FACEFLEET_AMQP_URL", "ftp://user:hunter2@rabbit/", id="alias"),
+    ],
+)
+def test_errors_never_echo_credentials(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as info:
+        WorkerSettings.load()
+    assert "hunter2" not in info.value.message

@@ -1,0 +1,125 @@
+"""Who may do what: API keys for submitting, job-scoped signed tokens for following one job.
+
+A job token is `<job_id>.<iat>.<exp>.<sig>` where sig = base64url(HMAC-SHA256(secret,
+"facefleet-job-token-v1\\n<job_id>.<iat>.<exp>")). It is self-contained, so any replica with the
+same secret verifies it without shared state; it names exactly one job, so it cannot open another
+job's events; it expires. `iat` is the job's creation time: the gateway uses it to bound a
+per-job stream replay (start there instead of at the stream's first message).
+
+Every comparison of a secret is constant-time (hmac.compare_digest over fixed-length digests).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_DOMAIN = b"facefleet-job-token-v1\n"
+
+
+class TokenProblem(enum.StrEnum):
+    """Why a token was refused; the value is the close/HTTP reason clients see."""
+
+    MISSING = "missing token"
+    MALFORMED = "malformed token"
+    BAD_SIGNATURE = "invalid token signature"
+    OTHER_JOB = "token is for another job"
+    EXPIRED = "token expired"
+
+
+class TokenError(Exception):
+    def __init__(self, problem: TokenProblem) -> None:
+        super().__init__(problem.value)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class JobClaims:
+    job_id: str
+    iat: int
+    exp: int
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenSigner:
+    """Issues and verifies job tokens with one shared secret."""
+
+    def __init__(self, secret: str | bytes, ttl_s: int) -> None:
+        self._key = secret.encode() if isinstance(secret, str) else secret
+        self.ttl_s = ttl_s
+
+    @classmethod
+    def ephemeral(cls, ttl_s: int) -> TokenSigner:
+        """A random secret for dev: tokens die with the process."""
+        return cls(secrets.token_bytes(32), ttl_s)
+
+    def _sign(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, _DOMAIN + payload.encode(), hashlib.sha256).digest())
+
+    def issue(self, job_id: str, *, iat: int | None = None, now: float | None = None) -> str:
+        issued = int(now if now is not None else time.time())
+        payload = f"{job_id}.{iat if iat is not None else issued}.{issued + self.ttl_s}"
+        return f"{payload}.{self._sign(payload)}"
+
+    def verify(self, token: str | None, job_id: str, *, now: float | None = None) -> JobClaims:
+        """Claims of a valid token for `job_id`; raises TokenError naming the problem."""
+        if not token:
+            raise TokenError(TokenProblem.MISSING)
+        parts = token.split(".")
+        if len(parts) != 4 or len(token) > 512:
+            raise TokenError(TokenProblem.MALFORMED)
+        tok_job, iat_s, exp_s, sig = parts
+        expected = self._sign(f"{tok_job}.{iat_s}.{exp_s}")
+        if not hmac.compare_digest(sig.encode(), expected.encode()):
+            raise TokenError(TokenProblem.BAD_SIGNATURE)
+        try:
+            iat, exp = int(iat_s), int(exp_s)
+        except ValueError:
+            raise TokenError(TokenProblem.MALFORMED) from None
+        if not hmac.compare_digest(tok_job.encode(), job_id.encode()):
+            raise TokenError(TokenProblem.OTHER_JOB)
+        if exp <= (now if now is not None else time.time()):
+            raise TokenError(TokenProblem.EXPIRED)
+        return JobClaims(tok_job, iat, exp)
+
+    @staticmethod
+    def looks_like_token(value: str) -> bool:
+        return value.count(".") == 3
+
+
+class ApiKeys:
+    """The set of valid API keys, compared in constant time (digests of equal length)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def valid(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        digest = hashlib.sha256(presented.encode()).digest()
+        found = False
+        for known in self._digests:  # no early exit: time does not depend on which key matched
+            found |= hmac.compare_digest(digest, known)
+        return found
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` header."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

@@ -1,0 +1,416 @@
+"""One events-stream consumer per gateway process, fanned out to per-job subscriber sets.
+
+Live path. A single aio-pika consumer (`StreamTail`) reads facefleet.events.log and hands each
+event of a job that has subscribers to their bounded inboxes (`Subscriber`). Events of jobs
+nobody watches are skipped on the routing key alone, without decoding, so the cost per event is
+O(subscribers of that job), not O(connections). The tail remembers the stream offset it reached
+and re-attaches exactly there after a broker hiccup, so a reconnect loses nothing.
+
+History (replay) path, chosen so a late subscriber never scans the stream by itself:
+
+1. the job's journal in the data root (jobs/<id>/events.jsonl): the authority on seq, durable,
+   and O(events of that job) to read. A gateway that shares the data root with the workers (the
+   chart mounts it; `GET /result` needs it anyway) serves history from here.
+2. otherwise (a replica without the volume, a journal that was cleaned up) a bounded per-job
+   read of the durable stream: it starts at the job's creation time (signed into its token, so
+   never earlier than the job) and stops at the offset the shared tail had reached when the
+   subscriber registered. Everything after that offset reaches the subscriber live, so history +
+   live has no gap; overlaps are dropped by seq. Concurrent subscribers of one job share one read.
+
+Restart. The gateway keeps no state of its own: a restarted gateway (or another replica) serves
+the same full history from these two durable sources, and its tail attaches at the stream's last
+chunk to learn the current end offset. The integration tests prove both history sources,
+including a restart mid-job served from the stream alone.
+
+Subscribers register *before* history is loaded, so an event is either already in the loaded
+history or arrives live: no gap is possible; `SeqOrderer` removes the overlap. A subscriber whose
+inbox is full is marked dropped and its inbox is emptied at once, so a slow client costs at most
+`ws_send_queue` frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from facefleet.journal import JobJournal
+from facefleet.storage import Storage
+from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
+from producer.aio import server_features
+from producer.gateway.metrics import GatewayMetrics
+from producer.watch import stream_arguments
+
+log = logging.getLogger(__name__)
+
+ACK_EVERY = 100
+"""Stream deliveries are acked in batches (multiple=True); the prefetch is far above this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One event, encoded once and shared by every subscriber of its job."""
+
+    seq: int
+    text: str
+    terminal: bool
+
+    @classmethod
+    def of(cls, event: JobEvent, text: str | None = None) -> Frame:
+        return cls(event.seq, text if text is not None else event.encode().decode(), event.terminal)
+
+
+class Signal(enum.Enum):
+    """Out-of-band items in a subscriber's inbox."""
+
+    DROPPED = "dropped"
+    """The inbox overflowed: the client is too slow."""
+    DISCONNECTED = "disconnected"
+    """The client went away."""
+
+
+class Subscriber:
+    """A client's bounded inbox for one job's live events."""
+
+    __slots__ = ("dropped", "inbox", "job_id")
+
+    def __init__(self, job_id: str, maxsize: int) -> None:
+        self.job_id = job_id
+        self.inbox: asyncio.Queue[Frame | Signal] = asyncio.Queue(maxsize)
+        self.dropped = False
+
+    def offer(self, frame: Frame) -> bool:
+        """Queue a frame; on overflow mark the subscriber dropped and free its inbox."""
+        if self.dropped:
+            return False
+        try:
+            self.inbox.put_nowait(frame)
+            return True
+        except asyncio.QueueFull:
+            self.dropped = True
+            self.signal(Signal.DROPPED)
+            return False
+
+    def signal(self, signal: Signal) -> None:
+        """Replace whatever is queued by `signal`: the sender acts on it next."""
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
+        self.inbox.put_nowait(signal)
+
+
+class HistoryUnavailable(RuntimeError):
+    """A job's history could not be read (no journal, and the stream is unreachable/slow)."""
+
+
+class TailState(enum.Enum):
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    ATTACHED = "attached"
+    RECONNECTING = "reconnecting"
+
+
+_TAIL_MOVES: dict[TailState, frozenset[TailState]] = {
+    TailState.STOPPED: frozenset({TailState.CONNECTING}),
+    TailState.CONNECTING: frozenset(
+        {TailState.ATTACHED, TailState.RECONNECTING, TailState.STOPPED}
+    ),
+    TailState.ATTACHED: frozenset({TailState.RECONNECTING, TailState.STOPPED}),
+    TailState.RECONNECTING: frozenset(
+        {TailState.ATTACHED, TailState.RECONNECTING, TailState.STOPPED}
+    ),
+}
+
+
+@dataclass
+class _Replay:
+    stop: int | None
+    task: asyncio.Task[list[Frame]]
+
+
+class Fanout:
+    """The shared stream tail plus the per-job subscriber sets and history loading."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        storage: Storage | None,
+        metrics: GatewayMetrics,
+        *,
+        prefetch: int = 2000,
+        replay_idle_s: float = 1.0,
+        replay_timeout_s: float = 60.0,
+        name: str = "facefleet-gateway",
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.storage = storage
+        self.metrics = metrics
+        self.prefetch = prefetch
+        self.replay_idle_s = replay_idle_s
+        self.replay_timeout_s = replay_timeout_s
+        self.name = name
+        self.state = TailState.STOPPED
+        self.position: int | None = None
+        """Offset the tail will deliver next (last delivered + 1); None until the first one."""
+        self._topics: dict[str, set[Subscriber]] = {}
+        self._replays: dict[str, _Replay] = {}
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._features: BrokerFeatures | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._attached = asyncio.Event()
+        self._unacked = 0
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def _set_state(self, new: TailState) -> None:
+        if new not in _TAIL_MOVES[self.state]:
+            raise RuntimeError(f"stream tail: illegal move {self.state.value} -> {new.value}")
+        self.state = new
+        if new is TailState.ATTACHED:
+            self._attached.set()
+        else:
+            self._attached.clear()
+
+    async def start(self) -> None:
+        """Start the tail in the background; the gateway serves (readyz 503) while it connects."""
+        self._set_state(TailState.CONNECTING)
+        self._task = asyncio.create_task(self._run(), name="stream-tail")
+
+    async def wait_attached(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._attached.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def ready(self) -> bool:
+        return self.state is TailState.ATTACHED
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._topics.values())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_connection()
+        if self.state is not TailState.STOPPED:
+            self._set_state(TailState.STOPPED)
+
+    async def _close_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None and not conn.is_closed:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                await conn.close()
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            lost = asyncio.Event()
+            try:
+                await self._attach(lost)
+                backoff = 0.5
+                await lost.wait()
+                log.warning("events stream consumer lost its connection; re-attaching")
+            except asyncio.CancelledError:
+                raise
+            except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+                log.warning("events stream unreachable (%r); retrying in %.1f s", exc, backoff)
+            await self._close_connection()
+            self._set_state(TailState.RECONNECTING)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _attach(self, lost: asyncio.Event) -> None:
+        conn = await aio_pika.connect(
+            self.amqp_url, client_properties={"connection_name": f"{self.name}-tail"}
+        )
+        self._connection = conn
+        self._features = server_features(conn)
+        conn.close_callbacks.add(lambda *_: lost.set())
+        channel = await conn.channel()
+        channel.close_callbacks.add(lambda *_: lost.set())
+        await channel.set_qos(prefetch_count=self.prefetch)
+        queue = await channel.declare_queue(EVENTS_STREAM, passive=True)
+        self._unacked = 0
+        # Resume exactly where we were; on the very first attach, the last chunk fixes the end
+        # offset quickly (see the module docstring), and an empty stream is read from its start.
+        offset: int | str = (
+            self.position
+            if self.position is not None
+            else ("last" if self.state is TailState.CONNECTING else "first")
+        )
+        await queue.consume(self._on_message, arguments={"x-stream-offset": offset})
+        self._set_state(TailState.ATTACHED)
+        log.info("events stream consumer attached at offset %s", offset)
+
+    # --- live fan-out --------------------------------------------------------------------------
+
+    def subscribe(self, job_id: str, maxsize: int) -> Subscriber:
+        sub = Subscriber(job_id, maxsize)
+        self._topics.setdefault(job_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self._topics.get(sub.job_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._topics[sub.job_id]
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        offset = message.headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            self.position = offset + 1
+            self.metrics.stream_offset.set(offset)
+        self.metrics.stream_events.inc()
+        # Fan out before the first await: deliveries run as tasks, and an await here would let a
+        # later event of the same job overtake this one.
+        self._fan_out(message)
+        self._unacked += 1
+        if self._unacked >= ACK_EVERY:
+            self._unacked = 0
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
+                await message.ack(multiple=True)
+
+    def _fan_out(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        job_id = _job_of(message.routing_key)
+        subs = self._topics.get(job_id) if job_id else None
+        if not subs or job_id is None:
+            return
+        decoded = _decode(message.body, job_id)
+        if decoded is None:
+            return
+        event, text = decoded
+        self.metrics.lag.observe(max(0.0, time.time() - event.ts.timestamp()))
+        shared = Frame.of(event, text)
+        for sub in tuple(subs):
+            sub.offer(shared)
+
+    # --- history -------------------------------------------------------------------------------
+
+    async def history(self, job_id: str, *, since: datetime | None) -> list[Frame]:
+        """Every event of the job the gateway can prove happened, in seq order.
+
+        Call after `subscribe()`: the stop offset of a stream read is taken now, and everything
+        past it reaches the subscriber live.
+        """
+        stop = self.position
+        frames = await asyncio.to_thread(self._journal_frames, job_id)
+        if frames is not None:
+            self.metrics.replays.labels("journal").inc()
+            return frames
+        self.metrics.replays.labels("stream").inc()
+        return await self.stream_history(job_id, since=since, stop=stop)
+
+    def _journal_frames(self, job_id: str) -> list[Frame] | None:
+        if self.storage is None:
+            return None
+        if not (self.storage.root / "jobs" / job_id / "events.jsonl").is_file():
+            return None
+        for _ in range(3):
+            try:
+                events = JobJournal(self.storage, job_id).events()
+            except DecodeError:  # a line caught mid-append; it is whole a moment later
+                time.sleep(0.02)
+                continue
+            return [Frame.of(e) for e in events] or None
+        return None
+
+    async def stream_history(
+        self, job_id: str, *, since: datetime | None, stop: int | None
+    ) -> list[Frame]:
+        """The job's events from the durable stream, read once per job and stop offset."""
+        current = self._replays.get(job_id)
+        if current is None or current.stop != stop or current.task.done():
+            task = asyncio.create_task(self._read_stream(job_id, since, stop))
+            current = _Replay(stop, task)
+            self._replays[job_id] = current
+
+            def forget(_: object, entry: _Replay = current) -> None:
+                if self._replays.get(job_id) is entry:
+                    del self._replays[job_id]
+
+            task.add_done_callback(forget)
+        return await asyncio.shield(current.task)
+
+    async def _read_stream(
+        self, job_id: str, since: datetime | None, stop: int | None
+    ) -> list[Frame]:
+        conn = self._connection
+        if conn is None or conn.is_closed or self._features is None:
+            raise HistoryUnavailable("the events stream is not reachable")
+        loop = asyncio.get_running_loop()
+        found: dict[int, Frame] = {}
+        done = asyncio.Event()
+        last_seen = loop.time()
+        unacked = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal last_seen, unacked
+            last_seen = loop.time()
+            unacked += 1
+            if unacked >= ACK_EVERY:
+                unacked = 0
+                await message.ack(multiple=True)
+            if _job_of(message.routing_key) == job_id:
+                decoded = _decode(message.body, job_id)
+                if decoded is not None:
+                    found[decoded[0].seq] = Frame.of(*decoded)
+                    if decoded[0].terminal:
+                        done.set()
+            offset = message.headers.get("x-stream-offset")
+            if stop is not None and isinstance(offset, int) and offset >= stop - 1:
+                done.set()
+
+        channel = await conn.channel()
+        try:
+            await channel.set_qos(prefetch_count=self.prefetch)
+            queue = await channel.get_queue(EVENTS_STREAM, ensure=False)
+            await queue.consume(
+                on_message, arguments=stream_arguments(job_id, since, self._features)
+            )
+            deadline = loop.time() + self.replay_timeout_s
+            while not done.is_set():
+                if loop.time() > deadline:
+                    raise HistoryUnavailable(
+                        f"reading job {job_id} from the stream took over {self.replay_timeout_s} s"
+                    )
+                if loop.time() - last_seen > self.replay_idle_s:
+                    break  # reached the stream's end; anything newer arrives live
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 0.05)
+        finally:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, OSError):
+                await channel.close()
+        return [found[seq] for seq in sorted(found)]
+
+
+def _job_of(routing_key: str | None) -> str | None:
+    """job id of `job.<job_id>.<type>`; None for anything else."""
+    if not routing_key:
+        return None
+    parts = routing_key.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "job" else None
+
+
+def _decode(body: bytes, job_id: str) -> tuple[JobEvent, str] | None:
+    """Validate once per event; an event whose body names another job is never forwarded."""
+    try:
+        event = JobEvent.decode(body)
+    except DecodeError:
+        return None
+    if event.job_id != job_id:
+        return None
+    return event, body.decode()

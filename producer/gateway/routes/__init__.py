@@ -1,0 +1,1 @@
+"""HTTP and WebSocket routes of the gateway: jobs (submit/state/result), ws (events), status."""

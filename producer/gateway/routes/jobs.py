@@ -1,0 +1,355 @@
+"""HTTP job routes: submit (202 + job token), state, result, token refresh, cancel.
+
+Every refusal is decided before anything is queued and carries a reason:
+400 bad input, 401 no credential, 403 wrong credential, 413 too large, 415 unknown media,
+429 tier full (Retry-After), 503 broker unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika.exceptions
+import aiormq.exceptions
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from facefleet.storage import StorageError
+from facefleet.wire import JobEvent, JobOptionValue, check_tier
+from producer.errors import InvalidJobError, SubmitError, TierFullError, UnroutableJobError
+from producer.gateway.app import Gateway
+from producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
+from producer.gateway.fanout import HistoryUnavailable
+from producer.gateway.uploads import (
+    SNIFF_BYTES,
+    UploadRejected,
+    check_media,
+    check_stored,
+    store_upload,
+)
+
+router = APIRouter(prefix="/v1")
+
+MAX_OPTIONS = 64
+BROKER_ERRORS = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError, TimeoutError)
+
+
+def gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+# --- credentials -------------------------------------------------------------------------------
+
+
+def require_api_key(request: Request) -> None:
+    gw = gateway(request)
+    cred = bearer(request.headers.get("authorization"))
+    if cred is None:
+        gw.metrics.auth_refused.labels("missing").inc()
+        raise HTTPException(401, "API key required", headers={"WWW-Authenticate": "Bearer"})
+    if not gw.keys.valid(cred):
+        gw.metrics.auth_refused.labels("api_key").inc()
+        raise HTTPException(403, "invalid API key")
+
+
+def authorize_job(request: Request, job_id: str) -> JobClaims | None:
+    """The job token's claims, or None when an API key was given; raises 401/403 otherwise.
+
+    The token may come as a Bearer header (preferred: query strings end up in access logs) or
+    as the `token` query parameter (for links a browser opens directly)."""
+    gw = gateway(request)
+    check_job_id(job_id)
+    cred = bearer(request.headers.get("authorization")) or request.query_params.get("token")
+    if cred is None:
+        gw.metrics.auth_refused.labels("missing").inc()
+        raise HTTPException(
+            401, "job token or API key required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if TokenSigner.looks_like_token(cred):
+        try:
+            return gw.signer.verify(cred, job_id)
+        except TokenError as exc:
+            gw.metrics.auth_refused.labels(exc.problem.name.lower()).inc()
+            raise HTTPException(403, exc.problem.value) from exc
+    if gw.keys.valid(cred):
+        return None
+    gw.metrics.auth_refused.labels("api_key").inc()
+    raise HTTPException(403, "invalid job token or API key")
+
+
+def check_job_id(job_id: str) -> None:
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        raise HTTPException(404, "no such job") from None
+
+
+# --- submit ------------------------------------------------------------------------------------
+
+
+def parse_options(raw: Any) -> dict[str, JobOptionValue]:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise HTTPException(400, f"options: not JSON ({exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise HTTPException(400, "options: must be a JSON object")
+    if len(raw) > MAX_OPTIONS:
+        raise HTTPException(400, f"options: at most {MAX_OPTIONS} keys")
+    for key, value in raw.items():
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            raise HTTPException(400, f"options.{key}: must be a string, number, boolean or null")
+    return raw
+
+
+def parse_tier(gw: Gateway, raw: Any) -> str:
+    tier = raw or gw.settings.default_tier
+    if not isinstance(tier, str):
+        raise HTTPException(400, "tier: must be a string")
+    try:
+        check_tier(tier)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    known = [t.name for t in gw.settings.tiers()]
+    if tier not in known:
+        raise HTTPException(400, f"unknown tier {tier!r}; known tiers: {', '.join(known)}")
+    return tier
+
+
+def optional_text(raw: Any, name: str, limit: int = 200) -> str | None:
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str) or len(raw) > limit:
+        raise HTTPException(400, f"{name}: must be a string of at most {limit} characters")
+    return raw
+
+
+async def _media_from_form(gw: Gateway, request: Request) -> tuple[dict[str, Any], str, str]:
+    s = gw.settings
+    form = await request.form(max_files=2, max_fields=16, max_part_size=256 * 1024)
+    uploads: dict[str, tuple[UploadFile, str]] = {}
+    for role in ("source", "target"):
+        item = form.get(role)
+        if not isinstance(item, UploadFile):
+            raise HTTPException(400, f"{role}: a file field is required")
+        head = await item.read(SNIFF_BYTES)
+        size = item.size if item.size is not None else len(head)
+        try:
+            kind = check_media(
+                role, head, size, max_bytes=s.max_upload_bytes, allowed=s.upload_types
+            )
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from exc
+        uploads[role] = (item, kind)
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    src, tgt = await asyncio.gather(
+        *(
+            asyncio.to_thread(store_upload, gw.storage, role, kind, item.file)
+            for role, (item, kind) in uploads.items()
+        )
+    )
+    await form.close()
+    return fields, src, tgt
+
+
+async def _media_from_json(gw: Gateway, request: Request) -> tuple[dict[str, Any], str, str]:
+    s = gw.settings
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise HTTPException(400, "body: not JSON") from exc
+    if not isinstance(body, dict):
+        raise HTTPException(400, "body: must be a JSON object")
+    uris = []
+    for role in ("source", "target"):
+        uri = body.get(f"{role}_uri")
+        if not isinstance(uri, str) or not uri:
+            raise HTTPException(400, f"{role}_uri: required")
+        try:
+            uris.append(
+                await asyncio.to_thread(
+                    check_stored,
+                    gw.storage,
+                    role,
+                    uri,
+                    max_bytes=s.max_upload_bytes,
+                    allowed=s.upload_types,
+                )
+            )
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from exc
+    return body, uris[0], uris[1]
+
+
+@router.post("/jobs", status_code=202)
+async def submit_job(request: Request) -> JSONResponse:
+    """Submit a job: multipart (`source`, `target` files; `tier`, `options`, `idempotency_key`,
+    `processor` fields) or JSON (`source_uri`, `target_uri` inside the data root, same fields)."""
+    gw = gateway(request)
+    require_api_key(request)
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        fields, src, tgt = await _media_from_form(gw, request)
+    elif ctype.startswith("application/json"):
+        fields, src, tgt = await _media_from_json(gw, request)
+    else:
+        raise HTTPException(415, "use multipart/form-data (uploads) or application/json (URIs)")
+    tier = parse_tier(gw, fields.get("tier"))
+    options = parse_options(fields.get("options"))
+    key = optional_text(
+        request.headers.get("idempotency-key") or fields.get("idempotency_key"), "idempotency_key"
+    )
+    processor = optional_text(fields.get("processor"), "processor", 40)
+    try:
+        result = await gw.client.submit(
+            tier, src, tgt, options=options, idempotency_key=key, processor=processor
+        )
+    except TierFullError as exc:
+        gw.metrics.submits.labels("tier_full").inc()
+        return JSONResponse(
+            {"detail": str(exc), "tier": tier},
+            status_code=429,
+            headers={"Retry-After": str(gw.settings.retry_after_s)},
+        )
+    except InvalidJobError as exc:
+        gw.metrics.submits.labels("invalid").inc()
+        raise HTTPException(400, str(exc)) from exc
+    except UnroutableJobError as exc:
+        gw.metrics.submits.labels("unroutable").inc()
+        raise HTTPException(503, str(exc)) from exc
+    except (SubmitError, *BROKER_ERRORS) as exc:
+        gw.metrics.submits.labels("broker_error").inc()
+        raise HTTPException(503, f"the job could not be queued: {exc!r}") from exc
+    gw.metrics.submits.labels("duplicate" if result.duplicate else "queued").inc()
+    if result.request is not None:
+        created = int(result.request.created_at.timestamp())
+    else:
+        created = await _created_at(gw, result.job_id) or 0
+    body = job_links(request, gw, result.job_id, created)
+    body.update(duplicate=result.duplicate, tier=tier)
+    return JSONResponse(body, status_code=200 if result.duplicate else 202)
+
+
+def job_links(request: Request, gw: Gateway, job_id: str, created: int) -> dict[str, Any]:
+    token = gw.signer.issue(job_id, iat=created)
+    base = str(request.base_url).rstrip("/")
+    ws_base = "ws" + base[4:] if base.startswith("http") else base
+    return {
+        "job_id": job_id,
+        "token": token,
+        "token_expires_at": datetime.fromtimestamp(int(token.split(".")[2]), UTC).isoformat(),
+        "events_url": f"{ws_base}/v1/jobs/{job_id}/events",
+        "status_url": f"{base}/v1/jobs/{job_id}",
+        "result_url": f"{base}/v1/jobs/{job_id}/result",
+    }
+
+
+async def _created_at(gw: Gateway, job_id: str) -> int | None:
+    frames = await gw.fanout.history(job_id, since=None)
+    if not frames:
+        return None
+    return int(JobEvent.decode(frames[0].text.encode()).ts.timestamp())
+
+
+# --- state and result --------------------------------------------------------------------------
+
+
+async def job_events(gw: Gateway, job_id: str, claims: JobClaims | None) -> list[JobEvent]:
+    since = datetime.fromtimestamp(claims.iat, UTC) if claims is not None else None
+    try:
+        frames = await gw.fanout.history(job_id, since=since)
+    except HistoryUnavailable as exc:
+        raise HTTPException(503, str(exc)) from exc
+    if not frames:
+        raise HTTPException(404, "no such job")
+    return [JobEvent.decode(f.text.encode()) for f in frames]
+
+
+STATE_OF = {"progress": "running", "started": "running"}
+
+
+def job_state(events: list[JobEvent]) -> dict[str, Any]:
+    """A snapshot for polling clients, derived from the history alone."""
+    last = events[-1]
+    fraction = 0.0
+    stage = None
+    for ev in events:
+        if ev.type == "progress" and ev.payload.fraction is not None:
+            fraction, stage = ev.payload.fraction, ev.payload.stage
+    out: dict[str, Any] = {
+        "job_id": last.job_id,
+        "state": STATE_OF.get(last.type, last.type),
+        "last_event": last.type,
+        "seq": last.seq,
+        "updated_at": last.ts.isoformat(),
+        "progress": 1.0 if last.type == "completed" else fraction,
+        "stage": stage,
+        "terminal": last.terminal,
+    }
+    if last.type == "completed":
+        out["result_uri"] = last.payload.result_uri
+    if last.type in ("failed", "dead_lettered", "cancelled", "retrying"):
+        out["error"] = {"code": last.payload.code, "message": last.payload.message}
+    return out
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    gw = gateway(request)
+    claims = authorize_job(request, job_id)
+    state = job_state(await job_events(gw, job_id, claims))
+    if state["state"] == "completed":
+        state["result_url"] = str(request.url_for("get_result", job_id=job_id))
+    return state
+
+
+@router.get("/jobs/{job_id}/result", name="get_result")
+async def get_result(request: Request, job_id: str) -> FileResponse:
+    gw = gateway(request)
+    claims = authorize_job(request, job_id)
+    events = await job_events(gw, job_id, claims)
+    last = events[-1]
+    if last.type != "completed" or not last.payload.result_uri:
+        raise HTTPException(409, f"job is {STATE_OF.get(last.type, last.type)}: no result")
+    try:
+        path = gw.storage.resolve(last.payload.result_uri)
+    except StorageError as exc:
+        raise HTTPException(404, f"result not readable here: {exc.message}") from exc
+    if not await asyncio.to_thread(path.is_file):
+        raise HTTPException(404, "result file not found on this gateway's data root")
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, filename=path.name)
+
+
+@router.post("/jobs/{job_id}/token")
+async def new_token(request: Request, job_id: str) -> dict[str, Any]:
+    """A fresh job token for an API-key holder (the CLI's `watch` uses this)."""
+    gw = gateway(request)
+    require_api_key(request)
+    check_job_id(job_id)
+    events = await job_events(gw, job_id, None)
+    return job_links(request, gw, job_id, int(events[0].ts.timestamp()))
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202)
+async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    gw = gateway(request)
+    claims = authorize_job(request, job_id)
+    events = await job_events(gw, job_id, claims)
+    if events[-1].terminal:
+        raise HTTPException(409, f"job already {events[-1].type}")
+    try:
+        await gw.client.cancel(job_id, "cancelled through the gateway")
+    except BROKER_ERRORS as exc:
+        raise HTTPException(503, f"cancel not delivered: {exc!r}") from exc
+    return {"job_id": job_id, "cancel_requested": True}
