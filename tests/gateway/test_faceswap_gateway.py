@@ -1,0 +1,96 @@
+"""The gateway with the real face pipeline: upload two photos, follow the job, fetch the image.
+
+Real broker, a real `faceswap` worker (classic backend) and a real gateway process.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facefleet.broker import Broker
+from facefleet.wire import dead_notify_queue, job_queue
+from tests.conftest import Env, delete_queue
+from tests.gateway.conftest import API_KEY, Gateway, GatewayWorld, read_events, seqs
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
+
+IMAGES = Path(cv2.__file__).parent.parent / "insightface" / "data" / "images"
+
+
+@pytest.fixture(scope="module")
+def faceswap_world(
+    broker: Broker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayWorld]:
+    tier = "gwfs" + uuid.uuid4().hex[:10]
+    root = tmp_path_factory.mktemp("gateway-faceswap") / "data"
+    root.mkdir()
+    env = Env(broker.url, tier, root, [{"name": tier, "max_job_s": 120}])
+    world = GatewayWorld(env, tier)
+    env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
+    yield world
+    for gw in world.gateways:
+        gw.stop()
+    env.stop_all()
+    delete_queue(broker.url, job_queue(tier))
+    delete_queue(broker.url, dead_notify_queue(tier))
+
+
+def test_upload_follow_and_download_a_face_swap(faceswap_world: GatewayWorld) -> None:
+    gateway: Gateway = faceswap_world.start_gateway()
+    target = (IMAGES / "t1.jpg").read_bytes()
+    with gateway.http() as client:
+        resp = client.post(
+            "/v1/jobs",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            files={
+                "source": ("hanks.png", (IMAGES / "Tom_Hanks_54745.png").read_bytes(), "image/png"),
+                "target": ("group.jpg", target, "image/jpeg"),
+            },
+            data={"options": json.dumps({"face_selector": "many"})},
+        )
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    frames, code, _ = read_events(gateway.ws_url(job["job_id"], token=job["token"]), timeout_s=120)
+    assert code == 1000
+    assert seqs(frames) == list(range(1, len(frames) + 1))
+    assert frames[-1]["type"] == "completed", frames[-1]
+    stages = {f["payload"].get("stage") for f in frames if f["type"] == "progress"}
+    assert {"decode", "detect", "swap", "encode"} <= stages
+    with gateway.http() as client:
+        result = client.get(
+            f"/v1/jobs/{job['job_id']}/result",
+            headers={"Authorization": f"Bearer {job['token']}"},
+        )
+    assert result.status_code == 200
+    image = cv2.imdecode(np.frombuffer(result.content, np.uint8), cv2.IMREAD_COLOR)
+    original = cv2.imdecode(np.frombuffer(target, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape == original.shape
+
+
+def test_an_upload_without_a_face_fails_with_its_code(faceswap_world: GatewayWorld) -> None:
+    gateway = (
+        faceswap_world.gateways[0] if faceswap_world.gateways else faceswap_world.start_gateway()
+    )
+    blank = cv2.imencode(".png", np.full((240, 240, 3), 127, np.uint8))[1].tobytes()
+    with gateway.http() as client:
+        resp = client.post(
+            "/v1/jobs",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            files={
+                "source": ("blank.png", blank, "image/png"),
+                "target": ("group.jpg", (IMAGES / "t1.jpg").read_bytes(), "image/jpeg"),
+            },
+        )
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    frames, code, _ = read_events(gateway.ws_url(job["job_id"], token=job["token"]), timeout_s=120)
+    assert code == 1000
+    assert frames[-1]["type"] == "failed"
+    assert frames[-1]["payload"]["code"] == "no_face_in_source"
