@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean bench browser
+.PHONY: demo test lint typecheck unit install clean bench browser torch-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/facefleet demo
 
-## Lint, type-check, check import contracts, then the whole test suite.
+## Lint, type-check, check import contracts, then the whole test suite, then the GFPGAN
+## .pth -> ONNX check in its own venv (the `torch` extra is ~6 GB and stays out of .venv).
 test: $(STAMP) browser lint typecheck
 	$(BIN)/pytest -p no:cacheprovider
+	$(MAKE) torch-check
+
+TORCH_VENV = .cache/torchvenv
+$(TORCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(TORCH_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(TORCH_VENV)/bin/pip install --quiet -e '.[torch,dev]'
+	touch $@
+
+## torch vs onnxruntime on a randomly initialised GFPGANv1Clean, through the converter.
+torch-check: $(TORCH_VENV)/.installed
+	$(TORCH_VENV)/bin/pytest -p no:cacheprovider tests/models/test_convert_gfpgan.py
 
 ## Debian's Chromium + ChromeDriver for the status-page test (best effort: without root the
 ## test skips on a laptop; CI runs as root, and there a missing browser fails the test).
