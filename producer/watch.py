@@ -9,6 +9,7 @@ event and the watcher filters them here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -119,8 +120,23 @@ def watch_events(
             if deadline is not None and time.monotonic() > deadline:
                 raise WatchTimeout(f"no terminal event for job {job_id} within {timeout_s} s")
     finally:
-        try:
-            if connection.is_open:
-                connection.close()
-        except pika.exceptions.AMQPError:
-            pass
+        close_stream_consumer(connection)
+
+
+def close_stream_consumer(connection: pika.BlockingConnection) -> None:
+    """Close a connection that consumes a stream, without the noise.
+
+    pika's close cancels the consumer and basic.rejects deliveries it buffered but did not
+    dispatch; streams answer that with NOT_IMPLEMENTED and close the connection, which is what
+    we wanted anyway. The expected error is kept out of the logs.
+    """
+    quiet = logging.getLogger("pika")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        if connection.is_open:
+            connection.close()
+    except pika.exceptions.AMQPError:
+        pass
+    finally:
+        quiet.setLevel(level)

@@ -87,7 +87,7 @@ def test_job_completes_with_ordered_events_and_durable_result(
     assert manifest["job_id"] == result.job_id
     assert Path(done.result_uri.removeprefix("file://")).exists()
     # The stream holds the same history, in order, for a watcher that starts late.
-    streamed = list(watch_events(env.amqp_url, result.job_id, timeout_s=20))
+    streamed = list(watch_events(env.amqp_url, result.job_id, since=events[0].ts, timeout_s=20))
     assert [(e.seq, e.type) for e in streamed] == [(e.seq, e.type) for e in events]
 
 
@@ -97,7 +97,7 @@ def test_watch_resumes_after_a_seq_without_gaps(env: Env, monkeypatch: pytest.Mo
     src = media(env)
     job = client.submit(env.tier, src, src, options={"sleep_s": 0.3}).job_id
     events = wait_terminal(env, job)
-    resumed = list(watch_events(env.amqp_url, job, after_seq=2, timeout_s=20))
+    resumed = list(watch_events(env.amqp_url, job, after_seq=2, since=events[0].ts, timeout_s=20))
     assert [e.seq for e in resumed] == [e.seq for e in events if e.seq > 2]
 
 
@@ -367,7 +367,7 @@ def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
         assert_gapless(events)
         assert types(events).count("completed") == 1, types(events)
         assert events[-1].type == "completed"
-        streamed = list(watch_events(env.amqp_url, job, timeout_s=20))
+        streamed = list(watch_events(env.amqp_url, job, since=events[0].ts, timeout_s=20))
         assert [e.type for e in streamed].count("completed") == 1
     assert_queue_empty(env)
 

@@ -57,3 +57,45 @@ def test_bad_settings_exit_2_with_the_variable_named(
     monkeypatch.setenv("FACEFLEET_CONCURRENCY", "-3")
     assert main(["worker", "--processor", "noop"]) == 2
     assert "FACEFLEET_CONCURRENCY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds_ago"),
+    [
+        pytest.param("90s", 90, id="seconds"),
+        pytest.param("30m", 1800, id="minutes"),
+        pytest.param("2h", 7200, id="hours"),
+        pytest.param("1.5d", 129600, id="fractional-days"),
+    ],
+)
+def test_since_accepts_durations_ago(value: str, seconds_ago: int) -> None:
+    from facefleet.wire import utcnow
+    from producer.cli import parse_since
+
+    delta = (utcnow() - parse_since(value)).total_seconds()
+    assert seconds_ago - 1 < delta < seconds_ago + 5
+
+
+@pytest.mark.parametrize(
+    ("value", "iso"),
+    [
+        pytest.param("2026-11-21T10:00:00+00:00", "2026-11-21T10:00:00+00:00", id="aware"),
+        pytest.param("2026-11-21T10:00:00", "2026-11-21T10:00:00+00:00", id="naive-is-utc"),
+    ],
+)
+def test_since_accepts_iso_times(value: str, iso: str) -> None:
+    from producer.cli import parse_since
+
+    assert parse_since(value).isoformat() == iso
+
+
+@pytest.mark.parametrize(
+    "value", [pytest.param("yesterday", id="word"), pytest.param("5w", id="weeks")]
+)
+def test_since_refuses_other_text(value: str) -> None:
+    import argparse
+
+    from producer.cli import parse_since
+
+    with pytest.raises(argparse.ArgumentTypeError, match="ISO-8601"):
+        parse_since(value)
