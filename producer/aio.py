@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 import pika
+from typing_extensions import Unpack
 
 from facefleet.amqp import connect, declare_topology, event_properties
 from facefleet.journal import JobJournal
@@ -48,7 +50,6 @@ from facefleet.wire import (
     DecodeError,
     EventPayload,
     JobEvent,
-    JobOptionValue,
     JobRequest,
     cancel_routing_key,
     event_routing_key,
@@ -56,7 +57,7 @@ from facefleet.wire import (
     utcnow,
 )
 from producer.errors import PublishNackedError, TierFullError, UnroutableJobError
-from producer.sdk import SubmitResult, build_request, job_properties
+from producer.sdk import JobFields, SubmitResult, build_request, job_properties
 from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
 
 
@@ -187,32 +188,14 @@ class AsyncJobClient:
     # --- jobs ----------------------------------------------------------------------------------
 
     async def submit(
-        self,
-        tier: str,
-        source: str,
-        target: str,
-        *,
-        options: dict[str, JobOptionValue] | None = None,
-        idempotency_key: str | None = None,
-        deadline: datetime | None = None,
-        output_uri_prefix: str | None = None,
-        processor: str | None = None,
+        self, tier: str, source: str, target: str, **fields: Unpack[JobFields]
     ) -> SubmitResult:
         """Queue one job; returns once the broker confirmed it and `queued` was published.
 
         Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
         """
         request = await asyncio.to_thread(
-            build_request,
-            self.storage,
-            tier,
-            source,
-            target,
-            options=options,
-            idempotency_key=idempotency_key,
-            deadline=deadline,
-            output_uri_prefix=output_uri_prefix,
-            processor=processor,
+            functools.partial(build_request, self.storage, tier, source, target, **fields)
         )
         return await self.submit_request(request)
 

@@ -15,11 +15,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from typing_extensions import Unpack
 
 from facefleet.amqp import connect, declare_topology, publish_event
 from facefleet.journal import JobJournal
@@ -81,18 +82,22 @@ def media_uri(storage: Storage, value: str) -> str:
     raise StorageError("media_not_found", f"{value}: no such file")
 
 
+class JobFields(TypedDict, total=False):
+    """The optional parts of a job request, shared by build_request and both SDKs' submit()."""
+
+    options: dict[str, JobOptionValue] | None
+    idempotency_key: str | None
+    deadline: datetime | None
+    output_uri_prefix: str | None
+    processor: str | None
+
+
 def build_request(
-    storage: Storage,
-    tier: str,
-    source: str,
-    target: str,
-    *,
-    options: dict[str, JobOptionValue] | None = None,
-    idempotency_key: str | None = None,
-    deadline: datetime | None = None,
-    output_uri_prefix: str | None = None,
-    processor: str | None = None,
+    storage: Storage, tier: str, source: str, target: str, **fields: Unpack[JobFields]
 ) -> JobRequest:
+    options = fields.get("options")
+    idempotency_key = fields.get("idempotency_key")
+    output_uri_prefix = fields.get("output_uri_prefix")
     try:
         check_tier(tier)
         key = idempotency_key or str(uuid.uuid4())
@@ -101,8 +106,8 @@ def build_request(
             idempotency_key=key,
             tier=tier,
             created_at=utcnow(),
-            deadline=deadline,
-            processor=processor,
+            deadline=fields.get("deadline"),
+            processor=fields.get("processor"),
             source_uri=media_uri(storage, source),
             target_uri=media_uri(storage, target),
             output_uri_prefix=output_uri_prefix or storage.default_output_prefix(),
@@ -163,33 +168,13 @@ class JobClient:
     # --- jobs --------------------------------------------------------------------------------
 
     def submit(
-        self,
-        tier: str,
-        source: str,
-        target: str,
-        *,
-        options: dict[str, JobOptionValue] | None = None,
-        idempotency_key: str | None = None,
-        deadline: datetime | None = None,
-        output_uri_prefix: str | None = None,
-        processor: str | None = None,
+        self, tier: str, source: str, target: str, **fields: Unpack[JobFields]
     ) -> SubmitResult:
         """Queue one job; returns once the broker confirmed it and `queued` was published.
 
         Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
         """
-        request = build_request(
-            self.storage,
-            tier,
-            source,
-            target,
-            options=options,
-            idempotency_key=idempotency_key,
-            deadline=deadline,
-            output_uri_prefix=output_uri_prefix,
-            processor=processor,
-        )
-        return self.submit_request(request)
+        return self.submit_request(build_request(self.storage, tier, source, target, **fields))
 
     def submit_request(self, request: JobRequest) -> SubmitResult:
         journal = JobJournal(self.storage, request.job_id)
