@@ -22,9 +22,8 @@ demo: $(STAMP)
 
 ## Lint, type-check, check import contracts, then the whole test suite, then the GFPGAN
 ## .pth -> ONNX check in its own venv (the `torch` extra is ~6 GB and stays out of .venv).
-test: $(STAMP) browser lint typecheck
+test: $(STAMP) browser lint typecheck torch-check
 	$(BIN)/pytest -p no:cacheprovider
-	$(MAKE) torch-check
 
 TORCH_VENV = .cache/torchvenv
 $(TORCH_VENV)/.installed: pyproject.toml

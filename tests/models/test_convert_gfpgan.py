@@ -1,6 +1,7 @@
 """convert-gfpgan: a random GFPGANv1Clean gives the same output in torch and onnxruntime.
 
-Needs the torch extra (torch, torchvision, gfpgan); skipped cleanly without it. Slow: the v1.4
+Needs the torch extra (torch, torchvision, gfpgan); skipped cleanly without it. `make test`
+runs it in its own venv (`make torch-check`), so CI always runs it. Slow: the v1.4
 architecture is ~85M parameters, so building, saving and exporting takes a minute or two on CPU.
 """
 
@@ -13,7 +14,9 @@ import pytest
 
 from models.torch_compat import install_functional_tensor_shim
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="needs the torch extra; `make test` runs this file in `make torch-check`"
+)
 pytest.importorskip("torchvision")
 install_functional_tensor_shim()  # gfpgan cannot be imported on torchvision>=0.17 without it
 pytest.importorskip("gfpgan")
