@@ -91,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
             client.apply_topology()
             source = args.source or str(sample_photo("Tom_Hanks_54745.png"))
             target = args.target or str(sample_photo("t1.jpg"))
-            options: dict[str, Any] = (
-                {"sleep_s": 2} if processor == "sleep" else {"face_selector": "many"}
-            )
+            options: dict[str, Any] = {"sleep_s": 2} if processor == "sleep" else {}
             result = client.submit(tier, source, target, options=options, processor=processor)
         print(f"job {result.job_id} submitted: {Path(source).name} -> {Path(target).name}")
         code = follow(settings, result.job_id, json_lines=False, timeout_s=300)
