@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -94,3 +95,34 @@ def test_an_upload_without_a_face_fails_with_its_code(faceswap_world: GatewayWor
     assert code == 1000
     assert frames[-1]["type"] == "failed"
     assert frames[-1]["payload"]["code"] == "no_face_in_source"
+
+
+def test_the_page_shows_the_swapped_photo(
+    faceswap_world: GatewayWorld, browser: Any, tmp_path: Path
+) -> None:
+    """Chromium: upload two real photos through the page, watch 100%, see the result image."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gateway = (
+        faceswap_world.gateways[0] if faceswap_world.gateways else faceswap_world.start_gateway()
+    )
+    browser.get(gateway.url + "/")
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    browser.find_element(By.ID, "source").send_keys(str(IMAGES / "Tom_Hanks_54745.png"))
+    browser.find_element(By.ID, "target").send_keys(str(IMAGES / "t1.jpg"))
+    options = browser.find_element(By.ID, "options")
+    options.clear()
+    options.send_keys("{}")
+    wait = WebDriverWait(browser, 120)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "queues"), faceswap_world.env.tier))
+    browser.find_element(By.ID, "submit").click()
+    wait.until(
+        ec.text_to_be_present_in_element_attribute((By.ID, "progress"), "aria-valuenow", "100")
+    )
+    wait.until(ec.text_to_be_present_in_element_attribute((By.ID, "state"), "class", "completed"))
+    media = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "img#result-media")))
+    wait.until(lambda _: browser.execute_script("return arguments[0].naturalWidth", media) > 0)
+    assert browser.execute_script("return arguments[0].naturalWidth", media) == 1280
+    browser.save_screenshot(str(tmp_path / "faceswap-page.png"))
