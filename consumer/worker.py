@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import logging
 import os
 import random
@@ -93,6 +94,9 @@ _ALLOWED = {
 }
 
 
+_DELIVERY_KEYS = itertools.count(1)
+
+
 @dataclass
 class Delivery:
     tag: int
@@ -100,6 +104,8 @@ class Delivery:
     properties: pika.BasicProperties
     redelivered: bool
     received_at: float = field(default_factory=time.monotonic)
+    key: int = field(default_factory=lambda: next(_DELIVERY_KEYS))
+    """Unique in this process: delivery tags restart at 1 on every new channel (reconnect)."""
 
     @property
     def delivery_count(self) -> int:
@@ -337,7 +343,7 @@ class Worker:
         delivery = Delivery(method.delivery_tag, body, props, bool(method.redelivered))
         self.last_activity = time.monotonic()
         with self._inflight_lock:
-            self._inflight[delivery.tag] = ""
+            self._inflight[delivery.key] = ""
         if self.on_busy is not None:
             self.on_busy(True)
         self._executor.submit(self._handle_safely, ch, delivery)
@@ -427,7 +433,7 @@ class Worker:
         elif action == "requeue":
             self._threadsafe(lambda: ch.basic_nack(delivery.tag, requeue=True))
         with self._inflight_lock:
-            self._inflight.pop(delivery.tag, None)
+            self._inflight.pop(delivery.key, None)
             idle = not self._inflight
             self.handled += 1
             self.last_activity = time.monotonic()
@@ -465,7 +471,7 @@ class Worker:
             self._dead_letter_malformed(delivery, exc)
             return "ack"
         with self._inflight_lock:
-            self._inflight[delivery.tag] = job.job_id
+            self._inflight[delivery.key] = job.job_id
         journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
         tier = self.tier.name
         done = journal.terminal()

@@ -408,3 +408,39 @@ def test_scaledjob_worker_exits_when_idle(env: Env, monkeypatch: pytest.MonkeyPa
     client_for(env, monkeypatch)
     worker = env.start_worker(FACEFLEET_IDLE_EXIT_S="1", wait_ready=False)
     assert worker.wait(30) == 0
+
+
+def test_worker_reconnects_after_the_link_is_cut_and_completes_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's connections go through a proxy that drops them mid-job (a network cut or a
+    broker restart): the worker reconnects, the broker redelivers the unacked job, and the job
+    still ends with exactly one `completed`."""
+    from urllib.parse import urlparse
+
+    from tests.spine.tcpproxy import TcpProxy
+
+    client = client_for(env, monkeypatch)
+    broker = urlparse(env.amqp_url)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    try:
+        proxied = env.amqp_url.replace(f":{broker.port or 5672}/", f":{proxy.port}/", 1)
+        if f":{broker.port}" not in env.amqp_url:
+            proxied = env.amqp_url.replace(
+                f"@{broker.hostname}/", f"@{broker.hostname}:{proxy.port}/", 1
+            )
+        worker = env.start_worker(AMQP_URL=proxied)
+        src = media(env)
+        first = client.submit(env.tier, src, src, options={"sleep_s": 3, "steps": 6}).job_id
+        while "started" not in types(journal(env, first)):
+            time.sleep(0.05)
+        proxy.cut()
+        events = wait_terminal(env, first, timeout_s=60)
+        assert types(events) == ["queued", "started", "completed"]
+        second = client.submit(env.tier, src, src, options={"sleep_s": 0.2}).job_id
+        assert wait_terminal(env, second, timeout_s=60)[-1].type == "completed"
+        assert_queue_empty(env)
+        assert worker.proc.poll() is None
+        assert "reconnecting" in worker.log.read_text()
+    finally:
+        proxy.close()
