@@ -1,0 +1,28 @@
+"""`make bench`: every benchmark, each printing FaceFleet beside its same-run baseline.
+
+Bounded in count and time, loopback only. Absolute numbers on a 2-core machine move about
+±30% between runs; read the ratios.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHES: tuple[tuple[str, list[str]], ...] = (
+    ("spine vs Celery", ["-m", "bench.bench_spine", "--jobs", "1000", "--rounds", "3"]),
+    ("video pipeline vs naive loop", ["bench/bench_video.py"]),
+    ("gateway: 10,000 WebSockets", ["bench/bench_gateway.py", "--client-procs", "2"]),
+)
+
+
+def main() -> int:
+    failed = 0
+    for title, args in BENCHES:
+        print(f"\n=== {title} ===", flush=True)
+        failed += subprocess.call([sys.executable, *args]) != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
