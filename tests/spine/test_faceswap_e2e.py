@@ -54,22 +54,20 @@ def client(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobClient]:
 def test_classic_backend_swaps_faces_on_a_real_photo(env: Env, client: JobClient) -> None:
     env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
     target = IMAGES / "t1.jpg"
-    # The tiny detector finds warm blobs (models/tiny.py); astronaut.png gives it one.
-    import skimage
-
-    source = Path(skimage.__file__).parent / "data" / "astronaut.png"
     job = client.submit(
         env.tier,
-        str(source),
-        str(IMAGES / "t1.jpg"),
-        options={"enhance": True, "enhance_blend": 50},
+        str(IMAGES / "Tom_Hanks_54745.png"),
+        str(target),
+        options={"face_selector": "many", "output_format": "png"},
     ).job_id
     events = wait_terminal(env, job)
     assert events[-1].type == "completed", events[-1]
+    assert events[-1].payload.result_uri is not None
+    assert events[-1].payload.result_uri.endswith(".png")
     stages = [e.payload.stage for e in events if e.type == "progress"]
     for stage in ("decode", "detect", "swap", "encode"):
         assert any(stage in (s or "") for s in stages), stages
-    result = cv2.imread(events[-1].payload.result_uri.removeprefix("file://"))  # type: ignore[union-attr]
+    result = cv2.imread(events[-1].payload.result_uri.removeprefix("file://"))
     original = cv2.imread(str(target))
     assert result.shape == original.shape
     changed = np.abs(result.astype(int) - original.astype(int)).max(axis=2) > 10
