@@ -95,17 +95,34 @@ def declare_topology(
 
 
 def _declare_queue(connection: pika.BlockingConnection, name: str, args: dict[str, Any]) -> None:
+    """Declare a queue; if it already exists with other arguments, keep it and warn.
+
+    Queue arguments cannot change in place (RabbitMQ answers 406). A queue declared by an older
+    release or before a broker upgrade (e.g. no x-consumer-timeout before 3.12) must not stop
+    every worker from starting: the queue still works, and the warning says how to converge.
+    """
     ch = connection.channel()
     try:
         ch.queue_declare(name, durable=True, arguments=args)
     except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 406:
-            raise TopologyError(
-                f"queue {name} exists with other arguments than {args}: {exc.reply_text}. "
-                "Queue arguments cannot change in place; drain and delete the queue, or apply "
-                "the change as a policy."
-            ) from exc
-        raise
+        if exc.reply_code != 406:
+            raise
+        probe = connection.channel()
+        try:
+            probe.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as missing:
+            raise TopologyError(f"queue {name}: {exc.reply_text}") from missing
+        if probe.is_open:
+            probe.close()
+        log.warning(
+            "queue %s exists with other arguments than %s (%s); using it as it is. To converge, "
+            "apply the change as a policy, or drain the queue, delete it and run "
+            "`facefleet topology apply`.",
+            name,
+            args,
+            exc.reply_text,
+        )
+        return
     if ch.is_open:
         ch.close()
 

@@ -444,3 +444,27 @@ def test_worker_reconnects_after_the_link_is_cut_and_completes_once(
         assert "reconnecting" in worker.log.read_text()
     finally:
         proxy.close()
+
+
+def test_queue_declared_with_other_arguments_is_kept_with_a_warning(
+    make_env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """An older release (or a broker before 3.12) declared the tier's queue with other arguments:
+    workers must still start and serve it, and say how to converge."""
+    from facefleet.amqp import connect, declare_topology
+    from facefleet.wire import TierSpec
+
+    env = make_env(max_length=50)
+    client = client_for(env, monkeypatch)  # declares with max_length 50
+    conn = connect(env.amqp_url, "test-drift")
+    try:
+        with caplog.at_level("WARNING", logger="facefleet.amqp"):
+            declare_topology(conn, [TierSpec(env.tier, max_job_s=60, max_length=70)])
+    finally:
+        conn.close()
+    assert "exists with other arguments" in caplog.text and "policy" in caplog.text
+    env.tiers[0]["max_length"] = 70
+    env.start_worker()
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id
+    assert wait_terminal(env, job)[-1].type == "completed"
