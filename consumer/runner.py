@@ -1,0 +1,465 @@
+"""What happens to one delivery: decode, claim, process, commit the result, emit the events.
+
+The worker (consumer/worker.py) owns the connection and the life cycle; the runner owns the job:
+it never touches AMQP except through the confirming publisher, so it runs on job threads.
+
+    delivery ─ decode ──(bad)──▶ dead letter with reason, `dead_lettered` if a job id is readable
+                 │
+                 ├─ journal already ended ─▶ ack (a redelivery never completes twice)
+                 ├─ claim (wait while another live worker holds the job)
+                 ├─ result already committed ─▶ `completed`, ack (crash after commit)
+                 ├─ cancelled / deadline passed / wrong processor ─▶ terminal event, ack
+                 └─ `started`, run the processor; transient errors retry with backoff, then
+                    dead-letter; permanent ones fail; success commits the result, `completed`, ack
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from consumer.delivery import Action, Delivery
+from consumer.errors import (
+    JobCancelled,
+    JobError,
+    PermanentJobError,
+    ShutdownRequested,
+    TransientJobError,
+    classify,
+)
+from consumer.metrics import WorkerMetrics
+from consumer.processors.base import Processor, ProcessorOutput
+from facefleet.amqp import ThreadedPublisher
+from facefleet.journal import JobClaim, JobJournal
+from facefleet.settings import WorkerSettings
+from facefleet.storage import Storage, StorageError
+from facefleet.wire import (
+    CONTENT_TYPE,
+    DEAD_EXCHANGE,
+    HEADER_DEAD_CODE,
+    HEADER_DEAD_REASON,
+    CancelRequest,
+    DecodeError,
+    ErrorCode,
+    EventPayload,
+    EventType,
+    JobEvent,
+    JobRequest,
+    TierSpec,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RunContext:
+    """The JobContext a processor sees: progress with rate limiting, cancellation checkpoints."""
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        job: JobRequest,
+        journal: JobJournal,
+        source_path: Path,
+        target_path: Path,
+        output_dir: Path,
+    ) -> None:
+        self.runner = runner
+        self.job = job
+        self.journal = journal
+        self.source_path = source_path
+        self.target_path = target_path
+        self.output_dir = output_dir
+        self._last_progress = 0.0
+        self._last_stage: str | None = None
+
+    def progress(
+        self,
+        fraction: float,
+        stage: str,
+        *,
+        eta_s: float | None = None,
+        frames_done: int | None = None,
+        frames_total: int | None = None,
+    ) -> None:
+        self.checkpoint()
+        now = time.monotonic()
+        # Every stage change is reported; within a stage, at most one event per interval.
+        if (
+            stage == self._last_stage
+            and fraction < 1.0
+            and now - self._last_progress < self.runner.settings.progress_interval_s
+        ):
+            return
+        self._last_progress = now
+        self._last_stage = stage
+        self.runner.emit(
+            self.journal,
+            "progress",
+            EventPayload(
+                fraction=max(0.0, min(1.0, fraction)),
+                stage=stage,
+                eta_s=None if eta_s is None else round(eta_s, 2),
+                frames_done=frames_done,
+                frames_total=frames_total,
+            ),
+            wait=False,
+        )
+
+    def checkpoint(self) -> None:
+        if self.runner.cancel_reason(self.job.job_id) is not None:
+            raise JobCancelled(self.runner.cancel_reason(self.job.job_id) or "cancelled")
+        if self.runner.stop_jobs.is_set():
+            raise ShutdownRequested("worker is shutting down")
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        tier: TierSpec,
+        processor: Processor,
+        storage: Storage,
+        metrics: WorkerMetrics,
+        publisher: ThreadedPublisher,
+        name: str,
+    ) -> None:
+        self.settings = settings
+        self.tier = tier
+        self.processor = processor
+        self.storage = storage
+        self.metrics = metrics
+        self.publisher = publisher
+        self.name = name
+        self.draining = threading.Event()
+        """Set on SIGTERM: no new claims, backoff sleeps end and the job is requeued."""
+        self.stop_jobs = threading.Event()
+        """Set when the drain deadline passed: running jobs stop at their next checkpoint."""
+        self.cancelled: dict[str, str] = {}
+        self.claims: dict[str, JobClaim] = {}
+
+    def emit(
+        self,
+        journal: JobJournal,
+        event_type: EventType,
+        payload: EventPayload,
+        *,
+        wait: bool = True,
+    ) -> JobEvent | None:
+        return journal.append(event_type, payload, self.publisher.publish_event, wait=wait)
+
+    def cancel_reason(self, job_id: str) -> str | None:
+        return self.cancelled.get(job_id) or self.storage.cancel_reason(job_id)
+
+    def handle(self, delivery: Delivery, on_job: Callable[[str], None] | None = None) -> Action:
+        """Process one delivery; returns what to do with it: 'ack' or 'requeue'.
+
+        on_job is told the job id as soon as the body is decoded (the worker's bookkeeping).
+        """
+        try:
+            job = JobRequest.decode(delivery.body)
+        except DecodeError as exc:
+            self._dead_letter_malformed(delivery, exc)
+            return "ack"
+        if on_job is not None:
+            on_job(job.job_id)
+        journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
+        tier = self.tier.name
+        done = journal.terminal()
+        if done is not None:
+            log.info("job %s already ended (%s); acking duplicate delivery", job.job_id, done.type)
+            self.metrics.duplicates.labels(tier).inc()
+            return "ack"
+        claim = JobClaim(self.storage, job.job_id, self.name, lease_s=self.settings.lease_s)
+        if not self._wait_for_claim(claim):
+            return "requeue"
+        self.claims[job.job_id] = claim
+        try:
+            return self._run_claimed(job, journal, delivery)
+        finally:
+            self.claims.pop(job.job_id, None)
+            claim.release()
+
+    def _wait_for_claim(self, claim: JobClaim) -> bool:
+        """Another live worker runs this job (a duplicate submit/delivery): wait for it."""
+        while True:
+            with self.storage.job_lock(claim.job_id):
+                if claim.try_acquire():
+                    return True
+            if self.draining.is_set():
+                return False
+            time.sleep(min(1.0, self.settings.lease_s / 5))
+
+    def _run_claimed(self, job: JobRequest, journal: JobJournal, delivery: Delivery) -> Action:
+        tier = self.tier.name
+        if journal.terminal() is not None:
+            self.metrics.duplicates.labels(tier).inc()
+            return "ack"
+        result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
+        manifest = self.storage.read_manifest(result_dir)
+        if manifest is not None:
+            # Crashed after committing the result but before `completed`: finish the bookkeeping.
+            self._emit_completed(journal, result_dir, manifest)
+            return "ack"
+        reason = self.cancel_reason(job.job_id)
+        if reason is not None:
+            self.emit(journal, "cancelled", EventPayload(code=None, message=reason))
+            self.metrics.jobs.labels(tier, "cancelled").inc()
+            return "ack"
+        if job.deadline is not None and job.deadline < utcnow():
+            return self._fail(
+                journal,
+                PermanentJobError(
+                    "deadline_exceeded",
+                    f"deadline {job.deadline.isoformat()} passed before the job started",
+                ),
+            )
+        if job.processor is not None and job.processor != self.processor.name:
+            return self._fail(
+                journal,
+                PermanentJobError(
+                    "invalid_request",
+                    f"job wants processor {job.processor!r}, this tier runs {self.processor.name!r}",
+                ),
+            )
+
+        attempt = delivery.delivery_count + 1
+        wait_s = max(0.0, (utcnow() - job.created_at).total_seconds())
+        self.metrics.queue_wait.labels(tier).observe(wait_s)
+        self.emit(
+            journal,
+            "started",
+            EventPayload(worker=self.name, attempt=attempt, queue_wait_s=round(wait_s, 3)),
+            wait=False,
+        )
+        while True:
+            t0 = time.monotonic()
+            outcome = self._attempt(job, journal, result_dir)
+            self.metrics.duration.labels(tier).observe(time.monotonic() - t0)
+            if isinstance(outcome, str):
+                return outcome
+            err = outcome
+            if attempt >= self.settings.max_attempts:
+                return self._dead_letter_job(job, journal, err, attempt)
+            delay = min(
+                self.settings.retry_max_s,
+                err.delay_s
+                if err.delay_s is not None
+                else self.settings.retry_base_s * 2 ** (attempt - 1),
+            ) * random.uniform(0.8, 1.2)
+            self.emit(
+                journal,
+                "retrying",
+                EventPayload(
+                    attempt=attempt,
+                    delay_s=round(delay, 2),
+                    code=err.code,
+                    message=err.message,
+                    retryable=True,
+                ),
+            )
+            self.metrics.jobs.labels(tier, "retried").inc()
+            if self.draining.wait(delay):
+                return "requeue"
+            attempt += 1
+
+    def _attempt(
+        self, job: JobRequest, journal: JobJournal, result_dir: Path
+    ) -> Action | TransientJobError:
+        tier = self.tier.name
+        work_dir: Path | None = None
+        try:
+            try:
+                source = self.storage.resolve(job.source_uri)
+                target = self.storage.resolve(job.target_uri)
+            except StorageError as exc:
+                raise PermanentJobError(exc.code, exc.message) from exc
+            for label, path in (("source", source), ("target", target)):
+                if not path.is_file():
+                    raise PermanentJobError("media_not_found", f"{label} {path} does not exist")
+            work_dir = self.storage.new_work_dir(result_dir)
+            ctx = RunContext(self, job, journal, source, target, work_dir)
+            started = time.monotonic()
+            output: ProcessorOutput = self.processor.run(ctx)
+            ctx.checkpoint()
+            manifest = {
+                "job_id": job.job_id,
+                "tier": job.tier,
+                "processor": self.processor.name,
+                "worker": self.name,
+                "result_file": output.result_file,
+                "source_uri": job.source_uri,
+                "target_uri": job.target_uri,
+                "options": job.options,
+                "timings_s": {**output.timings_s, "total": round(time.monotonic() - started, 4)},
+                "details": output.details,
+                "completed_at": datetime.now(UTC).isoformat(),
+            }
+            committed = self.storage.commit_result(work_dir, result_dir, manifest)
+            work_dir = None
+            if not committed:
+                log.info(
+                    "job %s: another delivery committed first; not completing twice", job.job_id
+                )
+                self.metrics.duplicates.labels(tier).inc()
+                return "ack"
+            self._emit_completed(journal, result_dir, manifest)
+            return "ack"
+        except JobCancelled as exc:
+            self.emit(journal, "cancelled", EventPayload(message=exc.reason))
+            self.metrics.jobs.labels(tier, "cancelled").inc()
+            return "ack"
+        except ShutdownRequested:
+            log.info("job %s interrupted by shutdown; requeueing", job.job_id)
+            self.metrics.jobs.labels(tier, "requeued").inc()
+            return "requeue"
+        except Exception as exc:  # mapped at this boundary
+            err = classify(exc)
+            if isinstance(err, PermanentJobError):
+                return self._fail(journal, err)
+            if isinstance(err, TransientJobError):
+                log.warning("job %s transient error: %s", job.job_id, err)
+                return err
+            if isinstance(err, JobError):
+                return self._fail(journal, PermanentJobError(err.code, err.message))
+            raise
+        finally:
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _emit_completed(
+        self, journal: JobJournal, result_dir: Path, manifest: dict[str, Any]
+    ) -> None:
+        result_file = str(manifest.get("result_file", ""))
+        timings = {k: float(v) for k, v in dict(manifest.get("timings_s", {})).items()}
+        self.emit(
+            journal,
+            "completed",
+            EventPayload(
+                result_uri=(result_dir / result_file).as_uri(),
+                manifest_uri=(result_dir / "manifest.json").as_uri(),
+                timings_s=timings,
+            ),
+        )
+        self.metrics.jobs.labels(self.tier.name, "completed").inc()
+
+    def _fail(self, journal: JobJournal, err: JobError) -> Action:
+        self.emit(
+            journal, "failed", EventPayload(code=err.code, message=err.message, retryable=False)
+        )
+        self.metrics.jobs.labels(self.tier.name, "failed").inc()
+        return "ack"
+
+    def _dead_letter_job(
+        self, job: JobRequest, journal: JobJournal, err: JobError, attempts: int
+    ) -> Action:
+        message = f"gave up after {attempts} attempts: {err.message}"
+        self._publish_dead(job.encode(), err.code, message, job.job_id)
+        self.emit(
+            journal, "dead_lettered", EventPayload(code=err.code, message=message, retryable=False)
+        )
+        self.metrics.jobs.labels(self.tier.name, "dead_lettered").inc()
+        return "ack"
+
+    def _dead_letter_malformed(self, delivery: Delivery, exc: DecodeError) -> None:
+        """Park an unreadable message with its reason; emit an event if a job id is readable."""
+        job_id = _loose_job_id(delivery.body)
+        self._publish_dead(delivery.body, exc.code, exc.reason, job_id)
+        self.metrics.jobs.labels(self.tier.name, "malformed").inc()
+        log.warning("dead-lettered malformed message (job %s): %s", job_id, exc.reason)
+        if job_id is not None:
+            journal = JobJournal(self.storage, job_id, fsync=self.settings.journal_fsync)
+            self.emit(
+                journal,
+                "dead_lettered",
+                EventPayload(code=exc.code, message=exc.reason, retryable=False),
+            )
+
+    def _publish_dead(self, body: bytes, code: str, reason: str, job_id: str | None) -> None:
+        self.publisher.publish(
+            DEAD_EXCHANGE,
+            self.tier.name,
+            body,
+            pika.BasicProperties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=job_id,
+                headers={
+                    HEADER_DEAD_REASON: reason[:1000],
+                    HEADER_DEAD_CODE: code,
+                    "x-facefleet-tier": self.tier.name,
+                    "x-facefleet-worker": self.name,
+                },
+            ),
+        )
+
+    def broker_dead_letter(self, headers: dict[str, Any], body: bytes) -> Callable[[], None] | None:
+        """For a dead letter the broker made itself (delivery limit: workers kept dying on the
+        job), the task that emits the job's `dead_lettered` event; None when there is nothing to
+        tell (our own dead letters already emitted theirs, foreign messages have no job)."""
+        if HEADER_DEAD_REASON in headers:
+            return None
+        reason = _first_death_reason(headers)
+        try:
+            job = JobRequest.decode(body)
+        except DecodeError:
+            return None
+        code: ErrorCode = "delivery_limit" if reason == "delivery_limit" else "internal_error"
+        message = (
+            f"dead-lettered by the broker ({reason}): the job's deliveries failed "
+            f"{self.tier.delivery_limit} times, e.g. the worker crashed on it"
+        )
+        journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
+        payload = EventPayload(code=code, message=message, retryable=False)
+
+        def task() -> None:
+            self.emit(journal, "dead_lettered", payload)
+
+        return task
+
+    def note_cancel(self, req: CancelRequest) -> None:
+        """A cancel request from the control exchange: remember it and make it durable."""
+        self.cancelled[req.job_id] = req.reason
+        try:
+            if self.storage.cancel_reason(req.job_id) is None:
+                self.storage.request_cancel(req.job_id, req.reason)
+        except (OSError, ValueError) as exc:
+            log.warning("could not persist cancel of %s: %s", req.job_id, exc)
+
+    def renew_leases(self) -> None:
+        for claim in list(self.claims.values()):
+            try:
+                claim.renew()
+            except OSError as exc:
+                log.warning("lease renewal failed for %s: %s", claim.job_id, exc)
+
+
+def _first_death_reason(headers: dict[str, Any]) -> str:
+    reason = headers.get("x-first-death-reason")
+    if reason is None:
+        deaths = headers.get("x-death") or []
+        if deaths and isinstance(deaths[0], dict):
+            reason = deaths[0].get("reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode()
+    return str(reason or "unknown")
+
+
+def _loose_job_id(body: bytes) -> str | None:
+    try:
+        raw = json.loads(body)
+        value = raw.get("job_id") if isinstance(raw, dict) else None
+        return str(uuid.UUID(str(value))) if value else None
+    except (ValueError, TypeError, AttributeError):
+        return None
