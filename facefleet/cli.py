@@ -28,7 +28,13 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facefleet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="facefleet",
+        description="FaceFleet: GPU face-fusion jobs on RabbitMQ. Submit and follow jobs, run "
+        "workers and the gateway, pull models, and simulate scaling.",
+        epilog="Settings come from the environment (AMQP_URL, FACEFLEET_*; see the README). "
+        "`facefleet COMMAND --help` for each command.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = argv[0] if argv else None
     for name, module_name, help_text in COMMANDS:

@@ -28,10 +28,16 @@ def register(sub: Any, name: str) -> None:
         p.set_defaults(func=cmd_topology)
     elif name == "submit":
         p = sub.add_parser(name, help="submit a face-fusion job")
-        p.add_argument("--tier", required=True)
+        p.add_argument("--tier", required=True, help="QoS tier, e.g. high, standard, batch")
         p.add_argument("--source", required=True, help="PATH (copied into the data root) or URI")
         p.add_argument("--target", required=True, help="PATH (copied into the data root) or URI")
-        p.add_argument("--option", action="append", default=[], metavar="K=V")
+        p.add_argument(
+            "--option",
+            action="append",
+            default=[],
+            metavar="K=V",
+            help="processor option, repeatable: enhance=true, face_selector=many, quality=90",
+        )
         p.add_argument("--idempotency-key", help="same key => same job, run once")
         p.add_argument("--processor", help="pin the job to a processor (sleep, noop, faceswap)")
         p.add_argument("--wait", action="store_true", help="follow events until the job ends")
