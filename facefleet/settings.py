@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlparse
 
 from pydantic import (
     AliasChoices,
@@ -24,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from facefleet.management import default_management_url
 from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -116,6 +116,16 @@ class ProducerSettings(CommonSettings):
     """How long a publish waits for the broker's confirm before it is reported as failed."""
     gateway_url: str | None = None
     """When set, `watch` and `submit --wait` follow events through the gateway over WebSocket."""
+    management_url: str | None = Field(default=None, validate_default=True)
+    """RabbitMQ management API, the only source of in-progress (unacked) counts for `status` and
+    the status page; default: http://<AMQP_URL host>:15672, with the AMQP credentials."""
+
+    @field_validator("management_url")
+    @classmethod
+    def _management(cls, v: str | None, info: ValidationInfo) -> str:
+        if v:
+            return v.rstrip("/")
+        return default_management_url(str(info.data.get("amqp_url", DEFAULT_AMQP_URL)))
 
 
 UPLOAD_KINDS: tuple[str, ...] = (
@@ -163,9 +173,6 @@ class GatewaySettings(ProducerSettings):
     """WebSocket ping interval; a client that does not answer within the same time is closed."""
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8080, ge=0, le=65535)
-    management_url: str | None = Field(default=None, validate_default=True)
-    """RabbitMQ management API for the status page (ready/unacked/consumers per tier); default:
-    http://<AMQP_URL host>:15672 with the AMQP credentials."""
     default_tier: str = "standard"
     """Tier of a submit that names none."""
     retry_after_s: int = Field(default=30, ge=1)
@@ -210,14 +217,6 @@ class GatewaySettings(ProducerSettings):
     @classmethod
     def _tier(cls, v: str) -> str:
         return check_tier(v)
-
-    @field_validator("management_url")
-    @classmethod
-    def _management(cls, v: str | None, info: ValidationInfo) -> str:
-        if v:
-            return v.rstrip("/")
-        parsed = urlparse(str(info.data.get("amqp_url", DEFAULT_AMQP_URL)))
-        return f"http://{parsed.hostname or '127.0.0.1'}:15672"
 
 
 class GatewayClientSettings(ProducerSettings):

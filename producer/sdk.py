@@ -24,6 +24,7 @@ from typing_extensions import Unpack
 
 from facefleet.amqp import connect, declare_topology, publish_event
 from facefleet.journal import JobJournal
+from facefleet.management import fetch_queues
 from facefleet.settings import ProducerSettings
 from facefleet.storage import Storage, StorageError
 from facefleet.wire import (
@@ -238,11 +239,11 @@ class JobClient:
     def status(self) -> list[TierStatus]:
         """Per tier: jobs ready, jobs being processed (unacked) and consumers.
 
-        AMQP reports only ready messages; unacked needs the management API, which is used when
-        reachable (FACEFLEET_MANAGEMENT_URL-style URL derived from AMQP_URL, port 15672).
+        AMQP reports only ready messages; unacked comes from the management API
+        (FACEFLEET_MANAGEMENT_URL) and is None when that does not answer.
         """
         out = []
-        mgmt = _management_counts(self.settings.amqp_url)
+        mgmt = fetch_queues(self.settings.amqp_url, self.settings.management_url or "")
         for spec in self.settings.tiers():
             qname = job_queue(spec.name)
             try:
@@ -261,26 +262,3 @@ class JobClient:
                 )
             )
         return out
-
-
-def _management_counts(amqp_url: str) -> dict[str, dict[str, Any]]:
-    """Queue details from the management API when it is enabled; {} otherwise."""
-    import base64
-    import json
-    import urllib.error
-    import urllib.request
-    from urllib.parse import quote, unquote, urlparse
-
-    parsed = urlparse(amqp_url)
-    host = parsed.hostname or "127.0.0.1"
-    vhost = unquote(parsed.path[1:]) or "/"
-    url = f"http://{host}:15672/api/queues/{quote(vhost, safe='')}?columns=name,messages_unacknowledged"
-    req = urllib.request.Request(url)
-    creds = f"{parsed.username or 'guest'}:{parsed.password or 'guest'}".encode()
-    req.add_header("Authorization", "Basic " + base64.b64encode(creds).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=2) as resp:
-            rows = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return {}
-    return {row["name"]: row for row in rows if isinstance(row, dict) and "name" in row}

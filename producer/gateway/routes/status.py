@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
 
 import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from facefleet.management import queues_request, rows_by_name
 from facefleet.wire import job_queue
 from producer.gateway.app import STATIC_DIR, Gateway
 from producer.gateway.routes.jobs import gateway, require_api_key
@@ -88,19 +88,10 @@ async def tiers(request: Request) -> dict[str, Any]:
 
 async def management_queues(gw: Gateway) -> dict[str, dict[str, Any]]:
     """Queue rows from the RabbitMQ management API, {} when it is not enabled or unreachable."""
-    parsed = urlparse(gw.settings.amqp_url)
-    vhost = unquote(parsed.path[1:]) or "/"
-    url = (
-        f"{gw.settings.management_url}/api/queues/{quote(vhost, safe='')}"
-        "?columns=name,messages_ready,messages_unacknowledged,consumers"
-    )
-    auth = (unquote(parsed.username or "guest"), unquote(parsed.password or "guest"))
+    url, auth = queues_request(gw.settings.amqp_url, gw.settings.management_url or "")
     try:
         resp = await gw.http.get(url, auth=auth)
         resp.raise_for_status()
-        rows = resp.json()
+        return rows_by_name(resp.json())
     except (httpx.HTTPError, ValueError):
         return {}
-    if not isinstance(rows, list):
-        return {}
-    return {row["name"]: row for row in rows if isinstance(row, dict) and "name" in row}

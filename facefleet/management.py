@@ -1,0 +1,53 @@
+"""The RabbitMQ management API's queue rows: the only source of unacknowledged counts.
+
+AMQP's queue.declare-ok reports ready messages only; `facefleet status` and the gateway's
+status page read in-progress (unacked) jobs from here when the plugin is enabled, and show
+nothing for them otherwise. One place builds the URL and credentials and parses the answer;
+the CLI fetches synchronously, the gateway with its own async HTTP client.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote, unquote, urlparse
+
+QUEUE_COLUMNS = "name,messages_ready,messages_unacknowledged,consumers"
+
+
+def default_management_url(amqp_url: str) -> str:
+    """http://<broker host>:15672, the management plugin's default listener."""
+    return f"http://{urlparse(amqp_url).hostname or '127.0.0.1'}:15672"
+
+
+def queues_request(amqp_url: str, management_url: str) -> tuple[str, tuple[str, str]]:
+    """URL of the vhost's queue rows and the basic-auth pair, both from the AMQP URL."""
+    parsed = urlparse(amqp_url)
+    vhost = unquote(parsed.path[1:]) or "/"
+    url = f"{management_url.rstrip('/')}/api/queues/{quote(vhost, safe='')}?columns={QUEUE_COLUMNS}"
+    auth = (unquote(parsed.username or "guest"), unquote(parsed.password or "guest"))
+    return url, auth
+
+
+def rows_by_name(rows: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(rows, list):
+        return {}
+    return {row["name"]: row for row in rows if isinstance(row, dict) and "name" in row}
+
+
+def fetch_queues(
+    amqp_url: str, management_url: str, timeout_s: float = 2.0
+) -> dict[str, dict[str, Any]]:
+    """Queue rows by name; {} when the plugin is not enabled or does not answer."""
+    url, (user, password) = queues_request(amqp_url, management_url)
+    req = urllib.request.Request(url)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return rows_by_name(json.loads(resp.read()))
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
