@@ -56,7 +56,7 @@ from facefleet.wire import (
     job_queue,
     utcnow,
 )
-from producer.errors import PublishNackedError, TierFullError, UnroutableJobError
+from producer.errors import refused, unroutable
 from producer.sdk import JobFields, SubmitResult, build_request, job_properties
 from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
 
@@ -232,15 +232,9 @@ class AsyncJobClient:
                 timeout=self.settings.confirm_timeout_s,
             )
         except aiormq.exceptions.PublishError as exc:
-            raise UnroutableJobError(
-                f"no queue is bound for tier {request.tier!r}: run `facefleet topology apply` "
-                "or check FACEFLEET_TIERS"
-            ) from exc
+            raise unroutable(request.tier) from exc
         except aio_pika.exceptions.DeliveryError as exc:
-            depth = await self.depth(request.tier)
-            if depth is not None:
-                raise TierFullError(request.tier, depth) from exc
-            raise PublishNackedError(f"broker refused job {request.job_id}") from exc
+            raise refused(request.tier, request.job_id, await self.depth(request.tier)) from exc
 
     async def publish_event(self, event: JobEvent) -> None:
         """Publish one journal event with confirm; raises if it reached no stream."""

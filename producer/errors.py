@@ -33,3 +33,18 @@ class PublishNackedError(SubmitError):
 
 class InvalidJobError(SubmitError):
     pass
+
+
+def unroutable(tier: str) -> UnroutableJobError:
+    """The broker returned the job: no queue is bound for its tier."""
+    return UnroutableJobError(
+        f"no queue is bound for tier {tier!r}: run `facefleet topology apply` "
+        "or check FACEFLEET_TIERS"
+    )
+
+
+def refused(tier: str, job_id: str, depth: int | None) -> SubmitError:
+    """The broker nacked the job: a full tier (reject-publish) when its depth is known."""
+    if depth is not None:
+        return TierFullError(tier, depth)
+    return PublishNackedError(f"broker refused job {job_id}")

@@ -44,12 +44,7 @@ from facefleet.wire import (
     job_queue,
     utcnow,
 )
-from producer.errors import (
-    InvalidJobError,
-    PublishNackedError,
-    TierFullError,
-    UnroutableJobError,
-)
+from producer.errors import InvalidJobError, refused, unroutable
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +199,9 @@ class JobClient:
                 mandatory=True,
             )
         except pika.exceptions.UnroutableError as exc:
-            raise UnroutableJobError(
-                f"no queue is bound for tier {request.tier!r}: run `facefleet topology apply` "
-                "or check FACEFLEET_TIERS"
-            ) from exc
+            raise unroutable(request.tier) from exc
         except pika.exceptions.NackError as exc:
-            depth = self._depth(request.tier)
-            if depth is not None:
-                raise TierFullError(request.tier, depth) from exc
-            raise PublishNackedError(f"broker refused job {request.job_id}") from exc
+            raise refused(request.tier, request.job_id, self._depth(request.tier)) from exc
 
     def _depth(self, tier: str) -> int | None:
         try:
