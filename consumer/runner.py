@@ -118,8 +118,9 @@ class RunContext:
         )
 
     def checkpoint(self) -> None:
-        if self.runner.cancel_reason(self.job.job_id) is not None:
-            raise JobCancelled(self.runner.cancel_reason(self.job.job_id) or "cancelled")
+        reason = self.runner.cancel_reason(self.job.job_id)
+        if reason is not None:
+            raise JobCancelled(reason or "cancelled")
         if self.runner.stop_jobs.is_set():
             raise ShutdownRequested("worker is shutting down")
 
@@ -147,6 +148,7 @@ class JobRunner:
         self.stop_jobs = threading.Event()
         """Set when the drain deadline passed: running jobs stop at their next checkpoint."""
         self.cancelled: dict[str, str] = {}
+        """Cancels received over AMQP for jobs running here (the durable marker covers the rest)."""
         self.claims: dict[str, JobClaim] = {}
 
     def emit(
@@ -189,6 +191,7 @@ class JobRunner:
             return self._run_claimed(job, journal, delivery)
         finally:
             self.claims.pop(job.job_id, None)
+            self.cancelled.pop(job.job_id, None)
             claim.release()
 
     def _wait_for_claim(self, claim: JobClaim) -> bool:
@@ -429,8 +432,11 @@ class JobRunner:
         return task
 
     def note_cancel(self, req: CancelRequest) -> None:
-        """A cancel request from the control exchange: remember it and make it durable."""
-        self.cancelled[req.job_id] = req.reason
+        """A cancel request from the control exchange: make it durable for whichever worker
+        takes the job, and remember it here only while this worker runs that job (every worker
+        sees every cancel, so remembering all of them would grow without bound)."""
+        if req.job_id in self.claims:
+            self.cancelled[req.job_id] = req.reason
         try:
             if self.storage.cancel_reason(req.job_id) is None:
                 self.storage.request_cancel(req.job_id, req.reason)
