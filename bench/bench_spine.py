@@ -15,6 +15,7 @@ the medians are compared, because this 2-core machine's run-to-run spread is abo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ import pika
 
 from facefleet.broker import discover
 from facefleet.settings import ProducerSettings
-from facefleet.wire import EVENTS_STREAM, JobEvent, job_queue
+from facefleet.wire import EVENTS_STREAM, JobEvent, JobRequest, job_queue
+from producer.aio import AsyncJobClient
 from producer.sdk import JobClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +88,23 @@ class CompletedCounter:
         conn.close()
 
 
-def run_facefleet(amqp_url: str, jobs: int, workers: int, concurrency: int) -> float:
+async def _submit_async(requests: list[JobRequest], window: int) -> None:
+    """The async SDK with up to `window` submissions awaiting their confirms at once: what a
+    producer with a batch of jobs (or the gateway under load) does. Each submission is still
+    confirmed, journaled and announced by `queued` before it counts as submitted."""
+    gate = asyncio.Semaphore(window)
+    async with AsyncJobClient(ProducerSettings.load()) as client:
+
+        async def one(req: JobRequest) -> None:
+            async with gate:
+                await client.submit_request(req)
+
+        await asyncio.gather(*(one(r) for r in requests))
+
+
+def run_facefleet(
+    amqp_url: str, jobs: int, workers: int, concurrency: int, window: int = 1
+) -> float:
     tier = "bench" + uuid.uuid4().hex[:8]
     data_root = Path(tempfile.mkdtemp(prefix="ff-bench-"))
     env = _env(amqp_url, data_root, tier, FACEFLEET_CONCURRENCY=str(concurrency))
@@ -112,8 +130,11 @@ def run_facefleet(amqp_url: str, jobs: int, workers: int, concurrency: int) -> f
         requests.append(build_request(client.storage, tier, str(src), str(src)))
     counter = CompletedCounter(amqp_url, {r.job_id for r in requests})
     t0 = time.perf_counter()
-    for req in requests:
-        client.submit_request(req)
+    if window > 1:
+        asyncio.run(_submit_async(requests, window))
+    else:
+        for req in requests:
+            client.submit_request(req)
     deadline = time.monotonic() + 600
     while len(counter.done) < jobs and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -221,12 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1, help="FaceFleet jobs per worker")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="FaceFleet submissions in flight (1: the sync SDK, one at a time like Celery's "
+        "apply_async; >1: the async SDK)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     url = discover().url
     ff, cel = [], []
     for r in range(args.rounds):
-        ff.append(run_facefleet(url, args.jobs, args.workers, args.concurrency))
+        ff.append(run_facefleet(url, args.jobs, args.workers, args.concurrency, args.window))
         cel.append(run_celery(url, args.jobs, args.workers))
         print(
             f"round {r + 1}: facefleet {ff[-1]:8.1f} jobs/s   celery {cel[-1]:8.1f} jobs/s",
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     f, c = statistics.median(ff), statistics.median(cel)
     print(
         f"\nno-op jobs end to end, {args.jobs} jobs, {args.workers} worker processes "
-        f"(facefleet concurrency {args.concurrency}), median of {args.rounds} rounds:\n"
+        f"(facefleet concurrency {args.concurrency}, submit window {args.window}), median of {args.rounds} rounds:\n"
         f"  facefleet  {f:8.1f} jobs/s  (confirmed publish, queued/started/completed events, durable result)\n"
         f"  celery     {c:8.1f} jobs/s  (acks_late, prefetch 1, quorum queue, confirms, no events)\n"
         f"  ratio      {f / c:8.2f}x"

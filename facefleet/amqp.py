@@ -3,21 +3,23 @@
 - `connect()` names each connection so it can be found in the management UI.
 - `declare_topology()` is the one idempotent declaration of everything in facefleet.wire; it
   feature-detects the broker (server_properties) instead of assuming a version.
-- `ThreadedPublisher` owns a connection on its own thread, because pika connections are not
-  thread-safe and job threads must publish events with confirms while the consumer connection's
-  thread keeps heartbeats flowing.
+- `ThreadedPublisher` owns an aio-pika connection on its own thread and event loop, because
+  pika connections are not thread-safe and job threads must publish events with pipelined
+  confirms while the consumer connection's thread keeps heartbeats flowing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
@@ -151,34 +153,57 @@ def publish_event(channel: BlockingChannel, event: JobEvent) -> None:
     )
 
 
-@dataclass
-class _Request:
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: pika.BasicProperties
-    mandatory: bool
-    future: Future[None]
+def as_message(body: bytes, props: pika.BasicProperties) -> aio_pika.Message:
+    """The aio-pika twin of a pika message, so every publisher sends identical properties."""
+    return aio_pika.Message(
+        body,
+        content_type=props.content_type,
+        delivery_mode=props.delivery_mode,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        headers=props.headers,
+    )
 
 
 class ThreadedPublisher:
-    """Confirmed publishing from any thread, through one connection owned by one thread."""
+    """Confirmed publishing from any thread, through one aio-pika connection on its own loop.
 
-    def __init__(self, url: str, name: str) -> None:
+    Why a private event loop: job threads must publish with confirms while the consumer
+    connection's thread keeps heartbeats flowing, and pika connections are not thread-safe.
+    Why aio-pika rather than a blocking pika channel: confirms are pipelined. A blocking channel
+    waits a broker round trip per message, so one job's `started` queued behind another job's
+    `completed`; here many publishes wait for their confirms at once and a job waits only for
+    its own.
+
+    Order is kept: requests reach the loop in call order (call_soon_threadsafe is FIFO) and each
+    writes its frames under the channel's FIFO lock before awaiting its confirm, so the messages
+    of one job reach the broker in the order they were published.
+    """
+
+    def __init__(
+        self, url: str, name: str, *, confirm_timeout_s: float = 30.0, reconnect_s: float = 1.0
+    ) -> None:
         self._url = url
         self._name = name
-        self._requests: queue.Queue[_Request | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"{name}-publisher", daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._confirm_timeout_s = confirm_timeout_s
+        self._reconnect_s = reconnect_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"{name}-publisher", daemon=True
+        )
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._pending: set[Future[None]] = set()
 
     def start(self) -> None:
+        """Connect (raises if the broker does not answer within 30 s)."""
         self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise self._error
+        try:
+            asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=30)
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def publish(
         self,
@@ -203,10 +228,15 @@ class ThreadedPublisher:
         *,
         mandatory: bool = True,
     ) -> Future[None]:
-        """Queue a publish; the Future resolves on the broker's confirm. One thread publishes
-        all requests in order, so messages of one job reach the broker in call order."""
-        fut: Future[None] = Future()
-        self._requests.put(_Request(exchange, routing_key, body, properties, mandatory, fut))
+        """Hand a publish to the loop; the Future resolves on the broker's confirm and fails
+        with aio-pika's PublishError (unroutable), DeliveryError (nacked) or a connection
+        error after one retry on a restored connection."""
+        message = as_message(body, properties)
+        fut = asyncio.run_coroutine_threadsafe(
+            self._publish(exchange, routing_key, message, mandatory), self._loop
+        )
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
         return fut
 
     def publish_event(self, event: JobEvent) -> Future[None]:
@@ -217,67 +247,59 @@ class ThreadedPublisher:
             event_properties(event),
         )
 
-    def close(self) -> None:
-        self._requests.put(None)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for publishes still awaiting their confirms, then disconnect."""
+        if not self._thread.is_alive():
+            return
+        for fut in list(self._pending):
+            with contextlib.suppress(Exception):
+                fut.result(timeout=timeout_s)
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._connection.close(), self._loop).result(
+                    timeout=timeout_s
+                )
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    def _open(self) -> None:
-        self._connection = connect(self._url, self._name)
-        self._channel = self._connection.channel()
-        self._channel.confirm_delivery()
+    async def _open(self) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self._url,
+            client_properties={"connection_name": self._name, "product": "facefleet"},
+            reconnect_interval=self._reconnect_s,
+        )
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
 
-    def _run(self) -> None:
-        try:
-            self._open()
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        while True:
-            try:
-                req = self._requests.get(timeout=0.2)
-            except queue.Empty:
-                self._pump()
-                continue
-            if req is None:
-                break
-            self._send(req)
-        if self._connection is not None and self._connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                self._connection.close()
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            assert self._channel is not None
+            # By name only: declaring is declare_topology()'s job.
+            exchange = await self._channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
 
-    def _pump(self) -> None:
-        """Serve heartbeats while idle; reconnect lazily on the next publish if the link died."""
-        try:
-            if self._connection is not None and self._connection.is_open:
-                self._connection.process_data_events(time_limit=0)
-        except pika.exceptions.AMQPError as exc:
-            log.warning("event publisher connection lost: %s", exc)
-            self._connection = None
-
-    def _send(self, req: _Request) -> None:
+    async def _publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
+    ) -> None:
         for attempt in (1, 2):
             try:
-                if (
-                    self._connection is None
-                    or not self._connection.is_open
-                    or (self._channel is None or not self._channel.is_open)
-                ):
-                    self._open()
-                assert self._channel is not None
-                self._channel.basic_publish(
-                    req.exchange, req.routing_key, req.body, req.properties, mandatory=req.mandatory
+                target = await self._exchange(exchange)
+                await target.publish(
+                    message, routing_key, mandatory=mandatory, timeout=self._confirm_timeout_s
                 )
-                req.future.set_result(None)
                 return
-            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-                req.future.set_exception(exc)
-                return
-            except pika.exceptions.AMQPError as exc:
-                self._connection = None
+            except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError):
+                raise  # the broker's answer (unroutable, nacked): retrying would not change it
+            except (aio_pika.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
                 if attempt == 2:
-                    req.future.set_exception(exc)
-            except BaseException as exc:
-                req.future.set_exception(exc)
-                return
+                    raise
+                # The robust connection restores the channel in the background; wait for it.
+                log.warning("event publisher link lost (%s); retrying once restored", exc)
+                assert self._channel is not None
+                await asyncio.wait_for(self._channel.ready(), self._confirm_timeout_s)

@@ -32,10 +32,9 @@ import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
-import pika
 from typing_extensions import Unpack
 
-from facefleet.amqp import connect, declare_topology, event_properties
+from facefleet.amqp import as_message, connect, declare_topology, event_properties
 from facefleet.journal import JobJournal
 from facefleet.settings import ProducerSettings
 from facefleet.storage import Storage
@@ -59,18 +58,6 @@ from facefleet.wire import (
 from producer.errors import refused, unroutable
 from producer.sdk import JobFields, SubmitResult, build_request, job_properties
 from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
-
-
-def as_message(body: bytes, props: pika.BasicProperties) -> aio_pika.Message:
-    """The aio-pika twin of a pika message, so both SDKs publish identical properties."""
-    return aio_pika.Message(
-        body,
-        content_type=props.content_type,
-        delivery_mode=props.delivery_mode,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        headers=props.headers,
-    )
 
 
 def event_message(event: JobEvent) -> aio_pika.Message:
