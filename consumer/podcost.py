@@ -11,9 +11,11 @@ terminationGracePeriodSeconds).
 Failures are logged and swallowed: the annotation is an optimisation, never a reason for a worker
 to crash or to delay a job. The Kubernetes API object is injectable so tests use a fake.
 
-RBAC (helm/facefleet/templates/worker/rbac.yaml): get and patch on pods of the namespace. A Role
-cannot be limited to "the pod itself": resourceNames must list literal names when the Role is
-written, and worker pod names are generated later.
+RBAC (helm/facefleet/templates/worker/rbac.yaml): patch on pods of the namespace, nothing else.
+This module never reads the pod (it only calls patch_namespaced_pod with the annotation), so it
+needs no get; keep it that way or widen the Role. A Role cannot be limited to "the pod itself":
+resourceNames must list literal names when the Role is written, and worker pod names are
+generated later.
 """
 
 from __future__ import annotations

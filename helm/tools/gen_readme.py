@@ -6,7 +6,7 @@ default. The table is inserted where the template says `{{ template "chart.value
 so the real helm-docs could take over without touching values.yaml.
 
 Usage: ``python helm/tools/gen_readme.py [--check]``. `documented()` and `undocumented()` are
-used by tests/helm/test_docs.py to require a description for every value.
+used by tests/helm/test_chart_files.py to require a description for every value.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The schema is written here, in Python, rather than by hand in JSON because (1) t
 defined once and referenced by every tier, and (2) allowed values come from the code that
 consumes them (guideline: declare allowed values once): backends and log levels from the
 `Literal` types in facefleet.settings, processors from consumer.processors.PROCESSORS and the tier
-name pattern from facefleet.wire. A test (tests/helm/test_docs.py) fails when the committed file
-differs from what this script produces.
+name pattern from facefleet.wire. A test (tests/helm/test_chart_files.py) fails when the
+committed file differs from what this script produces.
 
 Usage: ``python helm/tools/gen_schema.py [--check]``.
 """
@@ -36,6 +36,11 @@ EXECUTION_PROVIDERS = ("tensorrt", "cuda", "cpu")
 # describes them in prose and a bad value fails at runtime when KEDA creates the HPA.
 MAX_STABILIZATION_S = 3600
 MAX_PERIOD_S = 1800
+# workers.drainMarginSeconds only has to cover what a worker does after its drain deadline: stop
+# its jobs, wait at most 10 s for them (consumer/worker.py `_drain`) and close the connection.
+# Every second more is added to every worker pod's grace period (node drains, spot notice), so a
+# larger value is a mistake, not a preference.
+MAX_DRAIN_MARGIN_S = 300
 
 
 def literal_choices(model: type[Any], field: str) -> list[str]:
@@ -287,7 +292,7 @@ def build() -> Schema:
                     {
                         "logLevel": string(enum=literal_choices(CommonSettings, "log_level")),
                         "startupTimeoutSeconds": integer(5),
-                        "drainMarginSeconds": integer(0),
+                        "drainMarginSeconds": integer(0, MAX_DRAIN_MARGIN_S),
                         "podDisruptionBudget": boolean(),
                         "podAnnotations": {
                             "type": "object",

@@ -3,7 +3,7 @@
 Release `facefleet`, namespace `facefleet`, values helm/ci/plain-manifests.yaml, `helm test` pod
 left out. One file per chart template (`worker-scaledobject.yaml`, ...) plus a
 kustomization.yaml, so `kubectl apply -k keda/manifests` works and kustomize can change the
-namespace or patch thresholds. tests/helm/test_manifests.py fails when the files differ from a
+namespace or patch thresholds. tests/helm/test_chart_files.py fails when the files differ from a
 fresh render; regenerate with ``python helm/tools/render_manifests.py``.
 """
 

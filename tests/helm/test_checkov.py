@@ -62,7 +62,7 @@ ACCEPTED: list[tuple[str, str, str]] = [
         r"^Deployment\..*-worker-[a-z0-9-]+$",
         "Service account token mounted on workers of tiers with podDeletionCost only: the worker "
         "PATCHes its own pod's controller.kubernetes.io/pod-deletion-cost; the Role allows "
-        "get/patch on pods and nothing else.",
+        "patch on pods and nothing else.",
     ),
     (
         "CKV_K8S_43",

@@ -9,6 +9,7 @@ Then the chart's own promises, tier by tier.
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import math
@@ -21,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import consumer.podcost as podcost
 from facefleet.settings import CommonSettings
 from tests.helm.chart import (
     KEDA_SCHEMAS,
@@ -81,8 +83,17 @@ def pruned_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]
     return out
 
 
+# The one CEL rule of the KEDA CRDs (ScaledObject `spec`), verbatim; test_cel_rule_is_the_crds
+# fails when the CRDs in ../shared/schemas/keda say anything else, so cel_min_le_max must follow.
+CEL_MIN_LE_MAX = (
+    "!has(self.minReplicaCount) || self.minReplicaCount <= "
+    "(has(self.maxReplicaCount) ? self.maxReplicaCount : 100)"
+)
+
+
 def cel_min_le_max(spec: dict[str, Any]) -> bool:
-    """The ScaledObject CRD's CEL rule, evaluated by hand (JSON Schema tools ignore CEL)."""
+    """The ScaledObject CRD's CEL rule CEL_MIN_LE_MAX, evaluated by hand (JSON Schema tools
+    ignore CEL)."""
     if "minReplicaCount" not in spec:
         return True
     return bool(spec["minReplicaCount"] <= spec.get("maxReplicaCount", 100))
@@ -181,6 +192,37 @@ def test_crd_checks_can_fail() -> None:
     ]
     assert not cel_min_le_max({"minReplicaCount": 5, "maxReplicaCount": 2})
     assert not cel_min_le_max({"minReplicaCount": 101})
+
+
+def cel_rules(schema: Any, path: str = "") -> dict[str, list[str]]:
+    """Schema path -> the `rule` of every x-kubernetes-validations entry below it."""
+    out: dict[str, list[str]] = {}
+    if isinstance(schema, dict):
+        if "x-kubernetes-validations" in schema:
+            out[path] = [v["rule"] for v in schema["x-kubernetes-validations"]]
+        for key, value in schema.items():
+            out.update(cel_rules(value, f"{path}/{key}"))
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            out.update(cel_rules(value, f"{path}/{i}"))
+    return out
+
+
+def test_cel_rule_is_the_crds() -> None:
+    """cel_min_le_max re-implements CEL_MIN_LE_MAX by hand: a changed or added CEL rule in the
+    CRDs must fail here, not pass unnoticed."""
+    found = {kind: cel_rules(crd_schema(kind)) for kind in KEDA_KINDS}
+    assert found == {
+        "ScaledObject": {"/properties/spec": [CEL_MIN_LE_MAX]},
+        "ScaledJob": {},
+        "TriggerAuthentication": {},
+    }
+    # The hand evaluation agrees with the rule's four cases (has min?, has max?).
+    assert cel_min_le_max({})
+    assert cel_min_le_max({"maxReplicaCount": 0})
+    assert cel_min_le_max({"minReplicaCount": 100}) and not cel_min_le_max({"minReplicaCount": 101})
+    assert cel_min_le_max({"minReplicaCount": 3, "maxReplicaCount": 3})
+    assert not cel_min_le_max({"minReplicaCount": 4, "maxReplicaCount": 3})
 
 
 # --- the chart's promises ---------------------------------------------------------------------
@@ -294,7 +336,7 @@ def test_workers_follow_the_runtime_contract(helm: Path, values_file: str) -> No
             "--processor", tier["processor"], "--backend", tier["backend"],
         ]  # fmt: skip
         grace = pod["terminationGracePeriodSeconds"]
-        derived = tier["maxJobSeconds"] + 30
+        derived = tier["maxJobSeconds"] + margin + 15
         assert grace == (tier["terminationGracePeriodSeconds"] or derived)
         assert grace >= tier["maxJobSeconds"] + margin
         env = env_of(worker)
@@ -387,16 +429,71 @@ def test_selectors_and_ports_line_up(helm: Path, values_file: str) -> None:
         assert open_ports <= container_ports or not specs, np["metadata"]["name"]
 
 
-def test_role_allows_only_get_and_patch_on_pods(helm: Path) -> None:
+@pytest.mark.parametrize(
+    "sets",
+    [
+        pytest.param(["workers.drainMarginSeconds=60"], id="margin-60"),
+        pytest.param(["workers.drainMarginSeconds=0"], id="margin-0"),
+        pytest.param(["workers.drainMarginSeconds=300", "tiers.high.maxJobSeconds=10",
+                      "tiers.standard.maxJobSeconds=1"], id="margin-300-short-jobs"),
+    ],
+)  # fmt: skip
+def test_derived_drain_timeout_covers_the_longest_job(helm: Path, sets: list[str]) -> None:
+    """Whatever workers.drainMarginSeconds is, a derived grace period leaves the worker a drain
+    timeout (grace - margin) of at least maxJobSeconds: the grace grows with the margin."""
+    given = dict(s.split("=") for s in sets)
+    margin = int(given["workers.drainMarginSeconds"])
+    max_job = {
+        name: int(given.get(f"tiers.{name}.maxJobSeconds", tier["maxJobSeconds"]))
+        for name, tier in enabled_tiers(load_values()).items()
+    }
+    wl = workloads(render(helm, sets=sets))
+    assert set(wl) == set(max_job)
+    for name, w in wl.items():
+        spec = w["spec"]
+        pod = spec["jobTargetRef"]["template"] if "jobTargetRef" in spec else spec["template"]
+        grace = pod["spec"]["terminationGracePeriodSeconds"]
+        drain = int(env_of(worker_container(w))["FACEFLEET_DRAIN_TIMEOUT_S"])
+        assert grace == max_job[name] + margin + 15, name
+        assert drain == grace - margin, name
+        assert drain >= max_job[name] and drain > 0, (name, drain)
+
+
+def test_role_allows_only_patch_on_pods(helm: Path) -> None:
     objs = render(helm, ["defaults.yaml"])
     [role] = by_kind(objs, "Role")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
     [binding] = by_kind(objs, "RoleBinding")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": f"{FULLNAME}-worker", "namespace": NAMESPACE}
     ]
     assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
     assert not by_kind(render(helm, ["one-tier.yaml"]), "Role"), "no Role when no tier needs it"
+
+
+# kubernetes.client.CoreV1Api method prefix -> the RBAC verb it needs.
+CLIENT_VERBS = {"read_": "get", "list_": "list", "patch_": "patch", "replace_": "update",
+                "create_": "create", "delete_": "delete"}  # fmt: skip
+
+
+def test_role_verbs_are_what_podcost_calls(helm: Path) -> None:
+    """The Role grants the verbs of the API calls consumer/podcost.py makes, no more: it reaches
+    the API only through its PodPatcher protocol (mypy-checked), and only its own module calls
+    those methods."""
+    members = {n for n in vars(podcost.PodPatcher) if n.endswith("_namespaced_pod")}
+    source = Path(podcost.__file__).read_text()
+    called = {
+        node.func.attr
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr.endswith("_namespaced_pod")
+    }
+    assert called == members == {"patch_namespaced_pod"}
+    verbs = {v for prefix, v in CLIENT_VERBS.items() for m in called if m.startswith(prefix)}
+    [role] = by_kind(render(helm, ["defaults.yaml"]), "Role")
+    [rule] = role["rules"]
+    assert set(rule["verbs"]) == verbs
 
 
 @pytest.mark.parametrize(

@@ -125,10 +125,28 @@ REJECTED = [
                   "tiers.standard.scaling.jobsPerReplica (2)", "Fix:"],
                  id="activation-not-below-target"),
     pytest.param(["tiers.high.terminationGracePeriodSeconds=300"],
-                 ["tiers.high.terminationGracePeriodSeconds (300) is shorter than "
+                 ["tiers.high.terminationGracePeriodSeconds (300) minus workers.drainMarginSeconds "
+                  "(15) leaves a drain timeout (FACEFLEET_DRAIN_TIMEOUT_S) of 285 s, below "
                   "tiers.high.maxJobSeconds (600)",
                   "Fix: --set tiers.high.terminationGracePeriodSeconds=615"],
                  id="grace-below-max-job-time"),
+    pytest.param(["workers.drainMarginSeconds=60", "tiers.high.terminationGracePeriodSeconds=630"],
+                 ["tiers.high.terminationGracePeriodSeconds (630) minus workers.drainMarginSeconds "
+                  "(60) leaves a drain timeout (FACEFLEET_DRAIN_TIMEOUT_S) of 570 s, below "
+                  "tiers.high.maxJobSeconds (600)",
+                  "Fix: --set tiers.high.terminationGracePeriodSeconds=660"],
+                 id="grace-covers-job-but-not-job-plus-margin"),
+    pytest.param(["workers.drainMarginSeconds=60",
+                  "tiers.batch.terminationGracePeriodSeconds=3630"],
+                 ["tiers.batch.terminationGracePeriodSeconds (3630) minus "
+                  "workers.drainMarginSeconds (60) leaves a drain timeout", "of 3570 s",
+                  "Fix: --set tiers.batch.terminationGracePeriodSeconds=3660"],
+                 id="grace-rule-checks-scaledjob-tiers"),
+    pytest.param(["workers.drainMarginSeconds=600"],
+                 ["/workers/drainMarginSeconds", "maximum: got 600, want 300"],
+                 id="drain-margin-above-bound"),
+    pytest.param(["workers.drainMarginSeconds=-1"],
+                 ["/workers/drainMarginSeconds", "minimum"], id="negative-drain-margin"),
     pytest.param(["tiers.high.prefetch=4"],
                  ["tiers.high.scaling.jobsPerReplica (1) is below tiers.high.prefetch (4)",
                   "Fix: --set tiers.high.scaling.jobsPerReplica=4"], id="target-below-prefetch"),
@@ -175,6 +193,36 @@ def test_bad_values_are_rejected(helm: Path, sets: list[str], fragments: list[st
     message = str(err.value)
     for fragment in fragments:
         assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragments"),
+    [
+        pytest.param(["tiers.high.maxJobSeconds=-100"],
+                     ["tiers.high.terminationGracePeriodSeconds (-70, derived) minus "
+                      "workers.drainMarginSeconds (15) leaves a drain timeout "
+                      "(FACEFLEET_DRAIN_TIMEOUT_S) of -85 s, not above 0",
+                      "Fix: --set tiers.high.maxJobSeconds to the longest job time"],
+                     id="negative-derived-drain-timeout"),
+        pytest.param(["tiers.high.maxJobSeconds=0", "tiers.high.terminationGracePeriodSeconds=15"],
+                     ["leaves a drain timeout (FACEFLEET_DRAIN_TIMEOUT_S) of 0 s, not above 0"],
+                     id="zero-drain-timeout"),
+        pytest.param(["workers.drainMarginSeconds=600", "tiers.high.maxJobSeconds=10",
+                      "tiers.high.terminationGracePeriodSeconds=300"],
+                     ["of -300 s, below tiers.high.maxJobSeconds (10)",
+                      "Fix: --set tiers.high.terminationGracePeriodSeconds=610"],
+                     id="margin-above-grace"),
+    ],
+)  # fmt: skip
+def test_grace_rule_holds_without_the_schema(
+    helm: Path, sets: list[str], fragments: list[str]
+) -> None:
+    """The template rule (grace - drainMarginSeconds >= maxJobSeconds, and > 0) is checked on the
+    rendered values on its own, even when `--skip-schema-validation` lets out-of-range values in."""
+    with pytest.raises(HelmError) as err:
+        template(helm, sets=sets, extra=["--skip-schema-validation"])
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
 
 
 def test_long_tier_name_is_explained(helm: Path, tmp_path: Path) -> None:

@@ -121,14 +121,27 @@ return lists; use `include ... | fromJsonArray`).
 
 {{/*
 facefleet.gracePeriod: a tier's terminationGracePeriodSeconds: the explicit value, or
-maxJobSeconds + 30. Call with the tier map.
+maxJobSeconds + workers.drainMarginSeconds + 15. The worker's drain timeout is the grace minus
+the margin (FACEFLEET_DRAIN_TIMEOUT_S), so the derived one is always maxJobSeconds + 15: the
+longest job fits whatever the margin, with 15 s to ack it. _validate.tpl checks the result (an
+explicit value included). Call with (dict "root" $ "tier" <tier map>).
 */}}
 {{- define "facefleet.gracePeriod" -}}
-{{- if kindIs "invalid" .terminationGracePeriodSeconds -}}
-{{- add (int .maxJobSeconds) 30 -}}
+{{- $t := .tier -}}
+{{- if kindIs "invalid" $t.terminationGracePeriodSeconds -}}
+{{- add (int $t.maxJobSeconds) (int .root.Values.workers.drainMarginSeconds) 15 -}}
 {{- else -}}
-{{- int .terminationGracePeriodSeconds -}}
+{{- int $t.terminationGracePeriodSeconds -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.drainTimeout: FACEFLEET_DRAIN_TIMEOUT_S of a tier's workers: the grace period minus
+workers.drainMarginSeconds, so the worker gives up and exits by itself before the kubelet's
+SIGKILL. Call with (dict "root" $ "tier" <tier map>).
+*/}}
+{{- define "facefleet.drainTimeout" -}}
+{{- sub (include "facefleet.gracePeriod" . | int) (int .root.Values.workers.drainMarginSeconds) -}}
 {{- end -}}
 
 {{/*

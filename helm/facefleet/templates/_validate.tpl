@@ -25,11 +25,20 @@ stop before anything reaches the cluster.
 {{- if lt (float64 $s.jobsPerReplica) (float64 $t.prefetch) -}}
 {{- $msgs = append $msgs (printf "%s.scaling.jobsPerReplica (%v) is below %s.prefetch (%d): each busy worker holds prefetch unacked jobs, which the trigger counts, so the HPA would keep pods that get no work. Fix: --set %s.scaling.jobsPerReplica=%d" $p $s.jobsPerReplica $p (int $t.prefetch) $p (int $t.prefetch)) -}}
 {{- end -}}
-{{- if not (kindIs "invalid" $t.terminationGracePeriodSeconds) -}}
-{{- $need := add (int $t.maxJobSeconds) (int $.Values.workers.drainMarginSeconds) -}}
-{{- if lt (int $t.terminationGracePeriodSeconds) (int $need) -}}
-{{- $msgs = append $msgs (printf "%s.terminationGracePeriodSeconds (%d) is shorter than %s.maxJobSeconds (%d) + workers.drainMarginSeconds (%d): a draining worker would be killed mid-job. Fix: --set %s.terminationGracePeriodSeconds=%d, or null to derive maxJobSeconds + 30" $p (int $t.terminationGracePeriodSeconds) $p (int $t.maxJobSeconds) (int $.Values.workers.drainMarginSeconds) $p (int $need)) -}}
+{{- /* Grace period >= max job time, checked on the rendered values (derived or hand-set): the
+worker's drain timeout, grace - drainMarginSeconds, must cover the longest job and be positive. */ -}}
+{{- $margin := int $.Values.workers.drainMarginSeconds -}}
+{{- $grace := include "facefleet.gracePeriod" (dict "root" $ "tier" $t) | int -}}
+{{- $drain := include "facefleet.drainTimeout" (dict "root" $ "tier" $t) | int -}}
+{{- $maxJob := int $t.maxJobSeconds -}}
+{{- if or (lt $drain $maxJob) (le $drain 0) -}}
+{{- $derived := kindIs "invalid" $t.terminationGracePeriodSeconds -}}
+{{- $why := ternary (printf "below %s.maxJobSeconds (%d)" $p $maxJob) "not above 0" (lt $drain $maxJob) -}}
+{{- $fix := printf "--set %s.terminationGracePeriodSeconds=%d (at least maxJobSeconds + workers.drainMarginSeconds), or null to derive maxJobSeconds + drainMarginSeconds + 15" $p (add (max $maxJob 1) $margin) -}}
+{{- if $derived -}}
+{{- $fix = printf "--set %s.maxJobSeconds to the longest job time (at least 1 s)" $p -}}
 {{- end -}}
+{{- $msgs = append $msgs (printf "%s.terminationGracePeriodSeconds (%d%s) minus workers.drainMarginSeconds (%d) leaves a drain timeout (FACEFLEET_DRAIN_TIMEOUT_S) of %d s, %s: a draining worker would be stopped mid-job. Fix: %s" $p $grace (ternary ", derived" "" $derived) $margin $drain $why $fix) -}}
 {{- end -}}
 {{- $long := printf "%s-worker-%s" (include "facefleet.fullname" $) $name -}}
 {{- if gt (len $long) 54 -}}

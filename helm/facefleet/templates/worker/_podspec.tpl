@@ -5,13 +5,14 @@ ScaledJob. Call with (dict "root" $ "name" "<tier>" "tier" <tier map>).
 - the init container pulls the model weights into the model volume (read-write there only);
 - the worker mounts that volume read-only and is Ready only after models are loaded and warmed
   (/readyz); /healthz is liveness, guarded by a startup probe during model load;
-- terminationGracePeriodSeconds comes from the tier's maxJobSeconds so a SIGTERM drain finishes;
+- terminationGracePeriodSeconds comes from the tier's maxJobSeconds (facefleet.gracePeriod) so a
+  SIGTERM drain finishes;
 - `args`, not `command`: the image's ENTRYPOINT (tini) stays PID 1 and forwards SIGTERM.
 */}}
 {{- define "facefleet.workerPod" -}}
 {{- $root := .root -}}
 {{- $t := .tier -}}
-{{- $grace := include "facefleet.gracePeriod" $t | int -}}
+{{- $grace := include "facefleet.gracePeriod" (dict "root" $root "tier" $t) | int -}}
 {{- $isJob := eq $t.mode "job" -}}
 metadata:
   labels:
@@ -108,7 +109,7 @@ spec:
         - name: FACEFLEET_CONCURRENCY
           value: {{ $t.prefetch | quote }}
         - name: FACEFLEET_DRAIN_TIMEOUT_S
-          value: {{ sub $grace (int $root.Values.workers.drainMarginSeconds) | quote }}
+          value: {{ include "facefleet.drainTimeout" (dict "root" $root "tier" $t) | quote }}
         - name: FACEFLEET_HEALTH_HOST
           value: 0.0.0.0
         - name: FACEFLEET_HEALTH_PORT
