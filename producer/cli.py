@@ -53,7 +53,8 @@ def register(sub: Any, name: str) -> None:
             type=parse_since,
             help="start reading the stream here (ISO time, or 30m / 2h / 7d ago); default: the "
             "job's creation time from its journal when the data root is readable, else the "
-            "stream's first retained event (slow on a long stream before RabbitMQ 3.13)",
+            "stream's first retained event (slow on a long stream before RabbitMQ 3.13); "
+            "refused with FACEFLEET_GATEWAY_URL, where the gateway starts at the job's creation",
         )
         p.add_argument("--timeout", type=float, default=None)
         p.add_argument("--json", action="store_true", help="JSON lines")
@@ -234,6 +235,12 @@ def _event_source(
         except ImportError:
             pass
         else:
+            if since is not None:
+                raise ValueError(
+                    "--since does not apply through the gateway (FACEFLEET_GATEWAY_URL): it "
+                    "replays from the job's creation time signed into its token; unset "
+                    "FACEFLEET_GATEWAY_URL to read the events stream directly from --since"
+                )
             events: Iterator[JobEvent] = watch_via_gateway(
                 settings, job_id, after_seq=after_seq, timeout_s=timeout_s
             )

@@ -3,7 +3,9 @@
 Same contract as `producer.watch.watch_events`: yields JobEvents in seq order, once each, stops
 after the terminal event, raises WatchTimeout. The token goes in the first message (not the
 URL). A dropped connection (gateway restart, slow-client close, network) is resumed with
-after_seq = the last seq received, so the caller never sees a gap or a duplicate.
+after_seq = the last seq received, so the caller never sees a gap or a duplicate. A normal
+close (1000) ends the iteration: the gateway sends it after the terminal event, or at once when
+after_seq is already at or past it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def watch_via_gateway(
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else 1006
             reason = exc.rcvd.reason if exc.rcvd is not None else "connection lost"
+            if code == 1000:
+                return  # the job ended at or before `last`: there is nothing more to yield
             if code in FINAL_CLOSE_CODES:
                 raise GatewayError(
                     f"gateway {FINAL_CLOSE_CODES[code]} the watch: {reason}"

@@ -114,15 +114,15 @@ class GatewayWorld:
     def start_gateway(self, *, port: int | None = None, **extra: str) -> Gateway:
         port = port or free_port()
         log = self.env.data_root.parent / f"gateway-{port}-{len(self.gateways)}.log"
-        variables = self.env.vars(
-            FACEFLEET_API_KEYS=f"other-key,{API_KEY}",
-            FACEFLEET_TOKEN_SECRET=SECRET,
-            FACEFLEET_DEFAULT_TIER=self.env.tier,
-            FACEFLEET_AUTH_TIMEOUT_S="2",
-            FACEFLEET_HEARTBEAT_S="5",
-            FACEFLEET_LOG_LEVEL="INFO",
-            **extra,
-        )
+        defaults = {
+            "FACEFLEET_API_KEYS": f"other-key,{API_KEY}",
+            "FACEFLEET_TOKEN_SECRET": SECRET,
+            "FACEFLEET_DEFAULT_TIER": self.env.tier,
+            "FACEFLEET_AUTH_TIMEOUT_S": "2",
+            "FACEFLEET_HEARTBEAT_S": "5",
+            "FACEFLEET_LOG_LEVEL": "INFO",
+        }
+        variables = self.env.vars(**{**defaults, **extra})  # `extra` may override a default
         fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "facefleet.cli", "gateway", "--port", str(port)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import socket
@@ -15,12 +16,18 @@ from typing import Any
 import httpx
 import pika
 import pytest
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import State
 from websockets.sync.client import connect
+from websockets.uri import parse_uri
 
 from facefleet.amqp import publish_event
+from facefleet.settings import GatewayClientSettings, ProducerSettings
 from facefleet.wire import EventPayload, JobEvent, utcnow
 from producer.gateway.auth import TokenSigner
+from producer.gateway.client import watch_via_gateway
 from tests.conftest import free_port
 from tests.gateway.conftest import (
     API_KEY,
@@ -63,7 +70,9 @@ def test_events_arrive_in_order_then_close_after_terminal(
     world: GatewayWorld, gateway: Gateway
 ) -> None:
     job = world.submit(gateway, sleep_s=1.0, steps=5)
-    frames, code, reason = read_events(gateway.ws_url(job["job_id"], token=job["token"]))
+    assert job["events_url"] == gateway.ws_url(job["job_id"])
+    # the advertised URL itself, with the token in the first message as clients should send it
+    frames, code, reason = read_events(job["events_url"], first={"token": job["token"]})
     assert_complete(frames, world.journal(job["job_id"]))
     assert "progress" in [f["type"] for f in frames]
     assert (code, reason) == (1000, "job ended")
@@ -107,6 +116,29 @@ def test_reconnect_with_after_seq_misses_nothing(world: GatewayWorld, gateway: G
     )
     assert code == 1000
     assert_complete(first + rest, world.journal(job["job_id"]))
+
+
+def test_reconnect_at_or_past_the_final_seq_closes_1000_at_once(
+    world: GatewayWorld, gateway: Gateway
+) -> None:
+    """A client that already has the terminal event (or claims more) gets no frame and a normal
+    close, instead of a socket that waits in LIVE forever."""
+    job = world.submit(gateway, sleep_s=0.2, steps=2)
+    read_events(gateway.ws_url(job["job_id"], token=job["token"]))  # let it finish
+    final = len(world.journal(job["job_id"]))
+    for after_seq in (final, final + 3):
+        frames, code, reason = read_events(
+            gateway.ws_url(job["job_id"]),
+            first={"token": job["token"], "after_seq": after_seq},
+            timeout_s=15,
+        )
+        assert (frames, code, reason) == ([], 1000, "job ended")
+    # the CLI's client takes that close as the end, without reconnecting
+    settings = ProducerSettings(gateway_url=gateway.url)
+    client = GatewayClientSettings(gateway_token=job["token"], gateway_reconnects=0)
+    started = time.monotonic()
+    assert list(watch_via_gateway(settings, job["job_id"], after_seq=final, client=client)) == []
+    assert time.monotonic() - started < 10
 
 
 def test_token_in_first_message_and_after_seq_there(world: GatewayWorld, gateway: Gateway) -> None:
@@ -505,6 +537,189 @@ def test_cli_watch_through_the_gateway_prints_the_same_lines(
     refused = watch(FACEFLEET_GATEWAY_URL=gateway.url, FACEFLEET_GATEWAY_API_KEY="wrong")
     assert refused.returncode == 4
     assert "403" in refused.stderr
+
+
+def test_refused_multipart_submit_leaves_no_upload_behind(
+    world: GatewayWorld, gateway: Gateway
+) -> None:
+    """Tier and options are checked before the uploads are copied into the data root. The
+    images are unique to this test: uploads/ is content-addressed, so reused bytes would hide
+    a copy."""
+
+    def files_in_uploads() -> int:
+        return sum(1 for p in (world.env.data_root / "uploads").rglob("*") if p.is_file())
+
+    before = files_in_uploads() if (world.env.data_root / "uploads").exists() else 0
+    for i, data in enumerate(
+        [
+            {"tier": "nosuchtier"},
+            {"tier": world.env.tier, "options": "{not json"},
+            {"tier": world.env.tier, "processor": "p" * 41},
+        ]
+    ):
+        unique = png(rgb=(i, uuid.uuid4().bytes[0], 77), width=9 + i)
+        with gateway.http() as client:
+            resp = client.post(
+                "/v1/jobs",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                files={
+                    "source": ("a.png", unique, "image/png"),
+                    "target": ("b.png", unique + b"x", "image/png"),
+                },
+                data=data,
+            )
+        assert resp.status_code == 400, resp.text
+    assert (files_in_uploads() if (world.env.data_root / "uploads").exists() else 0) == before
+
+
+def test_cli_submit_wait_json_through_the_gateway(
+    world: GatewayWorld, gateway: Gateway, tmp_path: Path
+) -> None:
+    """`submit --wait --json` followed through the gateway prints what the AMQP path prints:
+    one submit object, then every event in seq order, the same types as an AMQP-followed job
+    and the very lines an AMQP `watch` of the same job prints."""
+    photo = tmp_path / "face.png"
+    photo.write_bytes(png(rgb=(3, 141, 59)))
+    # 0.4 s per step, above the worker's progress interval: both jobs report every step
+    args = world.env.submit_args(str(photo), str(photo), "sleep_s=1.2", "steps=3")
+
+    def submit(**extra: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        proc = world.env.cli(*args, "--wait", "--json", "--timeout", "60", timeout_s=90, **extra)
+        assert proc.returncode == 0, proc.stderr
+        head, *events = [json.loads(line) for line in proc.stdout.splitlines()]
+        return head, events
+
+    head, via_gateway = submit(FACEFLEET_GATEWAY_URL=gateway.url, FACEFLEET_GATEWAY_API_KEY=API_KEY)
+    _, via_amqp = submit()
+    journal = world.journal(head["job_id"])
+    assert head["tier"] == world.env.tier and head["duplicate"] is False
+    assert seqs(via_gateway) == list(range(1, len(journal) + 1))
+    assert [e["type"] for e in via_gateway] == [e["type"] for e in journal]
+    assert [e["type"] for e in via_gateway] == [e["type"] for e in via_amqp]
+    assert via_gateway[0]["type"] == "queued" and via_gateway[-1]["type"] == "completed"
+    replay = world.env.cli("watch", head["job_id"], "--json", "--timeout", "60")
+    assert replay.returncode == 0, replay.stderr
+    assert [json.loads(line) for line in replay.stdout.splitlines()] == via_gateway
+
+
+def test_cli_watch_since_is_refused_through_the_gateway(
+    world: GatewayWorld, gateway: Gateway
+) -> None:
+    """The gateway replays from the job's creation time in its token, so `--since` would be
+    silently ignored there: it is refused (exit 2) and still works on the AMQP path."""
+    job = world.submit(gateway, sleep_s=0.2, steps=1)
+    read_events(gateway.ws_url(job["job_id"], token=job["token"]))  # let it finish
+    args = ("watch", job["job_id"], "--since", "30m", "--json", "--timeout", "60")
+    refused = world.env.cli(
+        *args, FACEFLEET_GATEWAY_URL=gateway.url, FACEFLEET_GATEWAY_API_KEY=API_KEY
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "--since does not apply through the gateway" in refused.stderr
+    assert refused.stdout == ""
+    direct = world.env.cli(*args)
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout.splitlines()[-1])["type"] == "completed"
+
+
+# --- heartbeats ----------------------------------------------------------------------------------
+
+
+class RawPeer:
+    """A WebSocket client on websockets' sans-I/O protocol over a plain socket, so the test
+    decides whether pings are answered (websockets' own clients always answer them)."""
+
+    def __init__(self, url: str, *, answer_pings: bool) -> None:
+        uri = parse_uri(url)
+        self.answer_pings = answer_pings
+        self.proto = ClientProtocol(uri)
+        self.sock = socket.create_connection((uri.host, uri.port), timeout=10)
+        self.proto.send_request(self.proto.connect())
+        self.sock.sendall(b"".join(self.proto.data_to_send()))
+        self.eof = False
+        while self.proto.state is not State.OPEN:
+            self.proto.receive_data(self.sock.recv(65536))
+            self.proto.events_received()  # the handshake response
+            if self.proto.handshake_exc is not None:
+                raise self.proto.handshake_exc
+
+    def send_text(self, text: str) -> None:
+        self.proto.send_text(text.encode())
+        self.sock.sendall(b"".join(self.proto.data_to_send()))
+
+    def read(self, duration_s: float) -> list[tuple[float, Frame]]:
+        """Frames received within `duration_s` (or until the server hangs up), timestamped."""
+        got: list[tuple[float, Frame]] = []
+        deadline = time.monotonic() + duration_s
+        while not self.eof and (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            if data:
+                self.proto.receive_data(data)
+            else:
+                self.eof = True
+                self.proto.receive_eof()
+            now = time.monotonic()
+            got.extend((now, ev) for ev in self.proto.events_received() if isinstance(ev, Frame))
+            replies = b"".join(self.proto.data_to_send())  # pongs, close echo
+            if self.answer_pings and replies and not self.eof:
+                self.sock.sendall(replies)
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _subscribers(gw: Gateway) -> int:
+    count: int = httpx.get(f"{gw.url}/readyz", timeout=5).json()["subscribers"]
+    return count
+
+
+def test_heartbeat_pings_reach_a_connected_client(gateway_heartbeat: Gateway) -> None:
+    """With FACEFLEET_HEARTBEAT_S=0.5 a client following a (quiet) job gets a ping about every
+    half second, and answering them keeps the socket open."""
+    job_id = str(uuid.uuid4())
+    peer = RawPeer(gateway_heartbeat.ws_url(job_id), answer_pings=True)
+    try:
+        peer.send_text(json.dumps({"token": TokenSigner(SECRET, 600).issue(job_id)}))
+        frames = peer.read(3.0)
+        assert _subscribers(gateway_heartbeat) == 1
+    finally:
+        peer.close()
+    pings = [t for t, f in frames if f.opcode is Opcode.PING]
+    assert [f.opcode for _, f in frames if f.opcode is not Opcode.PING] == []  # no close
+    assert len(pings) >= 3
+    assert all(0.3 < b - a < 1.5 for a, b in itertools.pairwise(pings))
+
+
+def test_a_peer_that_never_answers_pings_is_closed_and_unsubscribed(
+    gateway_heartbeat: Gateway,
+) -> None:
+    job_id = str(uuid.uuid4())
+    peer = RawPeer(gateway_heartbeat.ws_url(job_id), answer_pings=False)
+    try:
+        peer.send_text(json.dumps({"token": TokenSigner(SECRET, 600).issue(job_id)}))
+        frames = peer.read(10.0)
+    finally:
+        peer.close()
+    assert peer.eof, "the gateway kept a silent peer open"
+    first_ping = next(t for t, f in frames if f.opcode is Opcode.PING)
+    closed_at, close = next((t, f) for t, f in frames if f.opcode is Opcode.CLOSE)
+    assert Close.parse(close.data).code == 1011
+    assert 0.3 < closed_at - first_ping < 2.0  # about one heartbeat after the unanswered ping
+    deadline = time.monotonic() + 5
+    while _subscribers(gateway_heartbeat) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _subscribers(gateway_heartbeat) == 0
+    assert gateway_heartbeat.metric("facefleet_gateway_ws_connections") == 0
+
+
+@pytest.fixture(scope="module")
+def gateway_heartbeat(world: GatewayWorld) -> Gateway:
+    """A gateway that pings every 0.5 s and closes a peer silent for 0.5 s after a ping."""
+    return world.start_gateway(FACEFLEET_HEARTBEAT_S="0.5")
 
 
 @pytest.fixture(scope="module")

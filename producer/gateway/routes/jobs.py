@@ -11,6 +11,7 @@ import asyncio
 import json
 import mimetypes
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -134,31 +135,57 @@ def optional_text(raw: Any, name: str, limit: int = 200) -> str | None:
     return raw
 
 
-async def _media_from_form(gw: Gateway, request: Request) -> tuple[dict[str, Any], str, str]:
+@dataclass(frozen=True)
+class SubmitFields:
+    """The non-media fields of a submit, validated."""
+
+    tier: str
+    options: dict[str, JobOptionValue]
+    idempotency_key: str | None
+    processor: str | None
+
+
+def submit_fields(gw: Gateway, request: Request, fields: dict[str, Any]) -> SubmitFields:
+    return SubmitFields(
+        tier=parse_tier(gw, fields.get("tier")),
+        options=parse_options(fields.get("options")),
+        idempotency_key=optional_text(
+            request.headers.get("idempotency-key") or fields.get("idempotency_key"),
+            "idempotency_key",
+        ),
+        processor=optional_text(fields.get("processor"), "processor", 40),
+    )
+
+
+async def _media_from_form(gw: Gateway, request: Request) -> tuple[SubmitFields, str, str]:
+    """Check both uploads and every field, and only then copy the uploads into the data root,
+    so a refused submit leaves no orphan file under uploads/."""
     s = gw.settings
     form = await request.form(max_files=2, max_fields=16, max_part_size=256 * 1024)
-    uploads: dict[str, tuple[UploadFile, str]] = {}
-    for role in ("source", "target"):
-        item = form.get(role)
-        if not isinstance(item, UploadFile):
-            raise HTTPException(400, f"{role}: a file field is required")
-        head = await item.read(SNIFF_BYTES)
-        size = item.size if item.size is not None else len(head)
-        try:
-            kind = check_media(
-                role, head, size, max_bytes=s.max_upload_bytes, allowed=s.upload_types
+    try:
+        uploads: dict[str, tuple[UploadFile, str]] = {}
+        for role in ("source", "target"):
+            item = form.get(role)
+            if not isinstance(item, UploadFile):
+                raise HTTPException(400, f"{role}: a file field is required")
+            head = await item.read(SNIFF_BYTES)
+            size = item.size if item.size is not None else len(head)
+            try:
+                kind = check_media(
+                    role, head, size, max_bytes=s.max_upload_bytes, allowed=s.upload_types
+                )
+            except UploadRejected as exc:
+                raise HTTPException(exc.status, exc.reason) from exc
+            uploads[role] = (item, kind)
+        fields = submit_fields(gw, request, {k: v for k, v in form.items() if isinstance(v, str)})
+        src, tgt = await asyncio.gather(
+            *(
+                asyncio.to_thread(store_upload, gw.storage, role, kind, item.file)
+                for role, (item, kind) in uploads.items()
             )
-        except UploadRejected as exc:
-            raise HTTPException(exc.status, exc.reason) from exc
-        uploads[role] = (item, kind)
-    fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    src, tgt = await asyncio.gather(
-        *(
-            asyncio.to_thread(store_upload, gw.storage, role, kind, item.file)
-            for role, (item, kind) in uploads.items()
         )
-    )
-    await form.close()
+    finally:
+        await form.close()
     return fields, src, tgt
 
 
@@ -201,18 +228,19 @@ async def submit_job(request: Request) -> JSONResponse:
     if ctype.startswith("multipart/form-data"):
         fields, src, tgt = await _media_from_form(gw, request)
     elif ctype.startswith("application/json"):
-        fields, src, tgt = await _media_from_json(gw, request)
+        body, src, tgt = await _media_from_json(gw, request)
+        fields = submit_fields(gw, request, body)
     else:
         raise HTTPException(415, "use multipart/form-data (uploads) or application/json (URIs)")
-    tier = parse_tier(gw, fields.get("tier"))
-    options = parse_options(fields.get("options"))
-    key = optional_text(
-        request.headers.get("idempotency-key") or fields.get("idempotency_key"), "idempotency_key"
-    )
-    processor = optional_text(fields.get("processor"), "processor", 40)
+    tier = fields.tier
     try:
         result = await gw.client.submit(
-            tier, src, tgt, options=options, idempotency_key=key, processor=processor
+            tier,
+            src,
+            tgt,
+            options=fields.options,
+            idempotency_key=fields.idempotency_key,
+            processor=fields.processor,
         )
     except TierFullError as exc:
         gw.metrics.submits.labels("tier_full").inc()

@@ -6,9 +6,11 @@ Protocol (client's view):
     send     {"token": T, "after_seq": N}      first message, when T is not in the URL (preferred:
                                                URLs end up in logs)
     receive  one text frame per event: the JobEvent JSON of the wire contract (seq, type, ...)
-    close    1000 after the terminal event   1008 bad/missing/expired/other-job token (nothing
-             was sent)   4400 bad after_seq   4008 client too slow (reconnect with the last seq
-             received)   1011 history unavailable (retry)   uvicorn's 1012 when the gateway stops
+    close    1000 after the terminal event, or at once when after_seq is at or past it
+             1008 bad/missing/expired/other-job token (nothing was sent)   4400 bad after_seq
+             4008 client too slow (reconnect with the last seq received)   1011 history
+             unavailable, or a gap in it that one re-read did not fill (retry with after_seq)
+             uvicorn's 1012 when the gateway stops; 1011 when pings go unanswered
 
 Each connection is a `ClientSession` whose state moves AUTHENTICATING -> REPLAYING -> LIVE ->
 CLOSED only (an illegal move is a bug and raises). Heartbeats are WebSocket pings sent by
@@ -76,6 +78,9 @@ class ClientSession:
         self.job_id = job_id
         self.state = SessionState.AUTHENTICATING
         self.last_sent = 0
+        self.highest_seen = 0
+        """Highest seq pushed into the orderer; above `next_seq - 1` means frames are held."""
+        self.gap_retried = False
 
     def move(self, new: SessionState) -> None:
         if new not in _MOVES[self.state]:
@@ -154,14 +159,11 @@ class ClientSession:
         orderer: SeqOrderer[Frame] = SeqOrderer(after_seq)
         self.last_sent = after_seq
         since = datetime.fromtimestamp(claims.iat, UTC)
-        try:
-            history = await self.gw.fanout.history(self.job_id, since=since)
-        except HistoryUnavailable as exc:
-            await self.close(Close.INTERNAL_ERROR, f"history unavailable: {exc}"[:120])
+        history = await self._history(since)
+        if history is None or await self._push(orderer, history):
             return
-        for frame in history:
-            if await self._send_ready(orderer.push(frame)):
-                return
+        if self._held(orderer) and await self._fill_gap(orderer, since):
+            return
         self.move(SessionState.LIVE)
         while True:
             item = await sub.inbox.get()
@@ -176,8 +178,57 @@ class ClientSession:
                 )
                 return
             assert isinstance(item, Frame)
-            if await self._send_ready(orderer.push(item)):
+            if await self._push(orderer, [item]):
                 return
+            if self._held(orderer) and await self._fill_gap(orderer, since):
+                return
+
+    async def _history(self, since: datetime) -> list[Frame] | None:
+        """The job's history, or None after closing with 1011 when it cannot be read."""
+        try:
+            return await self.gw.fanout.history(self.job_id, since=since)
+        except HistoryUnavailable as exc:
+            await self.close(Close.INTERNAL_ERROR, f"history unavailable: {exc}"[:120])
+            return None
+
+    async def _push(self, orderer: SeqOrderer[Frame], frames: list[Frame]) -> bool:
+        """Order and send frames; True once the session is over.
+
+        A terminal frame the orderer drops (seq <= the client's after_seq) still ends the
+        session: nothing will follow it, and a client reconnecting after the end must not wait
+        in LIVE forever."""
+        for frame in frames:
+            if await self._send_ready(orderer.push(frame)):
+                return True
+            self.highest_seen = max(self.highest_seen, frame.seq)
+            if frame.terminal and frame.seq < orderer.next_seq:
+                await self.close(Close.NORMAL, "job ended")
+                return True
+        return False
+
+    def _held(self, orderer: SeqOrderer[Frame]) -> bool:
+        """The orderer holds frames behind a missing seq (history or live skipped one)."""
+        return self.highest_seen >= orderer.next_seq
+
+    async def _fill_gap(self, orderer: SeqOrderer[Frame], since: datetime) -> bool:
+        """Read history once more to fill a gap; else close 1011 so the client resumes with
+        after_seq instead of stalling silently. True once the session is over.
+
+        A gap means the history read stopped early (e.g. `replay_idle_s` of silence on a busy
+        broker); the live path never skips, since the journal makes the stream gapless."""
+        if not self.gap_retried:
+            self.gap_retried = True
+            history = await self._history(since)
+            if history is None or await self._push(orderer, history):
+                return True
+            if not self._held(orderer):
+                return False
+        await self.close(
+            Close.INTERNAL_ERROR,
+            f"history has a gap after seq {self.last_sent}: "
+            f"reconnect with after_seq={self.last_sent}",
+        )
+        return True
 
     async def _send_ready(self, frames: list[Frame]) -> bool:
         """Send frames released by the orderer; True once the session is over."""
