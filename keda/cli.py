@@ -17,7 +17,7 @@ from typing import Any
 
 from keda.simulator.config import ConfigError, TierConfig, load_tier
 from keda.simulator.dist import SpecError, parse_spec
-from keda.simulator.engine import SimInput, simulate
+from keda.simulator.engine import SimInput, simulate, stats_phase
 from keda.simulator.plan import default_grid, helm_set_line, parse_grid, search
 from keda.simulator.report import plot_timeline, write_summary, write_timeline
 from keda.simulator.stats import summarize
@@ -51,6 +51,13 @@ def register(sub: Any, name: str) -> None:
     p.add_argument("--startup", required=True, help="pod start-up SPEC, e.g. 90 or uniform:60,120")
     p.add_argument("--duration", type=int, help="seconds to simulate (default: traffic length)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
+    p.add_argument(
+        "--stats-phase",
+        type=int,
+        choices=range(5),
+        metavar="0..4",
+        help="second of the management API's 5 s stats refresh (default: drawn from --seed)",
+    )
     p.add_argument(
         "--counting",
         choices=["management", "amqp"],
@@ -113,6 +120,7 @@ def _sim_input(args: argparse.Namespace) -> SimInput:
         startup=parse_spec(args.startup, floor_s=0),
         seed=args.seed,
         counting=args.counting,
+        stats_phase_s=args.stats_phase,
     )
 
 
@@ -147,10 +155,12 @@ def _inputs(sim: SimInput) -> dict[str, Any]:
         "traffic": sim.traffic.label,
         "seed": sim.seed,
         "counting": sim.counting,
+        "stats_phase_s": stats_phase(sim),
         "jobsPerReplica": t.jobs_per_replica,
         "minReplicas": t.min_replicas,
         "maxReplicas": t.max_replicas,
         "pollingInterval": t.polling_interval_s,
+        "drain_timeout_s": t.drain_timeout_s,
         "behavior": "legacy (none rendered)" if t.behavior is None else "rendered",
     }
 

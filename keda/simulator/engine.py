@@ -5,7 +5,7 @@ Order within second t (keda.md §8 "clocks"):
     1. arrivals(t) are published (ready)
     2. jobs whose service time ended are acked; drained/expired terminating pods go away
     3. ready consumers with free prefetch slots receive messages (wait = t - arrival)
-    4. the broker's management stats refresh if t is a multiple of 5 s (§1.2)
+    4. the broker's management stats refresh every 5 s at the run's stats phase (§1.2)
     5. KEDA polls if due (every pollingInterval from t=0, §2.1) and may write replicas
     6. the HPA syncs if due (every 15 s from its phase, §3.2, §4.4) and may write replicas
     7. one GPU-second is charged per existing pod; a timeline row is recorded
@@ -24,7 +24,7 @@ from keda.simulator.dist import Distribution
 from keda.simulator.hpa import Hpa
 from keda.simulator.keda_operator import KedaOperator
 from keda.simulator.pods import Fleet, FleetStats
-from keda.simulator.queue import Broker, Counting, Message
+from keda.simulator.queue import STATS_INTERVAL_S, Broker, Counting, Message
 from keda.simulator.scaledjob import JobRunner, jobs_to_create
 from keda.simulator.traffic import Traffic
 
@@ -50,6 +50,8 @@ class SimInput:
     seed: int = 0
     counting: Counting = "management"
     hpa_phase_s: int = 0
+    stats_phase_s: int | None = None
+    """Second (0..4) of the broker's first stats refresh; None derives it from the seed."""
     initial_replicas: int | None = None
     """Warm pods at t=0; None = the steady state for an empty queue (minReplicas)."""
     static_replicas: int | None = None
@@ -69,9 +71,16 @@ def _rng(seed: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}")
 
 
+def stats_phase(sim: SimInput) -> int:
+    """The management API's refresh phase: explicit, or drawn from the seed (keda.md §1.2)."""
+    if sim.stats_phase_s is not None:
+        return sim.stats_phase_s % STATS_INTERVAL_S
+    return _rng(sim.seed, "stats-phase").randrange(STATS_INTERVAL_S)
+
+
 def simulate(sim: SimInput) -> SimResult:
     """Run the tier through the traffic; deterministic for a given input."""
-    broker = Broker()
+    broker = Broker(stats_phase(sim))
     service_rng = _rng(sim.seed, "service")
     rows: list[Row] = []
     tick: _JobTick | _DeploymentTick
@@ -102,7 +111,7 @@ class _DeploymentTick:
         self.sim, self.broker = sim, broker
         self.fleet = Fleet(
             tier.prefetch,
-            tier.grace_s,
+            tier.drain_timeout_s,
             tier.pod_deletion_cost,
             sim.startup,
             _rng(sim.seed, "startup"),

@@ -3,8 +3,10 @@
 The HPA and KEDA only write `replicas`; which pod dies is the ReplicaSet's ranking (keda.md §4.7)
 and it knows nothing about busy pods, except through pod-deletion-cost, which our worker sets
 while it holds a job. A victim stops consuming on SIGTERM and finishes its jobs; whatever is still
-running when terminationGracePeriodSeconds expires is SIGKILLed and its message requeued
-(keda.md §6.1, §8 "scale-in").
+running when its drain timeout expires is stopped and requeued, and the worker exits (keda.md
+§6.1, §8 "scale-in"). The drain timeout is the chart's FACEFLEET_DRAIN_TIMEOUT_S =
+terminationGracePeriodSeconds - workers.drainMarginSeconds (consumer/worker.py `_drain`), so the
+worker, not SIGKILL, ends the pod; the stop at the job's next checkpoint is taken as immediate.
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ class Fleet:
     def __init__(
         self,
         prefetch: int,
-        grace_s: int,
+        drain_timeout_s: int,
         pod_deletion_cost: bool,
         startup: Distribution,
         rng: random.Random,
     ) -> None:
-        self.prefetch, self.grace_s, self.use_cost = prefetch, grace_s, pod_deletion_cost
+        self.prefetch, self.use_cost = prefetch, pod_deletion_cost
+        self.drain_timeout_s = drain_timeout_s
+        """Seconds from SIGTERM until the worker requeues what it still runs and exits."""
         self.startup, self.rng = startup, rng
         self.pods: list[Pod] = []
         self.stats = FleetStats()
@@ -105,10 +109,10 @@ class Fleet:
         for pod in self.pods:
             if pod.sigterm_s is None:
                 keep.append(pod)
-            elif pod.jobs and now_s < pod.sigterm_s + self.grace_s:
-                keep.append(pod)  # draining: finishing its jobs inside the grace period
+            elif pod.jobs and now_s < pod.sigterm_s + self.drain_timeout_s:
+                keep.append(pod)  # draining: finishing its jobs inside the drain timeout
             else:
-                for msg, _ in pod.jobs:  # SIGKILL: the channel drops, deliveries requeue
+                for msg, _ in pod.jobs:  # drain deadline: the worker requeues them and exits
                     broker.requeue(msg)
                     self.stats.killed_on_scale_in += 1
                     self.stats.waits.pop(msg.job_id, None)

@@ -5,6 +5,8 @@ Two counts matter and they differ exactly when pods are busy:
 * AMQP (`protocol: amqp`): passive declare's message-count = READY only, read live.
 * Management API (`protocol: http`, the chart's default): `messages` = ready + unacknowledged,
   refreshed by the broker every collect_statistics_interval = 5 s, so the value is up to 5 s old.
+  The broker's 5 s clock has its own phase: KEDA's polls and the HPA's 15 s syncs are all
+  multiples of 5 s from t=0, so a refresh aligned with them would make the staleness always 0.
 
 A delivered message is unacked until its job finishes (prefetch = worker concurrency, so every
 unacked message is a running job).
@@ -33,7 +35,9 @@ class Message:
 class Broker:
     """One queue: FIFO ready messages, a count of unacked ones, and a stale stats snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats_phase_s: int = 0) -> None:
+        self.stats_phase_s = stats_phase_s % STATS_INTERVAL_S
+        """Seconds after t=0 of the first stats emission; then every STATS_INTERVAL_S."""
         self.ready: deque[Message] = deque()
         self.unacked = 0
         # "Queues start without any stats and emit them after 5 seconds" (§1.2).
@@ -59,8 +63,8 @@ class Broker:
         self.ready.appendleft(msg)
 
     def tick_stats(self, now_s: int) -> None:
-        """The management plugin's periodic stats emission (§1.2)."""
-        if now_s % STATS_INTERVAL_S == 0:
+        """The management plugin's periodic stats emission (§1.2), at its own phase."""
+        if (now_s - self.stats_phase_s) % STATS_INTERVAL_S == 0:
             self._stats_messages = len(self.ready) + self.unacked
 
     def metric(self, counting: Counting) -> int:

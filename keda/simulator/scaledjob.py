@@ -22,10 +22,13 @@ DEFAULT_MAX_REPLICAS = 100
 
 
 def max_replica_count(min_count: int, max_count: int | None) -> int:
-    """ScaledJob.MaxReplicaCount(): max - min when max is set, else 100 (keda.md §5)."""
+    """ScaledJob.MaxReplicaCount() (keda.md §5): max - min when max is set, or max itself if
+    min > max; 100 when max is unset."""
     if max_count is None:
         return DEFAULT_MAX_REPLICAS
-    return max_count - min(min_count, max_count)
+    if min_count > max_count:
+        return max_count
+    return max_count - min_count
 
 
 def jobs_to_create(tier: TierConfig, queue: float, running: int, pending: int) -> int:

@@ -100,6 +100,15 @@ def _drive(hpa: Hpa, spec: int, metrics: list[tuple[int, float]]) -> list[tuple[
             [],
             id="behavior-up-disabled-never-scales-up",
         ),
+        # §4.6 scaleDown selectPolicy Disabled: limit = spec, so desired = max(0, 1, 10) = 10
+        # although the metric reads 0 and the window is 0.
+        pytest.param(
+            Behavior(UP_4_PODS_100_PCT, ScalingRules(0, "Disabled", DOWN_FAST.policies)),
+            10,
+            [(0, 0), (15, 0), (30, 0)],
+            [],
+            id="behavior-down-disabled-never-scales-down",
+        ),
         # Down window 120 s (strictly newer recs), Pods 2 per 60 s: the rec (10, t=0) stops
         # counting at t=120; then 10 -> 8; the event at t=120 blocks until t=180 (strict), ...
         pytest.param(

@@ -10,7 +10,7 @@ import pytest
 from keda.simulator.config import Strategy, TierConfig
 from keda.simulator.dist import parse_spec
 from keda.simulator.queue import Broker, Message
-from keda.simulator.scaledjob import JobRunner, jobs_to_create
+from keda.simulator.scaledjob import JobRunner, jobs_to_create, max_replica_count
 
 
 def _tier(
@@ -74,6 +74,22 @@ def test_jobs_to_create(
     tier: TierConfig, queue: float, running: int, pending: int, expected: int
 ) -> None:
     assert jobs_to_create(tier, queue, running, pending) == expected
+
+
+@pytest.mark.parametrize(
+    ("min_count", "max_count", "expected"),
+    [
+        # keda.md §5: MaxReplicaCount() = max - min when max is set ...
+        pytest.param(0, 10, 10, id="mrc-max-when-min-zero"),
+        pytest.param(4, 10, 6, id="mrc-max-minus-min"),
+        pytest.param(10, 10, 0, id="mrc-min-equal-max-leaves-none-above-min"),
+        # ... or max itself if min > max (not max - min(min, max) = 0).
+        pytest.param(12, 10, 10, id="mrc-min-above-max-is-max"),
+        pytest.param(3, None, 100, id="mrc-unset-max-is-100"),
+    ],
+)
+def test_max_replica_count(min_count: int, max_count: int | None, expected: int) -> None:
+    assert max_replica_count(min_count, max_count) == expected
 
 
 @pytest.mark.parametrize(
