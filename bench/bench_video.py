@@ -10,12 +10,16 @@ insightface's t1.jpg, with an AAC track) and the same H.264 writer settings, in 
   paste-back on the face's neighbourhood instead of the whole frame.
 
 Prints frames/s for both, the ratio, and how far the two outputs differ (decoded frames).
+Exits 1 when the outputs differ (any pixel, or the frame count): a speed-up that changes the
+picture is a bug. A ratio under the 2x goal is reported, not failed: this 2-core machine's
+timings are shared with other work.
 Usage: .venv/bin/python bench/bench_video.py [--frames 90] [--width 1280] [--height 720]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import uuid
@@ -37,6 +41,8 @@ from models.tiny import write_tiny_models
 
 IMAGES = Path(__import__("insightface").__file__).parent / "data" / "images"
 ASTRONAUT = Path(__import__("skimage").__file__).parent / "data" / "astronaut.png"
+GOAL = 2.0
+"""The issue's speed-up goal over the naive loop (reported only)."""
 
 
 @dataclass
@@ -165,13 +171,15 @@ def compare(a: Path, b: Path) -> tuple[int, float, float, int, int]:
 
     fa, fb = frames(a), frames(b)
     diffs = [np.abs(x.astype(np.int16) - y.astype(np.int16)) for x, y in zip(fa, fb, strict=False)]
+    if not diffs:
+        return 0, 0.0, 0.0, len(fa), len(fb)
     worst = max(int(d.max()) for d in diffs)
     mean = float(np.mean([d.mean() for d in diffs]))
     frac = float(np.mean([(d > 0).mean() for d in diffs]))
     return worst, mean, frac, len(fa), len(fb)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=90)
     parser.add_argument("--width", type=int, default=1280)
@@ -193,12 +201,19 @@ def main() -> None:
         print(f"video: {args.frames} frames {args.width}x{args.height} + AAC, tiny models, CPU")
         print(f"naive insightface loop : {rate_naive:7.2f} frames/s ({n_naive} in {t_naive:.2f} s)")
         print(f"facefleet pipeline     : {rate_ours:7.2f} frames/s ({n_ours} in {t_ours:.2f} s)")
-        print(f"speed-up               : {rate_ours / rate_naive:7.2f}x")
+        ratio = rate_ours / rate_naive
+        verdict = "met" if ratio >= GOAL else "not met (reported, not failed)"
+        print(f"speed-up               : {ratio:7.2f}x (goal {GOAL:g}x: {verdict})")
         print(
             f"outputs: frames {fa} vs {fb}, audio streams {audio}, max abs diff {worst}, "
             f"mean abs diff {mean:.4f}, differing pixels {frac:.4%}"
         )
+        if worst > 0 or fa != fb or fa == 0:
+            print("FAIL: the two outputs differ", file=sys.stderr)
+            return 1
+        print("outputs identical")
+        return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,10 +23,18 @@ What each model computes (useful for tests, meaningless as vision):
   source identities give different tints.
 - gfpgan_1.4: out = clip(1.2 * x + 0.1, -1, 1): brighter, more contrast, never equal to the
   input except where already saturated.
+
+`batched=True` changes two signatures so that tests can see batching happen: gfpgan_1.4 takes
+`input` [batch,3,512,512] (what models.convert_gfpgan exports; facefusion's file is fixed at 1),
+and det_10g takes [batch,3,H,W] with rank-3 outputs [batch, rows, C] (the batched SCRFD export
+layout insightface 2.1 accepts). Per-sample results equal the default models'. The default stays
+exactly the real files' signatures (batch 1, rank-2 detector outputs), where the worker falls back
+to one call per frame or face.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,21 +76,22 @@ SPECS = (
 )
 
 
-def write_tiny_models(dest: Path, *, dynamic_detector: bool = False) -> Path:
+def write_tiny_models(dest: Path, *, dynamic_detector: bool = False, batched: bool = False) -> Path:
     """Write the four tiny models and DEST/catalog.yaml describing them; returns that path.
 
     The catalogue has the schema of models/catalog.yaml, the files' real sizes and SHA-256,
     and URLs that are plain file names, so `facefleet models pull --catalog DEST/catalog.yaml`
     works from DEST itself (file://) or from any server holding the files (--base-url).
-    `dynamic_detector=True` gives det_10g a symbolic input size like the buffalo_l export.
+    `dynamic_detector=True` gives det_10g a symbolic input size like the buffalo_l export;
+    `batched=True` gives det_10g and gfpgan_1.4 a symbolic batch axis (see the module doc).
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    builders = {
-        "det_10g": lambda: build_detector(dynamic=dynamic_detector),
+    builders: dict[str, Callable[[], onnx.ModelProto]] = {
+        "det_10g": lambda: build_detector(dynamic=dynamic_detector, batched=batched),
         "w600k_r50": build_recognizer,
         "inswapper_128": build_swapper,
-        "gfpgan_1.4": build_enhancer,
+        "gfpgan_1.4": lambda: build_enhancer(batched=batched),
     }
     entries = []
     for spec in SPECS:
@@ -112,11 +121,13 @@ def write_tiny_models(dest: Path, *, dynamic_detector: bool = False) -> Path:
     return catalog
 
 
-def build_detector(*, dynamic: bool = False) -> onnx.ModelProto:
-    """SCRFD det_10g signature: input.1 [1,3,H,W]; 9 outputs score/bbox/kps x strides 8,16,32."""
+def build_detector(*, dynamic: bool = False, batched: bool = False) -> onnx.ModelProto:
+    """SCRFD det_10g signature: input.1 [1,3,H,W]; 9 outputs score/bbox/kps x strides 8,16,32.
+
+    `batched`: input [batch,3,H,W] and outputs [batch, rows, C], rows per frame kept apart."""
     b = _Graph("det_10g")
     side: int | str = "?" if dynamic else DET_SIZE
-    b.input("input.1", [1, 3, side, side])
+    b.input("input.1", ["batch" if batched else 1, 3, side, side])
     # The blob is RGB, (x - 127.5) / 128. Skin-ish: R > G > B, R not dark.
     b.node("Split", ["input.1"], ["red", "green", "blue"], "channels", axis=1)
     b.node("Sub", ["red", "green"], ["r_g"], "red_over_green")
@@ -148,7 +159,8 @@ def build_detector(*, dynamic: bool = False) -> onnx.ModelProto:
     b.const("face_kps", kps.astype(np.float32))
     b.const("box_zero", np.zeros((1, 4), np.float32))
     b.const("kps_zero", np.zeros((1, 10), np.float32))
-    b.const("rows", np.array([-1, 1], np.int64))
+    # Reshape's 0 copies the batch dim, so each frame keeps its own rows.
+    b.const("rows", np.array([0, -1, 1] if batched else [-1, 1], np.int64))
     scores, boxes, points = [], [], []
     for stride in DET_STRIDES:
         if stride == FACE_STRIDE:
@@ -185,7 +197,7 @@ def build_detector(*, dynamic: bool = False) -> onnx.ModelProto:
             count: int | str = "?"
             if not dynamic:
                 count = (DET_SIZE // stride) ** 2 * DET_ANCHORS
-            b.output(name, [count, width])
+            b.output(name, ["batch", count, width] if batched else [count, width])
     return b.model()
 
 
@@ -223,10 +235,12 @@ def build_swapper() -> onnx.ModelProto:
     return b.model()
 
 
-def build_enhancer() -> onnx.ModelProto:
-    """gfpgan_1.4 signature (facefusion): input [1,3,512,512] in [-1,1] -> output, same shape."""
+def build_enhancer(*, batched: bool = False) -> onnx.ModelProto:
+    """gfpgan_1.4 signature (facefusion): input [1,3,512,512] in [-1,1] -> output, same shape;
+    `batched`: [batch,3,512,512] like models.convert_gfpgan's export."""
     b = _Graph("gfpgan_1.4")
-    b.input("input", [1, 3, 512, 512])
+    batch: int | str = "batch" if batched else 1
+    b.input("input", [batch, 3, 512, 512])
     b.const("contrast", np.array(1.2, np.float32))
     b.const("lift", np.array(0.1, np.float32))
     b.const("low", np.array(-1.0, np.float32))
@@ -234,7 +248,7 @@ def build_enhancer() -> onnx.ModelProto:
     b.node("Mul", ["input", "contrast"], ["stretched"], "stretch")
     b.node("Add", ["stretched", "lift"], ["lifted"], "lift")
     b.node("Clip", ["lifted", "low", "high"], ["output"], "clip")
-    b.output("output", [1, 3, 512, 512])
+    b.output("output", [batch, 3, 512, 512])
     return b.model()
 
 

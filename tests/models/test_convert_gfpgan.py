@@ -57,13 +57,20 @@ def test_random_checkpoint_converts_and_matches_torch(tmp_path: Path) -> None:
     out = convert(pth, tmp_path / "gfpgan_1.4.onnx")
 
     model = onnx.load(str(out))
-    dims = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input]
-    assert [v.name for v in model.graph.input] == ["input"] and dims == [[1, 3, 512, 512]]
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.input, *model.graph.output)
+    ]
+    assert [v.name for v in model.graph.input] == ["input"]
     assert [v.name for v in model.graph.output] == ["output"]
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 512, 512)).astype(np.float32)
+    assert dims == [["batch", 3, 512, 512]] * 2  # a symbolic batch axis: the enhancer batches
+    # The unpatched torch net (grouped modulated convs) is the reference, at batch 1 and 2.
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 512, 512)).astype(np.float32)
     with torch.no_grad():
         expected = exportable(net)(torch.from_numpy(x)).numpy()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": x})
-    assert got.shape == (1, 3, 512, 512)
+    (first,) = session.run(None, {"input": x[:1]})
+    assert got.shape == (2, 3, 512, 512)
     assert np.abs(got - expected).max() < 1e-3
+    assert np.abs(first - expected[:1]).max() < 1e-3

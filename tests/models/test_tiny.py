@@ -249,3 +249,61 @@ def test_generation_is_byte_for_byte_reproducible(tiny_dir: Path, tmp_path: Path
     again = Catalog.load(write_tiny_models(tmp_path))
     first = Catalog.load(tiny_dir / "catalog.yaml")
     assert [e.sha256 for e in again.entries] == [e.sha256 for e in first.entries]
+
+
+@pytest.fixture(scope="module")
+def batched_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-batched")
+    write_tiny_models(path, batched=True)
+    return path
+
+
+def test_batched_variant_adds_a_batch_axis_to_detector_and_enhancer_only(
+    tiny_dir: Path, batched_dir: Path
+) -> None:
+    det = onnx.load(str(batched_dir / "det_10g.onnx")).graph
+    assert _dims(det.input[0]) == ["batch", 3, 640, 640]
+    rows = {8: 12800, 16: 3200, 32: 800}
+    want = [
+        (f"{kind}_{s}", ["batch", rows[s], width])
+        for kind, width in (("score", 1), ("bbox", 4), ("kps", 10))
+        for s in (8, 16, 32)
+    ]
+    assert [(o.name, _dims(o)) for o in det.output] == want
+    enh = onnx.load(str(batched_dir / "gfpgan_1.4.onnx")).graph
+    assert [_dims(v) for v in (*enh.input, *enh.output)] == [["batch", 3, 512, 512]] * 2
+    for same in ("w600k_r50.onnx", "inswapper_128.onnx"):
+        assert sha256_file(batched_dir / same) == sha256_file(tiny_dir / same)
+
+
+def test_batched_detector_is_a_rank3_scrfd_with_the_default_detections(
+    tiny_dir: Path, batched_dir: Path, detector: Any
+) -> None:
+    """insightface 2.1 takes it as a batched SCRFD export; per frame it equals the default."""
+    model = get_model(str(batched_dir / "det_10g.onnx"), providers=CPU)
+    assert type(model) is SCRFD and model.batched
+    model.prepare(-1, input_size=(640, 640))
+    image = get_image("t1")
+    boxes, kps = model.detect(image)
+    want_boxes, want_kps = detector.detect(image)
+    assert boxes.shape[0] >= 1
+    np.testing.assert_array_equal(boxes, want_boxes)
+    np.testing.assert_array_equal(kps, want_kps)
+    # one call on 3 frames gives each frame's own rows, as 3 calls would
+    session = ort.InferenceSession(str(batched_dir / "det_10g.onnx"), providers=CPU)
+    blob = np.random.default_rng(2).uniform(-1, 1, (3, 3, 640, 640)).astype(np.float32)
+    blob[1, 0] = 0.8  # a warm frame among two noise frames
+    together = session.run(None, {"input.1": blob})
+    for i in range(3):
+        alone = session.run(None, {"input.1": blob[i : i + 1]})
+        for a, b in zip(together, alone, strict=True):
+            np.testing.assert_array_equal(a[i], b[0])
+
+
+def test_batched_enhancer_equals_the_default_per_crop(tiny_dir: Path, batched_dir: Path) -> None:
+    fixed = ort.InferenceSession(str(tiny_dir / "gfpgan_1.4.onnx"), providers=CPU)
+    batched = ort.InferenceSession(str(batched_dir / "gfpgan_1.4.onnx"), providers=CPU)
+    crops = np.random.default_rng(3).uniform(-1, 1, (3, 3, 512, 512)).astype(np.float32)
+    (together,) = batched.run(None, {"input": crops})
+    per_crop = np.concatenate([fixed.run(None, {"input": c[None]})[0] for c in crops])
+    np.testing.assert_array_equal(together, per_crop)

@@ -3,7 +3,8 @@
 - classic backend on insightface's sample photos (what `make demo` does);
 - insightface backend on tiny models that went through the init container's path first
   (`facefleet models pull` from a loopback HTTP mirror into the model volume);
-- a bad-input corpus, each ending in its error code while the worker keeps serving good jobs.
+- a bad-input corpus (broken, unsupported, too large, faceless target or source), each ending in
+  its error code while the worker keeps serving good jobs.
 """
 
 from __future__ import annotations
@@ -143,9 +144,30 @@ def test_worker_refuses_to_start_without_its_models(env: Env, tmp_path: Path) ->
     assert "det_10g.onnx" in proc.stderr and "facefleet models pull" in proc.stderr
 
 
-def _corpus(root: Path) -> dict[str, tuple[Path, str]]:
+def _tiny_flv(path: Path) -> bytes:
+    """A real (decodable) three-frame FLV: a container the default limits do not accept."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), mode="w", format="flv") as out:
+        stream = out.add_stream("flv", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 120, np.uint8), "bgr24")
+            frame.pts, frame.time_base = i, Fraction(1, 5)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path.read_bytes()
+
+
+def _corpus(root: Path) -> dict[str, tuple[Path, Path, str]]:
+    """name -> (source, target, expected code); the good photo fills the role not under test."""
     jpeg = (IMAGES / "t1.jpg").read_bytes()
-    cases = {
+    grey = cv2.imencode(".png", np.full((200, 200, 3), 120, np.uint8))[1].tobytes()
+    bad_targets = {
         "zero-byte": (b"", "corrupt_media"),
         "truncated-jpeg": (jpeg[: len(jpeg) // 2], "corrupt_media"),
         "not-an-image": (b"hello, this is text\n" * 50, "unsupported_media"),
@@ -157,16 +179,18 @@ def _corpus(root: Path) -> dict[str, tuple[Path, str]]:
             + b"\x00" * 4,
             "too_large",
         ),
-        "no-face": (
-            cv2.imencode(".png", np.full((200, 200, 3), 120, np.uint8))[1].tobytes(),
-            "no_face_in_target",
-        ),
+        "unsupported-container-flv": (_tiny_flv(root / "tiny.flv"), "unsupported_media"),
+        "no-face": (grey, "no_face_in_target"),
     }
+    source = IMAGES / "Tom_Hanks_54745.png"
     out = {}
-    for name, (data, code) in cases.items():
+    for name, (data, code) in bad_targets.items():
         path = root / f"{name}.bin"
         path.write_bytes(data)
-        out[name] = (path, code)
+        out[name] = (source, path, code)
+    faceless = root / "no-face-source.bin"
+    faceless.write_bytes(grey)
+    out["no-face-in-source"] = (faceless, IMAGES / "t1.jpg", "no_face_in_source")
     return out
 
 
@@ -174,15 +198,16 @@ def test_bad_inputs_fail_with_their_codes_and_the_worker_goes_on(
     env: Env, client: JobClient
 ) -> None:
     worker = env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
-    source = str(IMAGES / "Tom_Hanks_54745.png")
     jobs = {
-        name: (client.submit(env.tier, source, str(path)).job_id, code)
-        for name, (path, code) in _corpus(env.data_root).items()
+        name: (client.submit(env.tier, str(source), str(target)).job_id, code)
+        for name, (source, target, code) in _corpus(env.data_root).items()
     }
+    # The FLV is refused by the allowed-formats limit, not as unrecognised bytes.
+    says = {"unsupported-container-flv": "flv video", "no-face-in-source": "source"}
     for name, (job, code) in jobs.items():
         last = wait_terminal(env, job)[-1]
         assert (last.type, last.payload.code) == ("failed", code), (name, last)
-        assert last.payload.message
-    good = client.submit(env.tier, source, str(IMAGES / "t1.jpg")).job_id
-    assert wait_terminal(env, good)[-1].type == "completed"
+        assert last.payload.message and says.get(name, "") in last.payload.message, last
+    good = client.submit(env.tier, str(IMAGES / "Tom_Hanks_54745.png"), str(IMAGES / "t1.jpg"))
+    assert wait_terminal(env, good.job_id)[-1].type == "completed"
     assert worker.proc.poll() is None

@@ -22,6 +22,10 @@ Job options (all optional; unknown names fail with invalid_option):
                           format, else jpg); mp4 for a video target (the default)
     quality               1..100, default 90: JPEG/WebP quality, or x264 CRF 12..51 for video
 
+Progress: an image job reports each named step; a video job reports decode/detect/select (the
+source), then the per-frame stages decode, detect, select, swap, paste_back, enhance, encode,
+each with its own frames_done, frames_total and an ETA (pipeline.VideoProgress).
+
 Failures are PermanentJobError codes: invalid_option, corrupt_media, unsupported_media,
 too_large, no_face_in_source, no_face_in_target (media.py lists which input gives which);
 model_missing is transient (ModelMissingError). Images and videos are told apart by content.
@@ -257,15 +261,25 @@ class FaceSwapProcessor:
 
         def video() -> None:
             base, weight = fractions["video"]
+            enhancing = bool(options.enhance and backend.supports_enhance)
+            interval = self.settings.progress_interval_s
+            last = [float("-inf")]
 
-            def report(done: int, total: int, eta: float | None) -> None:
-                ctx.progress(
-                    base + weight * done / total,
-                    "video",
-                    eta_s=eta,
-                    frames_done=done,
-                    frames_total=total,
-                )
+            def report(p: pipeline.VideoProgress) -> None:
+                # One event per per-frame stage, at most once per progress interval: each is a
+                # stage change, which the worker's own rate limit always lets through.
+                now = time.monotonic()
+                if not p.final and now - last[0] < interval:
+                    return
+                last[0] = now
+                for stage, done in p.stages(enhancing):
+                    ctx.progress(
+                        base + weight * p.work_fraction,
+                        stage,
+                        eta_s=p.eta_s,
+                        frames_done=done,
+                        frames_total=p.frames_total,
+                    )
 
             result = pipeline.run_video(
                 state["work"],

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from consumer.processors.faceswap.geometry import Face, Frame
+from consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
 
 MODEL_NAME = "det_10g"
 DEFAULT_INPUT_SIZE = (640, 640)
@@ -72,8 +73,7 @@ class Detector:
         self.rank3 = len(outs[0].shape) == 3
         # Only a rank-3 ([batch, rows, C]) export says which rows belong to which frame; the
         # buffalo_l det_10g has rank-2 outputs, so it runs one frame per call.
-        dynamic_batch = not isinstance(inp.shape[0], int) or inp.shape[0] != 1
-        self.batchable = dynamic_batch and self.rank3
+        self.capacity = batch_capacity(inp.shape[0])
         self.strides, self.anchors, self.use_kps = _layout(len(outs))
         if not self.use_kps:
             raise ValueError("the swapper needs 5 keypoints; this SCRFD model has none")
@@ -107,16 +107,17 @@ class Detector:
         return centers
 
     def _run(self, blob: np.ndarray) -> list[list[np.ndarray]]:
-        """Per frame, the outputs as 2-D arrays, batching when the model allows it."""
-        n = blob.shape[0]
-        if not self.batchable or n == 1:
-            per_frame = []
-            for i in range(n):
-                outs = self.session.run(self.output_names, {self.input_name: blob[i : i + 1]})
-                per_frame.append([o[0] if self.rank3 else o for o in outs])
-            return per_frame
-        outs = self.session.run(self.output_names, {self.input_name: blob})
-        return [[o[i] for o in outs] for i in range(n)]
+        """Per frame, the outputs as 2-D arrays: one call per batch for a rank-3 export with a
+        symbolic batch dim, else one call per frame."""
+        if not self.rank3:
+            return [
+                list(self.session.run(self.output_names, {self.input_name: blob[i : i + 1]}))
+                for i in range(blob.shape[0])
+            ]
+        chunks = run_in_batches(
+            self.session, self.output_names, self.input_name, blob, self.capacity
+        )
+        return [[o[i] for o in outs] for outs in chunks for i in range(len(outs[0]))]
 
     def detect(self, frames: Sequence[Frame]) -> list[list[Face]]:
         """Faces per frame, sorted by score."""

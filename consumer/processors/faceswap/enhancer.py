@@ -22,31 +22,31 @@ from consumer.processors.faceswap.geometry import (
     crop_corners_in_frame,
 )
 from consumer.processors.faceswap.paste import box_mask, paste_crop
+from consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
 
 MODEL_NAME = "gfpgan_1.4"
 
 
 class Enhancer:
+    """All faces of a batch in one call when the export has a symbolic batch dim (our
+    convert-gfpgan output, tiny models with batched=True); one call per face when it is fixed at 1
+    (facefusion's gfpgan_1.4.onnx), since onnxruntime rejects any other shape."""
+
     def __init__(self, session: Any) -> None:
         self.session = session
         inp = session.get_inputs()[0]
         self.input_name: str = inp.name
         self.size = int(inp.shape[2])
-        self.batchable = not isinstance(inp.shape[0], int) or inp.shape[0] != 1
+        self.capacity = batch_capacity(inp.shape[0])
         self.output_names = [session.get_outputs()[0].name]
         self.template = FFHQ_512 * (self.size / 512.0)
         self.mask = box_mask(self.size)
 
     def _forward(self, blob: np.ndarray) -> np.ndarray:
-        if self.batchable:
-            out: np.ndarray = self.session.run(self.output_names, {self.input_name: blob})[0]
-            return out
-        return np.concatenate(
-            [
-                self.session.run(self.output_names, {self.input_name: blob[i : i + 1]})[0]
-                for i in range(blob.shape[0])
-            ]
+        chunks = run_in_batches(
+            self.session, self.output_names, self.input_name, blob, self.capacity
         )
+        return np.concatenate([outs[0] for outs in chunks])
 
     def enhance(self, items: Sequence[tuple[Frame, Face]], blend: int) -> None:
         """Enhance each (frame, face) in place; blend 0 leaves the frame, 100 is fully enhanced."""

@@ -5,8 +5,10 @@ Video job:  decode -> detect -> select -> video, where `video` runs the per-fram
             (decode, detect, select, swap, paste back, enhance, encode) as three overlapping
             stages: a decoder thread, inference on the job's thread, an encoder thread, joined
             by queues of at most QUEUE_BATCHES batches, so memory stays bounded however long the
-            video. Frames travel in batches of `batch_size` so the detector and the enhancer
-            get several frames per inference call.
+            video. Frames travel in batches of `batch_size`; the detector and the enhancer take
+            a whole batch per inference call when the model has a batch axis (detector.py,
+            enhancer.py), else one call per frame or face. Progress names the per-frame stages
+            (VideoProgress.stages), each with its own frames done.
 
 The enhancer runs after paste-back, on the swapped frame, as facefusion does: GFPGAN wants its
 own 512 px ffhq crop of the face in context, not the 128 px swap crop.
@@ -18,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,33 @@ class VideoResult:
     frames_with_faces: int
 
 
+@dataclass(frozen=True)
+class VideoProgress:
+    """Frames through each part of the video pipeline so far: the decoder runs ahead of
+    inference, which runs ahead of the encoder, so one count would hide where a video is."""
+
+    frames_total: int
+    decoded: int
+    inferred: int
+    """Frames through detect, select, swap, paste back and enhance (one batch at a time)."""
+    encoded: int
+    eta_s: float | None
+    final: bool = False
+
+    @property
+    def work_fraction(self) -> float:
+        """Share of the per-frame work done: inference and encoding count half each."""
+        return min(1.0, (self.inferred + self.encoded) / (2 * max(self.frames_total, 1)))
+
+    def stages(self, enhance: bool) -> list[tuple[str, int]]:
+        """(per-frame stage, frames done) in pipeline order, as the image job names them."""
+        out = [("decode", self.decoded)]
+        names = ["detect", "select", "swap", "paste_back"] + (["enhance"] if enhance else [])
+        out += [(name, self.inferred) for name in names]
+        out.append(("encode", self.encoded))
+        return out
+
+
 class _Stop(Exception):
     """The pipeline is being torn down."""
 
@@ -189,24 +218,27 @@ def run_video(
     limits: MediaLimits,
     output: Path,
     ctx: JobContext,
-    report: Callable[[int, int, float | None], None],
+    report: Callable[[VideoProgress], None],
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> VideoResult:
     """Decode -> infer -> encode with the three stages overlapping; audio is copied at the end.
 
-    `report(frames_done, frames_total, eta_s)` is called after each batch, right after the
-    job's checkpoint (which may raise JobCancelled / ShutdownRequested: the threads are stopped
-    and the partial output is left for the worker to discard).
+    `report` is called on the job's thread after each batch, right after the job's checkpoint
+    (which may raise JobCancelled / ShutdownRequested: the threads are stopped and the partial
+    output is left for the worker to discard), and once more, `final`, when the encoder is done.
     """
     to_infer: queue.Queue[object] = queue.Queue(maxsize=QUEUE_BATCHES)
     to_encode: queue.Queue[object] = queue.Queue(maxsize=QUEUE_BATCHES)
     stop = threading.Event()
     errors: list[BaseException] = []
+    # One writer each (decoder thread, encoder thread); the job's thread only reads them.
+    counts = {"decoded": 0, "encoded": 0}
 
     def decode() -> None:
         frames = read_frames(target, limits)
         try:
             for batch in _batched(frames, batch_size):
+                counts["decoded"] += len(batch)
                 _put(to_infer, batch, stop)
             _put(to_infer, _END, stop)
         except _Stop:
@@ -232,6 +264,7 @@ def run_video(
                 t = time.perf_counter()
                 for frame in item:
                     writer.write(frame)
+                counts["encoded"] += len(item)
                 work.clock.add("encode", t)
             t = time.perf_counter()
             writer.close()
@@ -249,8 +282,14 @@ def run_video(
     for th in threads:
         th.start()
     done = faces = with_faces = 0
-    total = max(info.frames, 1)
     start = time.monotonic()
+
+    def progress(final: bool = False) -> VideoProgress:
+        decoded, encoded = counts["decoded"], counts["encoded"]
+        p = VideoProgress(max(info.frames, decoded, 1), decoded, done, encoded, None, final)
+        f = p.work_fraction
+        return replace(p, eta_s=(time.monotonic() - start) / f * (1 - f) if f else None)
+
     try:
         while True:
             item = _get(to_infer, stop)
@@ -264,10 +303,7 @@ def run_video(
             faces += swap_and_paste(work, items)
             _put(to_encode, item, stop)
             done += len(item)
-            total = max(total, done)
-            elapsed = time.monotonic() - start
-            eta = elapsed / done * (total - done) if done else None
-            report(done, total, eta)
+            report(progress())
     except _Stop:
         pass  # a stage failed; its error is raised below
     except BaseException:
@@ -278,6 +314,7 @@ def run_video(
             th.join()
     if errors:
         raise errors[0]
+    report(progress(final=True))
     return VideoResult(done, faces, with_faces)
 
 

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from consumer.processors.faceswap.geometry import Face, Frame, align_matrix, arcface_template
+from consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
 
 MODEL_NAME = "w600k_r50"
 
@@ -37,7 +38,7 @@ class Recognizer:
         inp = session.get_inputs()[0]
         self.input_name: str = inp.name
         self.size = int(inp.shape[2])
-        self.batchable = not isinstance(inp.shape[0], int) or inp.shape[0] != 1
+        self.capacity = batch_capacity(inp.shape[0])
         self.output_names = [o.name for o in session.get_outputs()]
         self.mean, self.std = _normalisation(model_file)
         self.template = arcface_template(self.size)
@@ -55,15 +56,10 @@ class Recognizer:
             crops, 1.0 / self.std, (self.size, self.size), (self.mean,) * 3, swapRB=True
         )
         blob = np.ascontiguousarray(blob, dtype=np.float32)
-        if self.batchable:
-            feats = self.session.run(self.output_names, {self.input_name: blob})[0]
-        else:
-            feats = np.vstack(
-                [
-                    self.session.run(self.output_names, {self.input_name: blob[i : i + 1]})[0]
-                    for i in range(len(crops))
-                ]
-            )
+        chunks = run_in_batches(
+            self.session, self.output_names, self.input_name, blob, self.capacity
+        )
+        feats = np.vstack([outs[0] for outs in chunks])
         for (_, face), feat in zip(items, feats, strict=True):
             vec = feat.astype(np.float32).ravel()
             face.embedding = vec / max(float(np.linalg.norm(vec)), 1e-12)

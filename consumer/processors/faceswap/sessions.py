@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from consumer.errors import TransientJobError
 from facefleet.settings import WorkerSettings
 
@@ -84,3 +86,33 @@ def create_session(path: Path, settings: WorkerSettings) -> Any:
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelMissingError(f"cannot load model {path}: {exc}") from exc
+
+
+def batch_capacity(dim: object) -> int | None:
+    """How many rows one `run` may take, from a model input's batch dim: None when it is
+    symbolic (any count), else the fixed count (1 for facefusion's gfpgan_1.4.onnx)."""
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def run_in_batches(
+    session: Any,
+    output_names: Sequence[str],
+    input_name: str,
+    blob: np.ndarray,
+    capacity: int | None,
+) -> list[list[np.ndarray]]:
+    """Each `session.run`'s outputs, trimmed to the real rows: one call for the whole blob when
+    the batch dim is symbolic, one call per `capacity` rows when it is fixed (a short last chunk
+    is zero-padded so a fixed batch > 1 still gets its exact shape). Outputs need a batch axis."""
+    n = int(blob.shape[0])
+    size = capacity or max(n, 1)
+    results: list[list[np.ndarray]] = []
+    for start in range(0, n, size):
+        chunk = blob[start : start + size]
+        real = int(chunk.shape[0])
+        if real < size and capacity is not None:
+            pad = np.zeros((size - real, *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        outs = session.run(list(output_names), {input_name: np.ascontiguousarray(chunk)})
+        results.append([o[:real] for o in outs])
+    return results
