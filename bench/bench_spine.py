@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,75 @@ def _env(amqp_url: str, data_root: Path, tier: str, **extra: str) -> dict[str, s
         **extra,
     )
     return env
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of one process, all its threads (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(root: int) -> list[int]:
+    """root and its descendants (Celery's prefork children do the work)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def _broker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == "beam.smp":
+                        pids.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds spent by the bench process (producer + completion detection), the workers
+    and the broker between start() and stop(): on a CPU-bound 2-core machine this says where a
+    job's cost goes, which the jobs/s figure alone does not. The broker is counted only when it
+    runs on this machine (a beam.smp process is visible)."""
+
+    def __init__(self, worker_roots: list[int]) -> None:
+        self.worker_roots = worker_roots
+        self.broker = _broker_pids()
+
+    def _sample(self) -> dict[str, float]:
+        workers = {pid for root in self.worker_roots for pid in _tree(root)}
+        return {
+            "producer": _cpu_s(os.getpid()),
+            "workers": sum(_cpu_s(pid) for pid in workers),
+            "broker": sum(_cpu_s(pid) for pid in self.broker),
+        }
+
+    def start(self) -> None:
+        self.begin = self._sample()
+
+    def stop(self, jobs: int) -> dict[str, float]:
+        """Milliseconds of CPU per job, by part."""
+        end = self._sample()
+        return {k: (end[k] - self.begin[k]) * 1000 / jobs for k in end}
 
 
 class CompletedCounter:
@@ -102,9 +172,17 @@ async def _submit_async(requests: list[JobRequest], window: int) -> None:
         await asyncio.gather(*(one(r) for r in requests))
 
 
-def run_facefleet(
-    amqp_url: str, jobs: int, workers: int, concurrency: int, window: int = 1
-) -> float:
+@dataclass(frozen=True)
+class Run:
+    jobs_per_s: float
+    cpu_ms_per_job: dict[str, float]
+
+    def cpu_line(self) -> str:
+        parts = "  ".join(f"{k} {v:5.2f}" for k, v in self.cpu_ms_per_job.items())
+        return f"CPU ms/job: {parts}  total {sum(self.cpu_ms_per_job.values()):5.2f}"
+
+
+def run_facefleet(amqp_url: str, jobs: int, workers: int, concurrency: int, window: int = 1) -> Run:
     tier = "bench" + uuid.uuid4().hex[:8]
     data_root = Path(tempfile.mkdtemp(prefix="ff-bench-"))
     env = _env(amqp_url, data_root, tier, FACEFLEET_CONCURRENCY=str(concurrency))
@@ -129,6 +207,8 @@ def run_facefleet(
     for _ in range(jobs):
         requests.append(build_request(client.storage, tier, str(src), str(src)))
     counter = CompletedCounter(amqp_url, {r.job_id for r in requests})
+    meter = CpuMeter([p.pid for p in procs])
+    meter.start()
     t0 = time.perf_counter()
     if window > 1:
         asyncio.run(_submit_async(requests, window))
@@ -139,6 +219,7 @@ def run_facefleet(
     while len(counter.done) < jobs and time.monotonic() < deadline:
         time.sleep(0.05)
     elapsed = counter.last_at - t0
+    cpu = meter.stop(jobs)
     counter.stop.set()
     done = len(counter.done)
     for p in procs:
@@ -150,10 +231,10 @@ def run_facefleet(
     shutil.rmtree(data_root, ignore_errors=True)
     if done < jobs:
         raise RuntimeError(f"facefleet: only {done}/{jobs} jobs completed")
-    return jobs / elapsed
+    return Run(jobs / elapsed, cpu)
 
 
-def run_celery(amqp_url: str, jobs: int, workers: int) -> float:
+def run_celery(amqp_url: str, jobs: int, workers: int) -> Run:
     queue = "bench.celery." + uuid.uuid4().hex[:8]
     markers = Path(tempfile.mkdtemp(prefix="celery-bench-"))
     env = {
@@ -196,6 +277,8 @@ def run_celery(amqp_url: str, jobs: int, workers: int) -> float:
         stderr=subprocess.DEVNULL,
     )
     _wait_consumers(amqp_url, queue, 1)
+    meter = CpuMeter([proc.pid])
+    meter.start()
     t0 = time.time()
     for i in range(jobs):
         celery_app.noop.apply_async((i,))
@@ -209,6 +292,7 @@ def run_celery(amqp_url: str, jobs: int, workers: int) -> float:
             break
         time.sleep(0.05)
     elapsed = last - t0 if last else float("inf")
+    cpu = meter.stop(jobs)
     proc.terminate()
     proc.wait(60)
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
@@ -217,7 +301,11 @@ def run_celery(amqp_url: str, jobs: int, workers: int) -> float:
     shutil.rmtree(markers, ignore_errors=True)
     if count < jobs:
         raise RuntimeError(f"celery: only {count}/{jobs} tasks completed")
-    return jobs / elapsed
+    return Run(jobs / elapsed, cpu)
+
+
+def _median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.jobs_per_s)[len(runs) // 2]
 
 
 def _wait_consumers(amqp_url: str, queue: str, n: int, timeout_s: float = 60) -> None:
@@ -252,21 +340,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     url = discover().url
-    ff, cel = [], []
+    ff: list[Run] = []
+    cel: list[Run] = []
     for r in range(args.rounds):
         ff.append(run_facefleet(url, args.jobs, args.workers, args.concurrency, args.window))
         cel.append(run_celery(url, args.jobs, args.workers))
         print(
-            f"round {r + 1}: facefleet {ff[-1]:8.1f} jobs/s   celery {cel[-1]:8.1f} jobs/s",
+            f"round {r + 1}: facefleet {ff[-1].jobs_per_s:8.1f} jobs/s   "
+            f"celery {cel[-1].jobs_per_s:8.1f} jobs/s",
             flush=True,
         )
-    f, c = statistics.median(ff), statistics.median(cel)
+    f = statistics.median(x.jobs_per_s for x in ff)
+    c = statistics.median(x.jobs_per_s for x in cel)
     print(
         f"\nno-op jobs end to end, {args.jobs} jobs, {args.workers} worker processes "
-        f"(facefleet concurrency {args.concurrency}, submit window {args.window}), median of {args.rounds} rounds:\n"
-        f"  facefleet  {f:8.1f} jobs/s  (confirmed publish, queued/started/completed events, durable result)\n"
+        f"(facefleet concurrency {args.concurrency}, submit window {args.window}), "
+        f"median of {args.rounds} rounds:\n"
+        f"  facefleet  {f:8.1f} jobs/s  (confirmed publish, queued/started/completed events, "
+        "durable result)\n"
         f"  celery     {c:8.1f} jobs/s  (acks_late, prefetch 1, quorum queue, confirms, no events)\n"
-        f"  ratio      {f / c:8.2f}x"
+        f"  ratio      {f / c:8.2f}x\n"
+        "where the CPU goes (median round; producer = the bench process: submits, and for "
+        "FaceFleet the stream consumer that detects completion):\n"
+        f"  facefleet  {_median_run(ff).cpu_line()}\n"
+        f"  celery     {_median_run(cel).cpu_line()}"
     )
     return 0
 
