@@ -9,8 +9,10 @@ from typing import Literal
 
 import pika
 
-Action = Literal["ack", "requeue"]
-"""What the worker does with a delivery once the runner is done with it."""
+Action = Literal["ack", "give_back", "requeue"]
+"""What the worker does with a delivery once the runner is done with it: ack it; give it back
+on purpose (a fresh confirmed copy, then ack: spends no delivery limit); or nack-requeue it (an
+unexpected error: counts towards x-delivery-limit, the crash-loop guard)."""
 
 _DELIVERY_KEYS = itertools.count(1)
 
@@ -27,7 +29,8 @@ class Delivery:
 
     @property
     def delivery_count(self) -> int:
-        """Earlier failed deliveries, from the quorum queue's x-delivery-count header."""
+        """Earlier returns of this message, from the quorum queue's x-delivery-count header
+        (for logs only: up to RabbitMQ 4.2 every requeue counts, so it is no attempt count)."""
         headers = self.properties.headers or {}
         try:
             return int(headers.get("x-delivery-count", 0) or 0)

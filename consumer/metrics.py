@@ -11,7 +11,7 @@ class WorkerMetrics:
         self.jobs = Counter(
             "facefleet_jobs",
             "Jobs by tier and outcome (completed, failed, cancelled, dead_lettered, retried, "
-            "requeued, malformed)",
+            "requeued, given_back, malformed)",
             ["tier", "outcome"],
             registry=self.registry,
         )
@@ -36,4 +36,8 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.ready = Gauge("facefleet_worker_ready", "1 when consuming", registry=self.registry)
-        self.busy = Gauge("facefleet_worker_busy_jobs", "Jobs running now", registry=self.registry)
+        self.busy = Gauge(
+            "facefleet_worker_busy_jobs",
+            "Jobs running now (claimed by this worker, from claim to ack or give-back)",
+            registry=self.registry,
+        )

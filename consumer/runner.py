@@ -11,6 +11,13 @@ it never touches AMQP except through the confirming publisher, so it runs on job
                  ├─ cancelled / deadline passed / wrong processor ─▶ terminal event, ack
                  └─ `started`, run the processor; transient errors retry with backoff, then
                     dead-letter; permanent ones fail; success commits the result, `completed`, ack
+
+Giving a job back on purpose (SIGTERM drain, shutdown, claim still busy, a retry that would
+outlast the consumer timeout) is "give_back": the worker publishes a fresh confirmed copy to the
+jobs exchange and acks the original only after the confirm (falling back to nack-requeue). Up to
+RabbitMQ 4.2 every requeue counts towards x-delivery-limit (anchors.md B7), so requeueing on
+purpose would spend the limit that exists to stop crash loops. Attempts are counted from the
+journal's `retrying` events for the same reason, not from x-delivery-count.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from facefleet.wire import (
     DEAD_EXCHANGE,
     HEADER_DEAD_CODE,
     HEADER_DEAD_REASON,
+    JOBS_EXCHANGE,
     CancelRequest,
     DecodeError,
     ErrorCode,
@@ -61,6 +69,38 @@ from facefleet.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-")
+"""Headers (or prefixes) the broker sets on a delivery; a given-back copy starts without them."""
+
+
+def retry_in_process(tier: TierSpec, held_s: float, delay_s: float) -> bool:
+    """May the next attempt run on this delivery? Only if the backoff plus one more full-length
+    attempt still ends inside the tier's hold budget (its consumer timeout less a minute);
+    otherwise the job is given back, so no delivery is held into the consumer timeout."""
+    return held_s + delay_s + tier.max_job_s <= tier.hold_budget_s()
+
+
+def claim_wait_s(tier: TierSpec) -> float:
+    """Longest wait for another worker's claim on a job: whatever of the hold budget one
+    full-length attempt after the wait leaves."""
+    return max(0.0, tier.hold_budget_s() - tier.max_job_s)
+
+
+def fresh_properties(props: pika.BasicProperties) -> pika.BasicProperties:
+    """The properties of a given-back copy: the job's own, without the broker's headers."""
+    headers = {
+        k: v
+        for k, v in (props.headers or {}).items()
+        if not any(k == h or (h.endswith("-") and k.startswith(h)) for h in BROKER_HEADERS)
+    }
+    return pika.BasicProperties(
+        content_type=props.content_type or CONTENT_TYPE,
+        delivery_mode=props.delivery_mode or pika.DeliveryMode.Persistent,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        headers=headers,
+    )
 
 
 class RunContext:
@@ -144,7 +184,7 @@ class JobRunner:
         self.publisher = publisher
         self.name = name
         self.draining = threading.Event()
-        """Set on SIGTERM: no new claims, backoff sleeps end and the job is requeued."""
+        """Set on SIGTERM: no new claims, backoff sleeps end and the job is given back."""
         self.stop_jobs = threading.Event()
         """Set when the drain deadline passed: running jobs stop at their next checkpoint."""
         self.cancelled: dict[str, str] = {}
@@ -165,7 +205,7 @@ class JobRunner:
         return self.cancelled.get(job_id) or self.storage.cancel_reason(job_id)
 
     def handle(self, delivery: Delivery, on_job: Callable[[str], None] | None = None) -> Action:
-        """Process one delivery; returns what to do with it: 'ack' or 'requeue'.
+        """Process one delivery; returns what to do with it: 'ack' or 'give_back'.
 
         on_job is told the job id as soon as the body is decoded (the worker's bookkeeping).
         """
@@ -184,25 +224,58 @@ class JobRunner:
             self.metrics.duplicates.labels(tier).inc()
             return "ack"
         claim = JobClaim(self.storage, job.job_id, self.name, lease_s=self.settings.lease_s)
-        if not self._wait_for_claim(claim):
-            return "requeue"
+        if not self._wait_for_claim(claim, delivery):
+            return "give_back"
         self.claims[job.job_id] = claim
+        self.metrics.busy.inc()
         try:
             return self._run_claimed(job, journal, delivery)
         finally:
+            self.metrics.busy.dec()
             self.claims.pop(job.job_id, None)
             self.cancelled.pop(job.job_id, None)
             claim.release()
 
-    def _wait_for_claim(self, claim: JobClaim) -> bool:
-        """Another live worker runs this job (a duplicate submit/delivery): wait for it."""
+    def _wait_for_claim(self, claim: JobClaim, delivery: Delivery) -> bool:
+        """Another live worker runs this job (a duplicate submit/delivery): wait for it, while
+        not draining and while a full-length run after the wait still fits the hold budget."""
+        limit = claim_wait_s(self.tier)
         while True:
             with self.storage.job_lock(claim.job_id):
                 if claim.try_acquire():
                     return True
             if self.draining.is_set():
                 return False
+            if time.monotonic() - delivery.received_at > limit:
+                log.info(
+                    "job %s: still claimed elsewhere after %.0f s; giving it back",
+                    claim.job_id,
+                    limit,
+                )
+                return False
             time.sleep(min(1.0, self.settings.lease_s / 5))
+
+    def attempts_so_far(self, journal: JobJournal) -> int:
+        """Failed attempts of a job: its `retrying` events (on any worker, any delivery)."""
+        return sum(1 for e in journal.events() if e.type == "retrying")
+
+    def give_back(self, delivery: Delivery) -> Action:
+        """Return a job on purpose without spending its delivery limit: publish a fresh copy
+        (same body and properties) with confirm, then the original is acked; if the copy is not
+        confirmed, nack-requeue the original instead (that one counts towards the limit)."""
+        try:
+            self.publisher.publish(
+                JOBS_EXCHANGE, self.tier.name, delivery.body, fresh_properties(delivery.properties)
+            )
+        except Exception as exc:
+            log.warning(
+                "could not republish a given-back job (%s: %s); requeueing the delivery instead",
+                type(exc).__name__,
+                exc,
+            )
+            return "requeue"
+        self.metrics.jobs.labels(self.tier.name, "given_back").inc()
+        return "ack"
 
     def _run_claimed(self, job: JobRequest, journal: JobJournal, delivery: Delivery) -> Action:
         tier = self.tier.name
@@ -237,7 +310,7 @@ class JobRunner:
                 ),
             )
 
-        attempt = delivery.delivery_count + 1
+        attempt = self.attempts_so_far(journal) + 1
         wait_s = max(0.0, (utcnow() - job.created_at).total_seconds())
         self.metrics.queue_wait.labels(tier).observe(wait_s)
         self.emit(
@@ -273,8 +346,21 @@ class JobRunner:
                 ),
             )
             self.metrics.jobs.labels(tier, "retried").inc()
+            held = time.monotonic() - delivery.received_at
+            if not retry_in_process(self.tier, held, delay):
+                # One more attempt on this delivery could outlast the consumer timeout: wait out
+                # the backoff if that still fits, then give the job back as a fresh delivery.
+                log.info(
+                    "job %s: attempt %d would not fit the %.0f s hold budget; giving it back",
+                    job.job_id,
+                    attempt + 1,
+                    self.tier.hold_budget_s(),
+                )
+                if held + delay <= self.tier.hold_budget_s():
+                    self.draining.wait(delay)
+                return "give_back"
             if self.draining.wait(delay):
-                return "requeue"
+                return "give_back"
             attempt += 1
 
     def _attempt(
@@ -324,9 +410,9 @@ class JobRunner:
             self.metrics.jobs.labels(tier, "cancelled").inc()
             return "ack"
         except ShutdownRequested:
-            log.info("job %s interrupted by shutdown; requeueing", job.job_id)
+            log.info("job %s interrupted by shutdown; giving it back", job.job_id)
             self.metrics.jobs.labels(tier, "requeued").inc()
-            return "requeue"
+            return "give_back"
         except Exception as exc:  # mapped at this boundary
             err = classify(exc)
             if isinstance(err, PermanentJobError):

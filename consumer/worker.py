@@ -11,7 +11,8 @@ Threads (pika connections are not thread-safe, and GPU work must never block hea
 
 Life cycle (WorkerState): STARTING -> READY -> DRAINING -> STOPPED. SIGTERM moves to DRAINING:
 the consumer is cancelled (no new jobs), running jobs get drain_timeout_s to finish, whatever is
-still running then stops at its next checkpoint and is requeued for another worker, and the
+still running then stops at its next checkpoint and is given back for another worker (a fresh
+confirmed copy, then the original is acked, so drains never spend the delivery limit), and the
 process exits 0. This is what makes KEDA scale-in safe.
 
 Ack discipline (at-least-once, completed once): a job is acked only after its result directory
@@ -51,6 +52,7 @@ from facefleet.wire import (
     CONTROL_EXCHANGE,
     CancelRequest,
     DecodeError,
+    consumer_timeout_warning,
     dead_notify_queue,
     job_queue,
 )
@@ -108,6 +110,7 @@ class Worker:
         self.last_tick = time.monotonic()
         self.last_activity = time.monotonic()
         self.handled = 0
+        self._timeout_checked = False
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -155,7 +158,12 @@ class Worker:
     def _consume(self) -> None:
         conn = connect(self.settings.amqp_url, f"facefleet-worker-{self.name}")
         self._connection = conn
-        declare_topology(conn, self.settings.tiers())
+        feats = declare_topology(conn, self.settings.tiers())
+        if not self._timeout_checked:
+            self._timeout_checked = True
+            warning = consumer_timeout_warning(self.tier, feats)
+            if warning is not None:
+                log.warning("%s", warning)
         ch = conn.channel()
         self._channel = ch
         ch.basic_qos(prefetch_count=self.settings.concurrency)
@@ -201,7 +209,7 @@ class Worker:
         while self._inflight_count() > 0:
             now = time.monotonic()
             if now >= deadline and stopped_at is None:
-                log.warning("drain deadline reached; requeueing %d job(s)", self._inflight_count())
+                log.warning("drain deadline reached; giving back %d job(s)", self._inflight_count())
                 self.stop_jobs.set()
                 stopped_at = now
             if stopped_at is not None and now - stopped_at > 10:
@@ -296,6 +304,11 @@ class Worker:
             log.warning("could not schedule ack/nack: %s", exc)
 
     def _finish(self, ch: BlockingChannel, delivery: Delivery, action: Action) -> None:
+        if action == "give_back":
+            # On this job thread, the copy is confirmed before the original is acked. With the
+            # channel gone the broker has requeued the original already; a copy would be a
+            # duplicate.
+            action = self.runner.give_back(delivery) if ch.is_open else "requeue"
         if action == "ack":
             self._threadsafe(lambda: ch.basic_ack(delivery.tag))
         elif action == "requeue":

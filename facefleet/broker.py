@@ -35,6 +35,9 @@ class Broker:
     origin: str
     """env | local | testcontainers | rabbitmq-server"""
     stop: Callable[[], None] = field(default=lambda: None)
+    management_url: str | None = None
+    """The management API when it is not at the default http://<AMQP host>:15672 (a private
+    rabbitmq-server node listens on a free port); set FACEFLEET_MANAGEMENT_URL to it."""
 
 
 def answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
@@ -104,7 +107,7 @@ def _local_binary() -> Broker | None:
     if server is None:
         return None
     base = Path(tempfile.mkdtemp(prefix="facefleet-rabbit-"))
-    port, dist = _free_port(), _free_port()
+    port, dist, mgmt = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
         "RABBITMQ_NODENAME": f"facefleet{os.getpid()}@localhost",
@@ -116,8 +119,12 @@ def _local_binary() -> Broker | None:
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
         "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
     }
-    (base / "enabled_plugins").write_text("[].\n")
-    (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n")
+    # The management API is the only source of unacked counts (`facefleet status`).
+    (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    (base / "rabbitmq.conf").write_text(
+        f"listeners.tcp.default = 127.0.0.1:{port}\n"
+        f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {mgmt}\n"
+    )
     proc = subprocess.Popen([server], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
     deadline = time.monotonic() + 60
@@ -125,6 +132,11 @@ def _local_binary() -> Broker | None:
         if proc.poll() is not None:
             return None
         if answers("127.0.0.1", port) and amqp_answers(url):
+            # Best effort: without the plugin the node still serves AMQP.
+            until = min(deadline, time.monotonic() + 15)
+            while not answers("127.0.0.1", mgmt) and time.monotonic() < until:
+                time.sleep(0.5)
+            api = f"http://127.0.0.1:{mgmt}" if answers("127.0.0.1", mgmt) else None
 
             def stop() -> None:
                 proc.terminate()
@@ -134,7 +146,7 @@ def _local_binary() -> Broker | None:
                     proc.kill()
                 shutil.rmtree(base, ignore_errors=True)
 
-            return Broker(url, "rabbitmq-server", stop)
+            return Broker(url, "rabbitmq-server", stop, api)
         time.sleep(0.5)
     proc.kill()
     return None

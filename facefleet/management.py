@@ -38,16 +38,47 @@ def rows_by_name(rows: Any) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in rows if isinstance(row, dict) and "name" in row}
 
 
-def fetch_queues(
+ENABLE_HINT = (
+    "enable the management plugin on the broker with `rabbitmq-plugins enable "
+    "rabbitmq_management` (it listens on port 15672), or point FACEFLEET_MANAGEMENT_URL at it"
+)
+
+
+class ManagementUnavailable(RuntimeError):
+    """The management API did not answer with queue rows; the message says why and how to fix."""
+
+
+def read_queues(
     amqp_url: str, management_url: str, timeout_s: float = 2.0
 ) -> dict[str, dict[str, Any]]:
-    """Queue rows by name; {} when the plugin is not enabled or does not answer."""
+    """Queue rows by name; raises ManagementUnavailable when the API does not answer."""
     url, (user, password) = queues_request(amqp_url, management_url)
     req = urllib.request.Request(url)
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     req.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return rows_by_name(json.loads(resp.read()))
-    except (urllib.error.URLError, OSError, ValueError):
+            rows = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ManagementUnavailable(
+            f"the management API at {management_url} answered HTTP {exc.code} {exc.reason} "
+            "(check the AMQP user's credentials and its management tag)"
+        ) from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ManagementUnavailable(
+            f"the management API at {management_url} is not reachable ({reason}); {ENABLE_HINT}"
+        ) from exc
+    if not isinstance(rows, list):
+        raise ManagementUnavailable(f"the management API at {management_url} sent no queue rows")
+    return rows_by_name(rows)
+
+
+def fetch_queues(
+    amqp_url: str, management_url: str, timeout_s: float = 2.0
+) -> dict[str, dict[str, Any]]:
+    """Queue rows by name; {} when the plugin is not enabled or does not answer."""
+    try:
+        return read_queues(amqp_url, management_url, timeout_s)
+    except ManagementUnavailable:
         return {}

@@ -91,6 +91,14 @@ CANCEL_BINDING = "cancel.*"
 # --- tiers ------------------------------------------------------------------------------------
 
 
+CONSUMER_TIMEOUT_MARGIN_S = 300
+"""x-consumer-timeout is the tier's max_job_s plus this."""
+HOLD_SAFETY_S = 60
+"""Kept free between a worker's longest hold of a delivery and the consumer timeout."""
+BROKER_DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000
+"""RabbitMQ's broker-wide `consumer_timeout` default (30 min) since 3.8.17 (anchors.md B5)."""
+
+
 @dataclass(frozen=True)
 class TierSpec:
     """What the broker must know about a QoS tier.
@@ -106,7 +114,13 @@ class TierSpec:
 
     def consumer_timeout_ms(self) -> int:
         """Ack timeout above the tier's longest job, with margin (RabbitMQ checks once a minute)."""
-        return (self.max_job_s + 300) * 1000
+        return (self.max_job_s + CONSUMER_TIMEOUT_MARGIN_S) * 1000
+
+    def hold_budget_s(self) -> float:
+        """How long a worker may keep one delivery unacked: the consumer timeout less a safety
+        minute. In-process retries and claim waits stay inside it (consumer/runner.py); beyond
+        it the job is given back as a fresh copy instead of being held into the timeout."""
+        return self.consumer_timeout_ms() / 1000 - HOLD_SAFETY_S
 
 
 DEFAULT_TIERS: tuple[TierSpec, ...] = (
@@ -138,6 +152,11 @@ class BrokerFeatures:
         return self.version >= (3, 12)
 
     @property
+    def at_least_once_dead_lettering(self) -> bool:
+        """Quorum queues' x-dead-letter-strategy at-least-once arrived in RabbitMQ 3.10."""
+        return self.version >= (3, 10)
+
+    @property
     def stream_filtering(self) -> bool:
         return self.version >= (3, 13)
 
@@ -150,9 +169,59 @@ def job_queue_arguments(tier: TierSpec, features: BrokerFeatures) -> dict[str, A
         "x-max-length": tier.max_length,
         "x-overflow": "reject-publish",
     }
+    if features.at_least_once_dead_lettering:
+        # The default broker dead-lettering is at-most-once (anchors.md B9): a delivery-limit
+        # dead letter could be lost. At-least-once needs reject-publish, set above.
+        args["x-dead-letter-strategy"] = "at-least-once"
     if features.queue_consumer_timeout:
         args["x-consumer-timeout"] = tier.consumer_timeout_ms()
     return args
+
+
+def consumer_timeout_line(tiers: tuple[TierSpec, ...] | list[TierSpec]) -> str:
+    """The rabbitmq.conf line a broker without per-queue x-consumer-timeout (< 3.12) needs:
+    the longest tier's consumer timeout (its max job time plus the margin)."""
+    return f"consumer_timeout = {max(t.consumer_timeout_ms() for t in tiers)}"
+
+
+def consumer_timeout_advice(
+    tiers: tuple[TierSpec, ...] | list[TierSpec], features: BrokerFeatures
+) -> str:
+    """What `facefleet topology apply` says about ack timeouts on this broker."""
+    if features.queue_consumer_timeout:
+        return "per-queue x-consumer-timeout set"
+    longest = max(tiers, key=lambda t: t.consumer_timeout_ms())
+    need = longest.consumer_timeout_ms()
+    default = (
+        f"above the {BROKER_DEFAULT_CONSUMER_TIMEOUT_MS} ms default, so the line is required"
+        if need > BROKER_DEFAULT_CONSUMER_TIMEOUT_MS
+        else f"the {BROKER_DEFAULT_CONSUMER_TIMEOUT_MS} ms default covers it unless it was lowered"
+    )
+    return (
+        "broker < 3.12 takes no per-queue x-consumer-timeout; the broker-wide one must exceed "
+        f"the longest tier's need ({longest.name}: max job {longest.max_job_s} s + "
+        f"{CONSUMER_TIMEOUT_MARGIN_S} s = {need} ms, {default}). Put this line in rabbitmq.conf "
+        f"and restart the broker:\n    {consumer_timeout_line(tiers)}"
+    )
+
+
+def consumer_timeout_warning(tier: TierSpec, features: BrokerFeatures) -> str | None:
+    """The worker's start-up warning when the broker (< 3.12) cannot hold this tier's deliveries
+    long enough by default; None when nothing is at risk or the broker sets it per queue."""
+    if features.queue_consumer_timeout:
+        return None
+    need = tier.consumer_timeout_ms()
+    if need <= BROKER_DEFAULT_CONSUMER_TIMEOUT_MS:
+        return None
+    version = ".".join(map(str, features.version))
+    return (
+        f"{features.product} {version} is older than 3.12, so the queue cannot carry "
+        f"x-consumer-timeout; tier {tier.name!r} holds a delivery up to {need} ms (max job "
+        f"{tier.max_job_s} s + {CONSUMER_TIMEOUT_MARGIN_S} s), more than the broker's "
+        f"{BROKER_DEFAULT_CONSUMER_TIMEOUT_MS} ms (30 min) default. Unless rabbitmq.conf already "
+        f"sets a higher value, put `{consumer_timeout_line([tier])}` there and restart the "
+        "broker, or jobs over 30 minutes are requeued mid-run"
+    )
 
 
 DEAD_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}

@@ -56,7 +56,13 @@ from facefleet.wire import (
     utcnow,
 )
 from producer.errors import refused, unroutable
-from producer.sdk import JobFields, SubmitResult, build_request, job_properties
+from producer.sdk import (
+    JobFields,
+    SubmitResult,
+    build_request,
+    job_properties,
+    tier_max_length,
+)
 from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
 
 
@@ -221,7 +227,9 @@ class AsyncJobClient:
         except aiormq.exceptions.PublishError as exc:
             raise unroutable(request.tier) from exc
         except aio_pika.exceptions.DeliveryError as exc:
-            raise refused(request.tier, request.job_id, await self.depth(request.tier)) from exc
+            depth = await self.depth(request.tier)
+            limit = tier_max_length(self.settings, request.tier)
+            raise refused(request.tier, request.job_id, depth, limit) from exc
 
     async def publish_event(self, event: JobEvent) -> None:
         """Publish one journal event with confirm; raises if it reached no stream."""

@@ -16,7 +16,7 @@ from typing import Any
 import pika.exceptions
 
 from facefleet.settings import ProducerSettings, SettingsError, die
-from facefleet.wire import JobEvent, JobOptionValue, utcnow
+from facefleet.wire import JobEvent, JobOptionValue, consumer_timeout_advice, utcnow
 
 EXIT_FOR_TERMINAL = {"completed": 0, "failed": 1, "dead_lettered": 1, "cancelled": 3}
 
@@ -139,14 +139,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
         feats = declare_topology(conn, settings.tiers())
     finally:
         conn.close()
-    note = (
-        "per-queue x-consumer-timeout set"
-        if feats.queue_consumer_timeout
-        else (
-            "broker < 3.12: x-consumer-timeout not supported per queue; set consumer_timeout in "
-            "rabbitmq.conf above the longest tier's max job time"
-        )
-    )
+    note = consumer_timeout_advice(settings.tiers(), feats)
     tiers = ", ".join(t.name for t in settings.tiers())
     version = ".".join(map(str, feats.version))
     print(f"topology applied on {feats.product} {version}: tiers {tiers}; {note}")
@@ -316,6 +309,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     with JobClient(_settings()) as client:
         rows = client.status()
+        problem = client.management_problem
+    if problem is not None:
+        print(f"facefleet: unacked (jobs in progress) unknown: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
         return 0

@@ -43,8 +43,19 @@ def unroutable(tier: str) -> UnroutableJobError:
     )
 
 
-def refused(tier: str, job_id: str, depth: int | None) -> SubmitError:
-    """The broker nacked the job: a full tier (reject-publish) when its depth is known."""
-    if depth is not None:
+def full_threshold(max_length: int) -> int:
+    """Depth from which a nack means "tier full". The depth is read after the nack, and workers
+    may have taken a few jobs meanwhile: allow 1% of max_length below it."""
+    return max_length - max_length // 100
+
+
+def refused(tier: str, job_id: str, depth: int | None, max_length: int | None) -> SubmitError:
+    """The broker nacked the job: "tier full" (reject-publish) only when the queue's depth
+    reached the tier's max_length; any other nack (or an unknown depth or limit) is a
+    PublishNackedError, never a 429 that would tell the client to just retry."""
+    if depth is not None and max_length is not None and depth >= full_threshold(max_length):
         return TierFullError(tier, depth)
-    return PublishNackedError(f"broker refused job {job_id}")
+    seen = "" if depth is None else f" ({depth} jobs waiting"
+    if seen:
+        seen += ")" if max_length is None else f" of at most {max_length})"
+    return PublishNackedError(f"broker refused job {job_id} on tier {tier!r}{seen}")

@@ -24,7 +24,7 @@ from typing_extensions import Unpack
 
 from facefleet.amqp import connect, declare_topology, publish_event
 from facefleet.journal import JobJournal
-from facefleet.management import fetch_queues
+from facefleet.management import ManagementUnavailable, read_queues
 from facefleet.settings import ProducerSettings
 from facefleet.storage import Storage, StorageError
 from facefleet.wire import (
@@ -115,6 +115,11 @@ def build_request(
         raise InvalidJobError(str(exc)) from exc
 
 
+def tier_max_length(settings: ProducerSettings, tier: str) -> int | None:
+    """The tier's max_length from the settings' tier specs (None for a tier they do not know)."""
+    return next((spec.max_length for spec in settings.tiers() if spec.name == tier), None)
+
+
 def job_properties(request: JobRequest) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
@@ -133,6 +138,8 @@ class JobClient:
         self.storage = storage or Storage(settings.data_root)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self.management_problem: str | None = None
+        """Why the last status() has no unacked counts (management API unreachable), or None."""
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -201,7 +208,9 @@ class JobClient:
         except pika.exceptions.UnroutableError as exc:
             raise unroutable(request.tier) from exc
         except pika.exceptions.NackError as exc:
-            raise refused(request.tier, request.job_id, self._depth(request.tier)) from exc
+            depth = self._depth(request.tier)
+            limit = tier_max_length(self.settings, request.tier)
+            raise refused(request.tier, request.job_id, depth, limit) from exc
 
     def _depth(self, tier: str) -> int | None:
         try:
@@ -229,10 +238,16 @@ class JobClient:
         """Per tier: jobs ready, jobs being processed (unacked) and consumers.
 
         AMQP reports only ready messages; unacked comes from the management API
-        (FACEFLEET_MANAGEMENT_URL) and is None when that does not answer.
+        (FACEFLEET_MANAGEMENT_URL) and is None when that does not answer; management_problem
+        then says why and how to enable it.
         """
         out = []
-        mgmt = fetch_queues(self.settings.amqp_url, self.settings.management_url or "")
+        try:
+            mgmt = read_queues(self.settings.amqp_url, self.settings.management_url or "")
+            self.management_problem = None
+        except ManagementUnavailable as exc:
+            mgmt = {}
+            self.management_problem = str(exc)
         for spec in self.settings.tiers():
             qname = job_queue(spec.name)
             try:

@@ -468,3 +468,61 @@ def test_queue_declared_with_other_arguments_is_kept_with_a_warning(
     src = media(env)
     job = client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id
     assert wait_terminal(env, job)[-1].type == "completed"
+
+
+def test_draining_more_often_than_the_delivery_limit_never_dead_letters_the_job(
+    make_env, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Up to RabbitMQ 4.2 every requeue counts towards x-delivery-limit (anchors.md B7). A worker
+    that gives a job back on purpose (SIGTERM drain) republishes a fresh copy instead, so a job
+    drained more often than the limit still completes, and its attempt number stays 1."""
+    limit = 2
+    env = make_env(delivery_limit=limit)
+    client = client_for(env, monkeypatch)
+    src = media(env)
+    job = client.submit(env.tier, src, src, options={"sleep_s": 3, "steps": 6}).job_id
+    drains = limit + 2
+    for n in range(1, drains + 1):
+        worker = env.start_worker(FACEFLEET_DRAIN_TIMEOUT_S="0.3")
+        deadline = time.monotonic() + 30
+        while types(journal(env, job)).count("started") < n:
+            events = journal(env, job)
+            assert not events[-1].terminal, f"drain {n}: job ended early: {types(events)}"
+            assert time.monotonic() < deadline, f"drain {n}: job not redelivered: {types(events)}"
+            time.sleep(0.05)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        assert not journal(env, job)[-1].terminal, types(journal(env, job))
+    env.start_worker()
+    events = wait_terminal(env, job, timeout_s=60)
+    assert types(events) == ["queued", *["started"] * (drains + 1), "completed"]
+    assert {e.payload.attempt for e in events if e.type == "started"} == {1}
+    assert_gapless(events)
+    assert_queue_empty(env)
+
+
+def test_job_queue_is_declared_with_at_least_once_dead_lettering(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read back from the real broker: re-declaring the tier's queue without the strategy is
+    refused as inequivalent (406), and with the contract's arguments it is accepted."""
+    from facefleet.amqp import connect, features
+    from facefleet.wire import TierSpec, job_queue_arguments
+
+    client_for(env, monkeypatch)  # topology apply
+    conn = connect(env.amqp_url, "test-dead-letter-strategy")
+    try:
+        feats = features(conn)
+        args = job_queue_arguments(TierSpec(env.tier, max_job_s=60, delivery_limit=5), feats)
+        if not feats.at_least_once_dead_lettering:
+            assert "x-dead-letter-strategy" not in args
+            pytest.skip(f"broker {feats.version} < 3.10 has no at-least-once dead lettering")
+        assert args["x-dead-letter-strategy"] == "at-least-once"
+        conn.channel().queue_declare(job_queue(env.tier), durable=True, arguments=args)
+        without = {k: v for k, v in args.items() if k != "x-dead-letter-strategy"}
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+            conn.channel().queue_declare(job_queue(env.tier), durable=True, arguments=without)
+        assert info.value.reply_code == 406
+        assert "x-dead-letter-strategy" in info.value.reply_text
+    finally:
+        conn.close()

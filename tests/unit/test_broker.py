@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from facefleet import broker
+from facefleet.management import read_queues
 
 
 def test_amqp_url_wins_without_probing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +48,12 @@ def test_a_local_rabbitmq_server_binary_is_started_on_loopback_and_stopped() -> 
         assert started.url.startswith("amqp://guest:guest@127.0.0.1:")
         assert ":5672/" not in started.url
         assert broker.amqp_answers(started.url)
+        # With the management plugin, on its own free loopback port (`facefleet status`).
+        assert started.management_url is not None
+        assert started.management_url.startswith("http://127.0.0.1:")
+        assert ":15672" not in started.management_url
+        rows = read_queues(started.url, started.management_url, timeout_s=10)
+        assert isinstance(rows, dict)
     finally:
         started.stop()
     assert not broker.amqp_answers(started.url)

@@ -10,12 +10,15 @@ import pytest
 
 from facefleet import wire
 from facefleet.wire import (
+    DEFAULT_TIERS,
     BrokerFeatures,
     DecodeError,
     EventPayload,
     JobEvent,
     JobRequest,
     TierSpec,
+    consumer_timeout_advice,
+    consumer_timeout_warning,
     job_id_for_key,
     job_queue_arguments,
 )
@@ -81,6 +84,81 @@ def test_queue_arguments_follow_broker_features(
     if has_timeout:
         assert args["x-consumer-timeout"] > 600_000  # above the tier's longest job
     assert feats.stream_filtering is has_filter
+
+
+def features(version: bytes) -> BrokerFeatures:
+    return BrokerFeatures.from_server_properties({"product": b"RabbitMQ", "version": version})
+
+
+@pytest.mark.parametrize(
+    ("version", "strategy"),
+    [
+        pytest.param(b"3.9.29", None, id="3.9-at-most-once-only"),
+        pytest.param(b"3.10.8", "at-least-once", id="3.10-at-least-once"),
+        pytest.param(b"4.2.1", "at-least-once", id="4.x-at-least-once"),
+        pytest.param(b"garbage", None, id="unparseable-version-assumes-oldest"),
+    ],
+)
+def test_dead_letter_strategy_is_at_least_once_where_supported(
+    version: bytes, strategy: str | None
+) -> None:
+    args = job_queue_arguments(TierSpec("high"), features(version))
+    assert args.get("x-dead-letter-strategy") == strategy
+    assert args["x-overflow"] == "reject-publish"  # at-least-once needs it (anchors.md B9)
+
+
+@pytest.mark.parametrize(
+    ("version", "tiers", "expected"),
+    [
+        pytest.param(
+            b"3.10.8",
+            DEFAULT_TIERS,
+            ["consumer_timeout = 3900000", "batch: max job 3600 s", "line is required"],
+            id="3.10-default-tiers-need-the-batch-line",
+        ),
+        pytest.param(
+            b"3.11.28",
+            (TierSpec("quick", max_job_s=60),),
+            ["consumer_timeout = 360000", "default covers it"],
+            id="3.11-short-tiers-line-still-printed",
+        ),
+        pytest.param(
+            b"3.12.0", DEFAULT_TIERS, ["per-queue x-consumer-timeout set"], id="3.12-per-queue"
+        ),
+    ],
+)
+def test_topology_advice_names_the_exact_rabbitmq_conf_line(
+    version: bytes, tiers: tuple[TierSpec, ...], expected: list[str]
+) -> None:
+    advice = consumer_timeout_advice(tiers, features(version))
+    for text in expected:
+        assert text in advice
+    if features(version).queue_consumer_timeout:
+        assert "consumer_timeout =" not in advice
+    else:
+        assert advice.splitlines()[-1].strip().startswith("consumer_timeout = ")
+
+
+@pytest.mark.parametrize(
+    ("version", "max_job_s", "line"),
+    [
+        pytest.param(b"3.10.8", 3600, "consumer_timeout = 3900000", id="3.10-batch-warns"),
+        pytest.param(b"3.10.8", 1501, "consumer_timeout = 1801000", id="3.10-just-over-30-min"),
+        pytest.param(b"3.10.8", 1500, None, id="3.10-exactly-30-min-no-warning"),
+        pytest.param(b"3.10.8", 600, None, id="3.10-high-tier-no-warning"),
+        pytest.param(b"3.12.0", 3600, None, id="3.12-per-queue-no-warning"),
+    ],
+)
+def test_worker_warns_when_an_old_broker_default_is_too_short(
+    version: bytes, max_job_s: int, line: str | None
+) -> None:
+    warning = consumer_timeout_warning(TierSpec("batch", max_job_s=max_job_s), features(version))
+    if line is None:
+        assert warning is None
+    else:
+        assert warning is not None
+        assert f"`{line}`" in warning and "older than 3.12" in warning
+        assert "RabbitMQ 3.10.8" in warning
 
 
 def test_job_request_round_trips() -> None:
