@@ -110,6 +110,8 @@ class Worker:
         self.last_tick = time.monotonic()
         self.last_activity = time.monotonic()
         self.handled = 0
+        self.received = 0
+        """Deliveries taken from the job queue (FACEFLEET_MAX_JOBS counts these)."""
         self._timeout_checked = False
 
     # --- state ---------------------------------------------------------------------------------
@@ -167,7 +169,8 @@ class Worker:
         ch = conn.channel()
         self._channel = ch
         ch.basic_qos(prefetch_count=self.settings.concurrency)
-        self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
+        if self.settings.max_jobs is None or self.received < self.settings.max_jobs:
+            self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
         # Broker-side dead letters (delivery limit after crashes) get their event here.
         notify = conn.channel()
         notify.basic_qos(prefetch_count=10)
@@ -246,8 +249,21 @@ class Worker:
     ) -> None:
         delivery = Delivery(method.delivery_tag, body, props, bool(method.redelivered))
         self.last_activity = time.monotonic()
+        self.received += 1
         with self._inflight_lock:
             self._inflight[delivery.key] = ""
+        max_jobs = self.settings.max_jobs
+        if max_jobs is not None and self.received > max_jobs:
+            # Prefetched before the cancel below took effect: not this pod's share.
+            self._executor.submit(self._finish, ch, delivery, "give_back")
+            return
+        if max_jobs is not None and self.received == max_jobs and self._consumer_tag is not None:
+            # A ScaledJob pod takes exactly its share. Cancel now, from this callback: waiting
+            # for the loop's exit check lets the next job arrive between the last ack and the
+            # check (pika nacks whatever reaches it after the cancel, undispatched).
+            tag, self._consumer_tag = self._consumer_tag, None
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                ch.basic_cancel(tag)
         if self.on_busy is not None:
             self.on_busy(True)
         self._executor.submit(self._handle_safely, ch, delivery)

@@ -393,15 +393,23 @@ def test_job_that_keeps_killing_workers_is_dead_lettered_by_the_delivery_limit(
     assert types(events).count("started") >= 2
 
 
+@pytest.mark.parametrize("concurrency", [1, 3], ids=["prefetch-1", "prefetch-3"])
 def test_scaledjob_worker_exits_after_its_share_of_jobs(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, concurrency: int
 ) -> None:
+    """FACEFLEET_MAX_JOBS=2 runs exactly two jobs, even when more were prefetched (those are
+    given back, not lost): a later worker finishes the rest, each job once."""
     client = client_for(env, monkeypatch)
     src = media(env)
-    jobs = [client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id for _ in range(3)]
-    worker = env.start_worker(FACEFLEET_MAX_JOBS="2", wait_ready=False)
+    jobs = [client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id for _ in range(5)]
+    worker = env.start_worker(
+        FACEFLEET_MAX_JOBS="2", FACEFLEET_CONCURRENCY=str(concurrency), wait_ready=False
+    )
     assert worker.wait(30) == 0
     assert sum(1 for j in jobs if journal(env, j)[-1].type == "completed") == 2
+    env.start_worker()
+    for j in jobs:
+        assert types(wait_terminal(env, j, timeout_s=30)).count("completed") == 1
 
 
 def test_scaledjob_worker_exits_when_idle(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
