@@ -72,13 +72,3 @@ def read_queues(
     if not isinstance(rows, list):
         raise ManagementUnavailable(f"the management API at {management_url} sent no queue rows")
     return rows_by_name(rows)
-
-
-def fetch_queues(
-    amqp_url: str, management_url: str, timeout_s: float = 2.0
-) -> dict[str, dict[str, Any]]:
-    """Queue rows by name; {} when the plugin is not enabled or does not answer."""
-    try:
-        return read_queues(amqp_url, management_url, timeout_s)
-    except ManagementUnavailable:
-        return {}

@@ -59,6 +59,11 @@ class SeqOrderer(Generic[E]):
             self.next_seq += 1
         return out
 
+    @property
+    def holding(self) -> bool:
+        """Events wait behind a missing seq (a gap before them)."""
+        return bool(self._pending)
+
 
 def stream_arguments(job_id: str, since: datetime | None, feats: BrokerFeatures) -> dict[str, Any]:
     """basic.consume arguments that read one job's events from the stream, shared by the sync

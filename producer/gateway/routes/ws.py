@@ -78,8 +78,6 @@ class ClientSession:
         self.job_id = job_id
         self.state = SessionState.AUTHENTICATING
         self.last_sent = 0
-        self.highest_seen = 0
-        """Highest seq pushed into the orderer; above `next_seq - 1` means frames are held."""
         self.gap_retried = False
 
     def move(self, new: SessionState) -> None:
@@ -162,7 +160,7 @@ class ClientSession:
         history = await self._history(since)
         if history is None or await self._push(orderer, history):
             return
-        if self._held(orderer) and await self._fill_gap(orderer, since):
+        if orderer.holding and await self._fill_gap(orderer, since):
             return
         self.move(SessionState.LIVE)
         while True:
@@ -180,7 +178,7 @@ class ClientSession:
             assert isinstance(item, Frame)
             if await self._push(orderer, [item]):
                 return
-            if self._held(orderer) and await self._fill_gap(orderer, since):
+            if orderer.holding and await self._fill_gap(orderer, since):
                 return
 
     async def _history(self, since: datetime) -> list[Frame] | None:
@@ -200,15 +198,10 @@ class ClientSession:
         for frame in frames:
             if await self._send_ready(orderer.push(frame)):
                 return True
-            self.highest_seen = max(self.highest_seen, frame.seq)
             if frame.terminal and frame.seq < orderer.next_seq:
                 await self.close(Close.NORMAL, "job ended")
                 return True
         return False
-
-    def _held(self, orderer: SeqOrderer[Frame]) -> bool:
-        """The orderer holds frames behind a missing seq (history or live skipped one)."""
-        return self.highest_seen >= orderer.next_seq
 
     async def _fill_gap(self, orderer: SeqOrderer[Frame], since: datetime) -> bool:
         """Read history once more to fill a gap; else close 1011 so the client resumes with
@@ -221,7 +214,7 @@ class ClientSession:
             history = await self._history(since)
             if history is None or await self._push(orderer, history):
                 return True
-            if not self._held(orderer):
+            if not orderer.holding:
                 return False
         await self.close(
             Close.INTERNAL_ERROR,
