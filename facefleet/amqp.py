@@ -194,7 +194,8 @@ class ThreadedPublisher:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
-        self._pending: set[Future[None]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        """Publish tasks awaiting their confirms; touched on the loop's thread only."""
 
     def start(self) -> None:
         """Connect (raises if the broker does not answer within 30 s)."""
@@ -235,8 +236,6 @@ class ThreadedPublisher:
         fut = asyncio.run_coroutine_threadsafe(
             self._publish(exchange, routing_key, message, mandatory), self._loop
         )
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
         return fut
 
     def publish_event(self, event: JobEvent) -> Future[None]:
@@ -251,15 +250,18 @@ class ThreadedPublisher:
         """Wait (bounded) for publishes still awaiting their confirms, then disconnect."""
         if not self._thread.is_alive():
             return
-        for fut in list(self._pending):
-            with contextlib.suppress(Exception):
-                fut.result(timeout=timeout_s)
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._connection.close(), self._loop).result(
-                    timeout=timeout_s
-                )
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(timeout_s), self._loop).result(
+                timeout=2 * timeout_s
+            )
         self._stop_loop()
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        """On the loop: let the publishes in flight get their confirms first."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+        if self._connection is not None:
+            await self._connection.close()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -287,19 +289,25 @@ class ThreadedPublisher:
     async def _publish(
         self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
     ) -> None:
-        for attempt in (1, 2):
-            try:
-                target = await self._exchange(exchange)
-                await target.publish(
-                    message, routing_key, mandatory=mandatory, timeout=self._confirm_timeout_s
-                )
-                return
-            except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError):
-                raise  # the broker's answer (unroutable, nacked): retrying would not change it
-            except (aio_pika.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-                if attempt == 2:
-                    raise
-                # The robust connection restores the channel in the background; wait for it.
-                log.warning("event publisher link lost (%s); retrying once restored", exc)
-                assert self._channel is not None
-                await asyncio.wait_for(self._channel.ready(), self._confirm_timeout_s)
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            for attempt in (1, 2):
+                try:
+                    target = await self._exchange(exchange)
+                    await target.publish(
+                        message, routing_key, mandatory=mandatory, timeout=self._confirm_timeout_s
+                    )
+                    return
+                except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError):
+                    raise  # the broker's answer (unroutable, nacked): a retry would not change it
+                except (aio_pika.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+                    if attempt == 2:
+                        raise
+                    # The robust connection restores the channel in the background; wait for it.
+                    log.warning("event publisher link lost (%s); retrying once restored", exc)
+                    assert self._channel is not None
+                    await asyncio.wait_for(self._channel.ready(), self._confirm_timeout_s)
+        finally:
+            self._in_flight.discard(task)

@@ -534,3 +534,37 @@ def test_job_queue_is_declared_with_at_least_once_dead_lettering(
         assert "x-dead-letter-strategy" in info.value.reply_text
     finally:
         conn.close()
+
+
+def test_publisher_close_waits_for_confirms_in_flight(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's ThreadedPublisher pipelines confirms; close() right after a burst still lets
+    every publish reach the broker and resolve, instead of dropping the ones in flight."""
+    from facefleet.amqp import ThreadedPublisher
+    from facefleet.wire import EVENTS_EXCHANGE, EventPayload, utcnow
+
+    client_for(env, monkeypatch).close()
+    job_id = str(uuid.uuid4())
+    conn = pika.BlockingConnection(pika.URLParameters(env.amqp_url))
+    ch = conn.channel()
+    queue = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(queue, EVENTS_EXCHANGE, f"job.{job_id}.#")
+    publisher = ThreadedPublisher(env.amqp_url, "test-publisher")
+    publisher.start()
+    futures = [
+        publisher.publish_event(
+            JobEvent(job_id=job_id, seq=n, type="progress", ts=utcnow(), payload=EventPayload())
+        )
+        for n in range(1, 201)
+    ]
+    publisher.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    seqs = []
+    for _ in range(200):
+        method, _props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        seqs.append(JobEvent.decode(body).seq)
+    conn.close()
+    assert seqs == list(range(1, 201))  # all of them, in publish order
