@@ -25,7 +25,7 @@ from typing_extensions import Unpack
 from facefleet.amqp import connect, declare_topology, publish_event
 from facefleet.journal import JobJournal
 from facefleet.management import ManagementUnavailable, read_queues
-from facefleet.settings import ProducerSettings
+from facefleet.settings import ProducerSettings, SettingsError
 from facefleet.storage import Storage, StorageError
 from facefleet.wire import (
     CONTENT_TYPE,
@@ -117,7 +117,10 @@ def build_request(
 
 def tier_max_length(settings: ProducerSettings, tier: str) -> int | None:
     """The tier's max_length from the settings' tier specs (None for a tier they do not know)."""
-    return next((spec.max_length for spec in settings.tiers() if spec.name == tier), None)
+    try:
+        return settings.tier_spec(tier).max_length
+    except SettingsError:
+        return None
 
 
 def job_properties(request: JobRequest) -> pika.BasicProperties:
