@@ -3,26 +3,30 @@
 - `connect()` names each connection so it can be found in the management UI.
 - `declare_topology()` is the one idempotent declaration of everything in facefleet.wire; it
   feature-detects the broker (server_properties) instead of assuming a version.
-- `ThreadedPublisher` owns an aio-pika connection on its own thread and event loop, because
-  pika connections are not thread-safe and job threads must publish events with pipelined
-  confirms while the consumer connection's thread keeps heartbeats flowing.
+- `ThreadedPublisher` owns a pika SelectConnection on its own thread, because pika
+  connections are not thread-safe and job threads must publish events with pipelined confirms
+  while the consumer connection's thread keeps heartbeats flowing.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import contextlib
 import logging
 import threading
+import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-import aio_pika.abc
-import aio_pika.exceptions
 import pika
+import pika.channel
 import pika.exceptions
+import pika.frame
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.select_connection import IOLoop
 
 from facefleet.wire import (
     CONTENT_TYPE,
@@ -165,46 +169,85 @@ def as_message(body: bytes, props: pika.BasicProperties) -> aio_pika.Message:
     )
 
 
+class PublishUnroutable(RuntimeError):
+    """The broker returned a mandatory message: no queue is bound for its routing key."""
+
+
+class PublishNacked(RuntimeError):
+    """The broker nacked a message (an internal error of the queue, or a full tier)."""
+
+
+class PublishLost(ConnectionError):
+    """The link dropped before the broker confirmed, twice, or the publisher is closed."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    mandatory: bool
+    future: Future[None]
+    sent_at: float = 0.0
+    attempts: int = 0
+    returned: bool = False
+
+
 class ThreadedPublisher:
-    """Confirmed publishing from any thread, through one aio-pika connection on its own loop.
+    """Confirmed publishing from any thread, through one pika SelectConnection on its own thread.
 
-    Why a private event loop: job threads must publish with confirms while the consumer
+    Why a thread of its own: job threads must publish with confirms while the consumer
     connection's thread keeps heartbeats flowing, and pika connections are not thread-safe.
-    Why aio-pika rather than a blocking pika channel: confirms are pipelined. A blocking channel
-    waits a broker round trip per message, so one job's `started` queued behind another job's
-    `completed`; here many publishes wait for their confirms at once and a job waits only for
-    its own.
+    Why confirms are pipelined: a blocking channel waits a broker round trip per message, so one
+    job's `started` queued behind another job's `completed`; here every publish is written at
+    once and resolves its Future when the broker's (possibly multiple) ack arrives. Why pika's
+    SelectConnection rather than aio-pika: the same pipelining at about a third of the CPU per
+    message (bench: 0.08 vs 0.28 ms), and the worker publishes every event of every job.
 
-    Order is kept: requests reach the loop in call order (call_soon_threadsafe is FIFO) and each
-    writes its frames under the channel's FIFO lock before awaiting its confirm, so the messages
-    of one job reach the broker in the order they were published.
+    Order is kept: requests are written in call order (one FIFO, drained on the I/O thread), so
+    the messages of one job reach the broker in the order they were published. A link lost
+    before the confirm resends the unconfirmed messages, in order, once the connection is back;
+    a message that loses its link twice fails with PublishLost (the journal's outbox republishes
+    it later). Unroutable mandatory messages fail with PublishUnroutable, nacks with PublishNacked.
     """
 
     def __init__(
         self, url: str, name: str, *, confirm_timeout_s: float = 30.0, reconnect_s: float = 1.0
     ) -> None:
-        self._url = url
+        self._params = pika.URLParameters(url)
+        self._params.client_properties = {"connection_name": name, "product": "facefleet"}
         self._name = name
         self._confirm_timeout_s = confirm_timeout_s
         self._reconnect_s = reconnect_s
-        self._loop = asyncio.new_event_loop()
+        self._ioloop = IOLoop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"{name}-publisher", daemon=True
+            target=self._ioloop.start, name=f"{name}-publisher", daemon=True
         )
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
-        self._in_flight: set[asyncio.Task[None]] = set()
-        """Publish tasks awaiting their confirms; touched on the loop's thread only."""
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        """Requests not yet written (call order); appended from any thread under _lock."""
+        # The rest is touched on the I/O thread only.
+        self._connection: pika.SelectConnection | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._next_tag = 0
+        self._unconfirmed: dict[int, _Pending] = {}
+        self._opened = threading.Event()
+        self._open_error: BaseException | None = None
+        self._closing = False
+        self._closed = threading.Event()
+
+    # --- any thread ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect (raises if the broker does not answer within 30 s)."""
         self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=30)
-        except BaseException:
+        self._ioloop.add_callback_threadsafe(self._connect)
+        self._ioloop.add_callback_threadsafe(self._expire_loop)
+        if not self._opened.wait(30) or self._open_error is not None:
+            error = self._open_error or TimeoutError("no answer from the broker within 30 s")
             self._stop_loop()
-            raise
+            raise PublishLost(f"event publisher could not connect: {error}") from error
 
     def publish(
         self,
@@ -229,13 +272,18 @@ class ThreadedPublisher:
         *,
         mandatory: bool = True,
     ) -> Future[None]:
-        """Hand a publish to the loop; the Future resolves on the broker's confirm and fails
-        with aio-pika's PublishError (unroutable), DeliveryError (nacked) or a connection
-        error after one retry on a restored connection."""
-        message = as_message(body, properties)
-        fut = asyncio.run_coroutine_threadsafe(
-            self._publish(exchange, routing_key, message, mandatory), self._loop
-        )
+        """Hand a publish to the I/O thread; the Future resolves on the broker's confirm."""
+        fut: Future[None] = Future()
+        item = _Pending(exchange, routing_key, body, properties, mandatory, fut)
+        with self._lock:
+            if self._closing:
+                fut.set_exception(PublishLost("the publisher is closed"))
+                return fut
+            self._queue.append(item)
+            wake = len(self._queue) == 1
+        if wake:
+            # One wake-up per burst: the drain on the I/O thread takes everything queued.
+            self._ioloop.add_callback_threadsafe(self._drain)
         return fut
 
     def publish_event(self, event: JobEvent) -> Future[None]:
@@ -250,64 +298,189 @@ class ThreadedPublisher:
         """Wait (bounded) for publishes still awaiting their confirms, then disconnect."""
         if not self._thread.is_alive():
             return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(timeout_s), self._loop).result(
-                timeout=2 * timeout_s
-            )
+        with self._lock:
+            self._closing = True
+        deadline = time.monotonic() + timeout_s
+        self._ioloop.add_callback_threadsafe(lambda: self._close_when_settled(deadline))
+        self._closed.wait(timeout_s + 5)
         self._stop_loop()
 
-    async def _shutdown(self, timeout_s: float) -> None:
-        """On the loop: let the publishes in flight get their confirms first."""
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
-        if self._connection is not None:
-            await self._connection.close()
-
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        with contextlib.suppress(Exception):
+            self._ioloop.add_callback_threadsafe(self._ioloop.stop)
         self._thread.join(10)
 
-    async def _open(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self._url,
-            client_properties={"connection_name": self._name, "product": "facefleet"},
-            reconnect_interval=self._reconnect_s,
-        )
-        self._channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
+    # --- I/O thread ----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._connection = pika.SelectConnection(
+            self._params,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
         )
 
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            assert self._channel is not None
-            # By name only: declaring is declare_topology()'s job.
-            exchange = await self._channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
+    def _on_open_error(self, _conn: pika.SelectConnection, error: BaseException | str) -> None:
+        if not self._opened.is_set():
+            self._open_error = error if isinstance(error, BaseException) else RuntimeError(error)
+            self._opened.set()
+            return
+        log.warning("event publisher could not reconnect (%s); retrying", error)
+        self._ioloop.call_later(self._reconnect_s, self._connect)
 
-    async def _publish(
-        self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
-        try:
-            for attempt in (1, 2):
-                try:
-                    target = await self._exchange(exchange)
-                    await target.publish(
-                        message, routing_key, mandatory=mandatory, timeout=self._confirm_timeout_s
-                    )
+    def _on_connection_open(self, conn: pika.SelectConnection) -> None:
+        conn.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._on_ready(channel))
+
+    def _on_ready(self, channel: pika.channel.Channel) -> None:
+        self._channel = channel
+        self._next_tag = 0
+        self._opened.set()
+        self._drain()
+
+    def _on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
+        self._channel = None
+        conn = self._connection
+        if conn is not None and conn.is_open and not self._closing:
+            # A channel error (e.g. a publish to a missing exchange): fail what it took down,
+            # then carry on with a fresh channel.
+            log.warning("event publisher channel closed (%s); reopening", reason)
+            self._requeue_unconfirmed(reason)
+            conn.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_closed(self, _conn: pika.SelectConnection, reason: BaseException) -> None:
+        self._channel = None
+        self._connection = None
+        if self._closing:
+            self._fail_all(PublishLost(f"publisher closed: {reason}"))
+            self._closed.set()
+            return
+        log.warning("event publisher link lost (%s); resending once restored", reason)
+        self._requeue_unconfirmed(reason)
+        self._ioloop.call_later(self._reconnect_s, self._connect)
+
+    def _requeue_unconfirmed(self, reason: BaseException) -> None:
+        """Put unconfirmed messages back at the front, in order; the second loss fails them."""
+        retry = []
+        for _tag, item in sorted(self._unconfirmed.items()):
+            if item.attempts >= 2:
+                _resolve(item, PublishLost(f"link lost twice before the confirm: {reason}"))
+            else:
+                retry.append(item)
+        self._unconfirmed.clear()
+        with self._lock:
+            self._queue.extendleft(reversed(retry))
+
+    def _drain(self) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return  # written once the channel is (re)opened
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._queue:
                     return
-                except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError):
-                    raise  # the broker's answer (unroutable, nacked): a retry would not change it
-                except (aio_pika.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-                    if attempt == 2:
-                        raise
-                    # The robust connection restores the channel in the background; wait for it.
-                    log.warning("event publisher link lost (%s); retrying once restored", exc)
-                    assert self._channel is not None
-                    await asyncio.wait_for(self._channel.ready(), self._confirm_timeout_s)
-        finally:
-            self._in_flight.discard(task)
+                item = self._queue.popleft()
+            if item.future.done():
+                continue
+            item.attempts += 1
+            item.sent_at = now
+            item.returned = False
+            self._next_tag += 1
+            self._unconfirmed[self._next_tag] = item
+            channel.basic_publish(
+                item.exchange, item.routing_key, item.body, item.properties, item.mandatory
+            )
+
+    def _on_return(
+        self,
+        _channel: pika.channel.Channel,
+        method: pika.spec.Basic.Return,
+        _props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        # basic.return carries no delivery tag; it precedes the message's ack, so the returned
+        # message is the oldest unconfirmed one with this exchange, key and body.
+        for _tag, item in sorted(self._unconfirmed.items()):
+            if (
+                not item.returned
+                and item.exchange == method.exchange
+                and item.routing_key == method.routing_key
+                and item.body == body
+            ):
+                item.returned = True
+                return
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        tags = [t for t in self._unconfirmed if t <= tag] if method.multiple else [tag]
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        for t in sorted(tags):
+            item = self._unconfirmed.pop(t, None)
+            if item is None:
+                continue
+            if item.returned:
+                _resolve(item, PublishUnroutable(f"{item.exchange}/{item.routing_key}: unroutable"))
+            elif nacked:
+                _resolve(item, PublishNacked(f"{item.exchange}/{item.routing_key}: nacked"))
+            else:
+                _resolve(item, None)
+        if self._closing:
+            self._close_if_settled()
+
+    def _expire_loop(self) -> None:
+        """Fail publishes the broker has not confirmed within confirm_timeout_s."""
+        cutoff = time.monotonic() - self._confirm_timeout_s
+        for tag, item in list(self._unconfirmed.items()):
+            if item.sent_at < cutoff:
+                del self._unconfirmed[tag]
+                _resolve(item, TimeoutError(f"no confirm within {self._confirm_timeout_s} s"))
+        self._ioloop.call_later(1.0, self._expire_loop)
+
+    def _close_when_settled(self, deadline: float) -> None:
+        self._close_if_settled()
+        if not self._closed.is_set():
+            self._ioloop.call_later(max(0.0, deadline - time.monotonic()), self._force_close)
+
+    def _close_if_settled(self) -> None:
+        with self._lock:
+            queued = bool(self._queue)
+        if queued or self._unconfirmed:
+            return
+        self._force_close()
+
+    def _force_close(self) -> None:
+        if self._closed.is_set():
+            return
+        conn = self._connection
+        if conn is not None and conn.is_open:
+            conn.close()  # _on_connection_closed fails what is left and sets _closed
+        elif conn is not None and conn.is_closing:
+            return
+        else:
+            self._fail_all(PublishLost("publisher closed before the broker answered"))
+            self._closed.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for item in self._unconfirmed.values():
+            _resolve(item, error)
+        self._unconfirmed.clear()
+        with self._lock:
+            items, self._queue = list(self._queue), collections.deque()
+        for item in items:
+            _resolve(item, error)
+
+
+def _resolve(item: _Pending, error: BaseException | None) -> None:
+    if item.future.done():
+        return
+    if error is None:
+        item.future.set_result(None)
+    else:
+        item.future.set_exception(error)
