@@ -99,11 +99,13 @@ class JobJournal:
             payload=payload or EventPayload(),
         )
         line = event.encode() + b"\n"
-        with open(self.path, "ab") as fh:
-            fh.write(line)
-            fh.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
             if self.fsync:
-                os.fdatasync(fh.fileno())
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
         # Under the lock the cache was just refreshed to the file; extend it instead of re-reading.
         self._cache = [*events, event]
         self._cache_size = max(self._cache_size, 0) + len(line)
@@ -178,7 +180,12 @@ class JobClaim:
                 return False
         # No fsync: a lease lost in a node crash only means the job is takeable sooner.
         tmp = self.path.with_name(f".claim.{self.token}.tmp")
-        tmp.write_text(json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()}))
+        data = json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()})
+        try:
+            tmp.write_text(data)
+        except FileNotFoundError:  # nothing of the job was written yet
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(data)
         os.replace(tmp, self.path)
         return True
 

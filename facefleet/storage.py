@@ -44,6 +44,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_synced(path: Path, text: str) -> None:
+    """Create, write and fsync a file through one descriptor (no buffered-file overhead)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_durable(path: Path, data: bytes) -> None:
     """Write a file so that after return it survives a crash: temp file, fsync, rename, fsync dir."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -116,10 +126,10 @@ class Storage:
     # --- jobs --------------------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
+        """The job's directory (not created: readers of a job nobody wrote must not make one;
+        writers go through `job_lock`, which creates it)."""
         uuid.UUID(job_id)  # never let a job id become a path traversal
-        path = self.root / "jobs" / job_id
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.root / "jobs" / job_id
 
     def result_dir(self, output_uri_prefix: str, job_id: str) -> Path:
         """Deterministic result directory of a job: <prefix>/<job_id>/."""
@@ -128,7 +138,9 @@ class Storage:
         return base / job_id
 
     def request_cancel(self, job_id: str, reason: str) -> None:
-        write_durable(self.job_dir(job_id) / "cancel", reason.encode())
+        path = self.job_dir(job_id)
+        path.mkdir(parents=True, exist_ok=True)
+        write_durable(path / "cancel", reason.encode())
 
     def cancel_reason(self, job_id: str) -> str | None:
         path = self.root / "jobs" / job_id / "cancel"
@@ -140,7 +152,12 @@ class Storage:
     @contextlib.contextmanager
     def job_lock(self, job_id: str) -> Iterator[None]:
         """Exclusive lock over one job's journal and claim, across processes (flock)."""
-        fd = os.open(self.job_dir(job_id) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = self.job_dir(job_id) / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the job's first writer
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -162,11 +179,14 @@ class Storage:
         Returns False if another delivery of the same job committed first (its result wins and
         this one is discarded), which is how a redelivered job avoids a second completion.
         """
-        (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for item in work_dir.iterdir():
-            if item.is_file():
-                with open(item, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _write_synced(work_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        for item in os.scandir(work_dir):
+            if item.is_file() and item.name != "manifest.json":
+                fd = os.open(item.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         fsync_dir(work_dir)
         try:
             os.rename(work_dir, result_dir)
