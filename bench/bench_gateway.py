@@ -15,26 +15,51 @@ What it does (all on loopback, bounded in sockets, events and time):
 4. publishes `--rate` progress events/s round-robin over the jobs straight to the events stream
    for `--duration` s (as workers would), each stamped with its publish time; then one
    `completed` event per job, which makes the gateway close every socket with 1000;
-5. every client records publish->receipt latency of each frame; the parent prints p50/p99/max,
-   delivered/expected frames, and memory per connection.
+5. every client parses every frame, checks that each socket gets its job's seqs exactly
+   1, 2, 3, ... (no gap, duplicate or reordering) and records publish->receipt latency of each
+   progress frame; the parent prints p50/p99/max, delivered/expected frames, seq-order errors,
+   memory per connection and the CPU of the gateway, the broker and the publisher, and exits 1
+   unless every frame arrived in order and every socket closed 1000.
+
+`--no-direct-send` runs the gateway with every frame through ASGI send (the live path before
+direct writes), for an A/B on the same host and hour.
 
 The event timestamp is taken right before the publish, so latency = broker routing + stream
 delivery + gateway fan-out + WebSocket send + client receive, with everything (broker, gateway,
 clients, publisher) sharing the same 2 cores.
 
-Results (2026-11-21, 2 shared cores, RabbitMQ 3.10.8, Python 3.11 + uvloop, `--client-procs 2`,
-20 s at 1,000 events/s, every run delivered every expected frame and closed all sockets 1000):
+Results (2026-12-02, this host: 2 shared cores, RabbitMQ 3.10.8, Python 3.11.7 + uvloop,
+`--client-procs 2`, 20 s per run; each ASGI run is `--no-direct-send` a few minutes from the
+direct run beside it; every run delivered every expected frame, in seq order on every socket,
+and closed all 10,000 sockets 1000):
 
-    sockets  jobs    subs/job  frames/s  p50 ms  p99 ms  max ms  gateway CPU  RSS/conn
-    10,000   1,000   10        10,000    5.0     11.0    20.1    0.49 core    39 KB
-    10,000   1,000   10        10,000    5.4     41.2    59.1    0.52 core    39 KB
-    10,000   1,000   10        10,000    5.7     25.3    34.3    0.57 core    39 KB
-    10,000   10,000  1         1,000     3.6      6.5    15.1    0.39 core    40 KB
+    live path  events/s  frames/s  p50 ms  p99 ms  max ms  gateway CPU  broker CPU  RSS/conn
+    asgi       1,000     10,000    5.4     10.1    22.3    0.57 core    0.29 core   39.6 KB
+    asgi       1,000     10,000    5.3     14.2    27.3    0.56 core    0.30 core   39.6 KB
+    direct     1,000     10,000    4.2      8.9    27.2    0.33 core    0.25 core   40.0 KB
+    direct     1,000     10,000    4.2      8.6    23.7    0.33 core    0.26 core   40.0 KB
+    direct     1,000     10,000    4.4     37.6    68.2    0.34 core    0.29 core   40.0 KB
+    asgi       2,000     20,000    2,625   5,475   5,505   0.67 core    0.66 core   39.6 KB
+    direct     2,000     20,000    89      522     581     0.58 core    0.65 core   40.0 KB
 
-Gateway RSS: 71 MB idle, 454 MB with 10,000 sockets. Before `tune_gc()` (app.py) full
+Direct writes cut the gateway's CPU per fanned-out frame from ~57 to ~33 µs (stream consumer
+included). What is left (py-spy, 1,000 events/s): ~30% in `transport.write` itself (on
+loopback the send syscall also runs the receiving socket's TCP path), ~25% uvloop's own loop,
+~15% the stream consumer (aiormq frames, aio-pika message objects and tasks, pydantic decode),
+~3% uvicorn's keepalive pings. At 2,000 events/s the whole machine is busy (gateway 0.58 +
+broker 0.65 + publisher 0.42 + clients ~0.35 core): the ASGI path saturates, the direct path
+keeps p99 at about half a second.
+
+The 2026-12-01 saturation at 1,000 events/s (p50 7.3 s, p99 9.0 s, with 0.71 core at 500
+events/s) did not reproduce on 2026-12-02: the unchanged ASGI path ran p99 9.3-14 ms at 0.50-0.57
+core, so that day's host was about half as fast or contended. On such a host the direct path's
+figures should look like this host's 2,000 events/s row: goal likely missed by ~2x.
+
+Gateway RSS: 70 MB idle, ~460 MB with 10,000 sockets. Before `tune_gc()` (app.py) full
 collections over the ~millions of per-connection objects paused the loop for 0.2-0.8 s and p99
-was 0.36-1.2 s; with a full-library client (websockets) instead of the minimal one below, the
-clients took the CPU the gateway needed and p99 was 0.9 s.
+was 0.36-1.2 s. The clients are bare asyncio.Protocols (below) because they share the cores with
+the gateway: a full-library client (websockets) took the CPU the gateway needed (p99 0.9 s on
+2026-11-21), and the earlier StreamReader client about 10% more than this one.
 """
 
 from __future__ import annotations
@@ -95,83 +120,157 @@ def percentile(values: list[float], q: float) -> float:
 # --- client process ------------------------------------------------------------------------------
 
 
-async def client_main(args: argparse.Namespace) -> None:
-    """Open this process's share of sockets, record latencies until every socket is closed.
+class _Stats:
+    """What one client process saw, over all its sockets."""
 
-    A minimal RFC 6455 client (handshake, unmasked server frames, masked pongs) instead of a
-    full library: the clients share the 2 cores with the gateway and the broker, and every
-    cycle they spend parsing is a cycle taken from the system under test."""
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.frames = 0
+        self.order_errors: list[str] = []
+        self.closes: dict[int, int] = {}
+
+
+class _Subscriber(asyncio.Protocol):
+    """One WebSocket subscriber on a bare asyncio.Protocol: a minimal RFC 6455 client
+    (handshake, unmasked server frames, masked pongs and close echo) that still checks what
+    matters: every text frame is parsed as JSON, must belong to its job, and its seq must be
+    exactly the previous one + 1 (no gap, no duplicate, no reordering) from 1 on.
+
+    A callback per read instead of stream readers and a task per socket: the clients share the
+    2 cores with the gateway and the broker, and every cycle they spend is one taken from the
+    system under test (the StreamReader client took about twice the CPU)."""
+
+    def __init__(self, job_id: str, token: str, port: int, stats: _Stats) -> None:
+        self.job_id = job_id
+        self.token = token
+        self.port = port
+        self.stats = stats
+        self.buf = b""
+        self.open = False
+        self.last_seq = 0
+        self.code: int | None = None
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is one by behaviour
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            (
+                f"GET /v1/jobs/{self.job_id}/events HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        if not self.open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            if b" 101 " not in buf[: buf.find(b"\r\n")]:
+                self._fail(RuntimeError(f"handshake refused: {buf[:80]!r}"))
+                return
+            self.open = True
+            pos = end + 4
+            hello = json.dumps({"token": self.token, "after_seq": 0}).encode()
+            assert self.transport is not None
+            self.transport.write(_client_frame(0x1, hello))
+            self.opened.set_result(None)
+        size = len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if size - pos < head + length:
+                break
+            payload = buf[pos + head : pos + head + length]
+            pos += head + length
+            self._frame(b0 & 0x0F, payload)
+        self.buf = buf[pos:]
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        assert self.transport is not None
+        if opcode == 0x1:
+            now = time.time()
+            stats = self.stats
+            stats.frames += 1
+            event = json.loads(payload)
+            seq = event["seq"]
+            if seq != self.last_seq + 1 or event["job_id"] != self.job_id:
+                stats.order_errors.append(f"{self.job_id}: seq {seq} after {self.last_seq}")
+            self.last_seq = seq
+            if event["type"] == "progress":
+                stats.latencies.append(now - datetime.fromisoformat(event["ts"]).timestamp())
+        elif opcode == 0x9:
+            self.transport.write(_client_frame(0xA, payload))
+        elif opcode == 0x8:
+            self.code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.transport.write(_client_frame(0x8, payload[:2]))
+            self.transport.close()
+
+    def _fail(self, exc: Exception) -> None:
+        for fut in (self.opened, self.done):
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        code = self.code if self.code is not None else 1006
+        self.stats.closes[code] = self.stats.closes.get(code, 0) + 1
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed before the handshake ({exc!r})"))
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def client_main(args: argparse.Namespace) -> None:
+    """Open this process's share of sockets, record latencies until every socket is closed."""
     raise_fd_limit()
     plan: list[tuple[str, str]] = json.loads(Path(args.plan).read_text())
-    latencies: list[float] = []
-    frames = 0
-    closes: dict[int, int] = {}
-    connected = 0
+    loop = asyncio.get_running_loop()
+    stats = _Stats()
     gate = asyncio.Semaphore(100)
-    all_connected = asyncio.Event()
 
-    async def one(job_id: str, token: str) -> None:
-        nonlocal frames, connected
+    async def one(job_id: str, token: str) -> _Subscriber:
         async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.1", args.port)
-            key = base64.b64encode(os.urandom(16)).decode()
-            writer.write(
-                (
-                    f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
-                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                ).encode()
+            _, sub = await loop.create_connection(
+                lambda: _Subscriber(job_id, token, args.port, stats), "127.0.0.1", args.port
             )
-            head = await reader.readuntil(b"\r\n\r\n")
-            if b" 101 " not in head.split(b"\r\n", 1)[0]:
-                raise RuntimeError(f"handshake refused: {head[:80]!r}")
-            writer.write(_client_frame(0x1, json.dumps({"token": token, "after_seq": 0}).encode()))
-        connected += 1
-        if connected == len(plan):
-            all_connected.set()
-        code = 1006
-        try:
-            while True:
-                b0, b1 = await reader.readexactly(2)
-                length = b1 & 0x7F
-                if length == 126:
-                    length = int.from_bytes(await reader.readexactly(2), "big")
-                elif length == 127:
-                    length = int.from_bytes(await reader.readexactly(8), "big")
-                payload = await reader.readexactly(length)
-                opcode = b0 & 0x0F
-                if opcode == 0x1:
-                    now = time.time()
-                    frames += 1
-                    if b'"type":"progress"' in payload:
-                        at = payload.index(b'"ts":"') + 6
-                        stamp = payload[at : payload.index(b'"', at)].decode()
-                        latencies.append(now - datetime.fromisoformat(stamp).timestamp())
-                elif opcode == 0x9:
-                    writer.write(_client_frame(0xA, payload))
-                elif opcode == 0x8:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                    writer.write(_client_frame(0x8, payload[:2]))
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-        closes[code] = closes.get(code, 0) + 1
+            await sub.opened
+        return sub
 
-    tasks = [asyncio.create_task(one(job_id, token)) for job_id, token in plan]
-    await asyncio.wait_for(all_connected.wait(), args.connect_timeout)
+    subs = await asyncio.wait_for(
+        asyncio.gather(*(one(job_id, token) for job_id, token in plan)), args.connect_timeout
+    )
     print("connected", flush=True)
-    done, pending = await asyncio.wait(tasks, timeout=args.duration + 120)
-    for task in pending:
-        task.cancel()
-    errors = [repr(t.exception()) for t in done if t.exception() is not None][:3]
+    done, pending = await asyncio.wait([s.done for s in subs], timeout=args.duration + 120)
+    errors = [repr(f.exception()) for f in done if f.exception() is not None][:3]
     Path(args.out).write_text(
         json.dumps(
             {
-                "latencies": latencies,
-                "frames": frames,
-                "closes": closes,
+                "latencies": stats.latencies,
+                "frames": stats.frames,
+                "closes": stats.closes,
                 "errors": errors,
+                "order_errors": len(stats.order_errors),
+                "order_examples": stats.order_errors[:3],
                 "unfinished": len(pending),
             }
         )
@@ -263,6 +362,11 @@ def main() -> int:
     parser.add_argument("--connect-timeout", type=float, default=180.0)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (gateway log)")
     parser.add_argument(
+        "--no-direct-send",
+        action="store_true",
+        help="run the gateway with every frame through ASGI send (the path before direct writes)",
+    )
+    parser.add_argument(
         "--amqp-url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     )
     parser.add_argument(
@@ -308,7 +412,8 @@ def drive(args: argparse.Namespace) -> int:
     )
     gateway_log = open(work / "gateway.log", "wb")  # noqa: SIM115
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "facefleet.cli", "gateway", "--port", str(port)],
+        [sys.executable, "-m", "facefleet.cli", "gateway", "--port", str(port)]
+        + (["--no-direct-send"] if args.no_direct_send else []),
         env=env,
         stdout=gateway_log,
         stderr=subprocess.STDOUT,
@@ -382,9 +487,10 @@ def drive(args: argparse.Namespace) -> int:
             f"connected {args.sockets} sockets in {connect_s:.1f}s; gateway reports {gauge:.0f}",
             flush=True,
         )
-        cpu0 = _cpu_s(gateway.pid)
+        broker = _broker_pid()
+        cpu0, broker0, self0 = _cpu_s(gateway.pid), _cpu_s(broker), _self_cpu_s()
         sent, actual_s = asyncio.run(publish(args.amqp_url, jobs, args.rate, args.duration))
-        cpu1 = _cpu_s(gateway.pid)
+        cpu1, broker1, self1 = _cpu_s(gateway.pid), _cpu_s(broker), _self_cpu_s()
         clients_cpu = sum(_cpu_s(proc.pid) for proc in clients)
         lag = _histogram(port, "facefleet_gateway_event_lag_seconds")
         for proc in clients:
@@ -401,6 +507,7 @@ def drive(args: argparse.Namespace) -> int:
             gateway.kill()
         _delete_queue(args.amqp_url, tier)
     latencies = [x for r in results for x in r["latencies"]]
+    order_errors = sum(r["order_errors"] for r in results)
     frames = sum(r["frames"] for r in results)
     closes: dict[str, int] = {}
     for r in results:
@@ -410,6 +517,7 @@ def drive(args: argparse.Namespace) -> int:
     expected = int((sent + 2 * args.jobs) * subs_per_job)  # progress + queued + completed
     report = {
         "sockets": args.sockets,
+        "live_path": "asgi" if args.no_direct_send else "direct",
         "jobs": args.jobs,
         "subscribers_per_job": subs_per_job,
         "events_published": sent,
@@ -429,10 +537,15 @@ def drive(args: argparse.Namespace) -> int:
         },
         "memory_per_connection_kb": round((loaded - baseline) / args.sockets / 1024, 1),
         "gateway_cpu_during_publish": round((cpu1 - cpu0) / actual_s, 2),
+        "broker_cpu_during_publish": round((broker1 - broker0) / actual_s, 2) if broker else None,
+        "publisher_cpu_during_publish": round((self1 - self0) / actual_s, 2),
         "client_procs_cpu_total_s": round(clients_cpu, 1),
         "stream_to_gateway_lag_ms": {q: round(_quantile(lag, q) * 1000, 1) for q in ("p50", "p99")},
         "close_codes": closes,
         "client_errors": [e for r in results for e in r["errors"]][:3],
+        "seq_order_errors": order_errors,
+        "seq_order_examples": [e for r in results for e in r["order_examples"]][:3],
+        "unfinished_sockets": sum(r["unfinished"] for r in results),
         "fd_limit": fd_limit,
     }
     print(json.dumps(report, indent=2))
@@ -440,7 +553,8 @@ def drive(args: argparse.Namespace) -> int:
         print(f"kept {work} (gateway.log, plans, per-client results)")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if frames == expected else 1
+    ok = frames == expected and order_errors == 0 and closes == {"1000": args.sockets}
+    return 0 if ok else 1
 
 
 def _metric(port: int, name: str) -> float:
@@ -475,7 +589,28 @@ def _quantile(buckets: list[tuple[float, float]], q: str) -> float:
     return float("nan")
 
 
-def _cpu_s(pid: int) -> float:
+def _self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _broker_pid() -> int | None:
+    """The local RabbitMQ node (beam.smp running rabbit), read-only, for its CPU share."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"beam.smp" in cmdline and b"rabbit" in cmdline:
+            return int(proc.name)
+    return None
+
+
+def _cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

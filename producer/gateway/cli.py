@@ -1,9 +1,11 @@
 """`facefleet gateway`: load GatewaySettings, build the app, serve it with uvicorn.
 
 uvicorn options that matter at 10,000 sockets: the sans-I/O websockets protocol (flow control:
-a slow client blocks its own sender, never the loop), no per-message deflate (a zlib context per
-socket costs more memory than everything else together), pings every heartbeat_s, and no access
-log by default (a WebSocket URL may carry a job token).
+a slow client blocks its own sender, never the loop), extended to let caught-up subscribers get
+pre-encoded frames written directly (`direct.py`; `--no-direct-send` turns that off), no
+per-message deflate (a zlib context per socket costs more memory than everything else together,
+and direct writes need plain frames), pings every heartbeat_s, and no access log by default (a
+WebSocket URL may carry a job token).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def register(sub: Any, name: str) -> None:
     p.add_argument("--host", help="listen address (FACEFLEET_GATEWAY_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (FACEFLEET_GATEWAY_PORT, default 8080)")
     p.add_argument("--access-log", action="store_true", help="log every request (may log tokens)")
+    p.add_argument(
+        "--no-direct-send",
+        action="store_true",
+        help="send every WebSocket frame through ASGI (slower; for comparison and diagnosis)",
+    )
     p.set_defaults(func=run)
 
 
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from producer.gateway.app import create_app, tune_gc
+    from producer.gateway.direct import protocol_class
 
     app = create_app(settings)
     tune_gc()  # a process-wide choice, so made here and not in the app factory
@@ -49,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         app,
         host=settings.gateway_host,
         port=settings.gateway_port,
-        ws="websockets-sansio",
+        ws=protocol_class(direct=not args.no_direct_send),
         ws_ping_interval=settings.heartbeat_s,
         ws_ping_timeout=settings.heartbeat_s,
         ws_per_message_deflate=False,

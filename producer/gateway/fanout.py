@@ -1,8 +1,11 @@
 """One events-stream consumer per gateway process, fanned out to per-job subscriber sets.
 
-Live path. A single aio-pika consumer (`StreamTail`) reads facefleet.events.log and hands each
-event of a job that has subscribers to their bounded inboxes (`Subscriber`). Events of jobs
-nobody watches are skipped on the routing key alone, without decoding, so the cost per event is
+Live path. A single aio-pika consumer (`StreamTail`) reads facefleet.events.log and offers each
+event of a job that has subscribers to them (`Subscriber`). The event is decoded and framed once;
+a subscriber that is caught up gets the frame bytes written straight to its socket from this
+callback (`direct.py`), one that is replaying, behind a gap or on a server without direct writes
+gets it in its bounded inbox for its session to send through ASGI. Events of jobs nobody watches
+are skipped on the routing key alone, without decoding, so the cost per event is
 O(subscribers of that job), not O(connections). The tail remembers the stream offset it reached
 and re-attaches exactly there after a broker hiccup, so a reconnect loses nothing.
 
@@ -24,8 +27,9 @@ including a restart mid-job served from the stream alone.
 
 Subscribers register *before* history is loaded, so an event is either already in the loaded
 history or arrives live: no gap is possible; `SeqOrderer` removes the overlap. A subscriber whose
-inbox is full is marked dropped and its inbox is emptied at once, so a slow client costs at most
-`ws_send_queue` frames.
+inbox is full, or whose socket holds more unsent bytes than the transport's high-water mark plus
+`ws_send_queue` frames, is marked dropped and its inbox is emptied at once, so a slow client
+costs bounded memory.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ from facefleet.journal import JobJournal
 from facefleet.storage import Storage
 from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
 from producer.aio import server_features
+from producer.gateway.direct import FrameSink, encode_text_frame
 from producer.gateway.metrics import GatewayMetrics
-from producer.watch import stream_arguments
+from producer.watch import SeqOrderer, stream_arguments
 
 log = logging.getLogger(__name__)
 
@@ -58,50 +63,115 @@ ACK_EVERY = 100
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One event, encoded once and shared by every subscriber of its job."""
+    """One event, encoded once and shared by every subscriber of its job: `text` for the ASGI
+    path, `wire` (the whole WebSocket frame) for direct writes."""
 
     seq: int
     text: str
     terminal: bool
+    wire: bytes
 
     @classmethod
     def of(cls, event: JobEvent, text: str | None = None) -> Frame:
-        return cls(event.seq, text if text is not None else event.encode().decode(), event.terminal)
+        if text is None:
+            text = event.encode().decode()
+        return cls(event.seq, text, event.terminal, encode_text_frame(text.encode()))
 
 
 class Signal(enum.Enum):
     """Out-of-band items in a subscriber's inbox."""
 
     DROPPED = "dropped"
-    """The inbox overflowed: the client is too slow."""
+    """The inbox overflowed, or the socket's write buffer did: the client is too slow."""
     DISCONNECTED = "disconnected"
     """The client went away."""
+    ENDED = "ended"
+    """The terminal frame was written directly: the session closes with 1000."""
+
+
+class Delivery(enum.Enum):
+    """What `Subscriber.offer` did with a frame."""
+
+    WRITTEN = "written"
+    """Written straight to the client's socket (caught up, direct writes armed)."""
+    QUEUED = "queued"
+    """Put in the inbox; the session sends it through ASGI (replay, gaps, no direct sink)."""
+    SKIPPED = "skipped"
+    """A duplicate of a frame already written."""
+    REFUSED = "refused"
+    """The subscriber is dropped or its connection is closing."""
 
 
 class Subscriber:
-    """A client's bounded inbox for one job's live events."""
+    """A client's live events for one job: written directly once it is caught up, otherwise
+    queued in a bounded inbox for its session.
 
-    __slots__ = ("dropped", "inbox", "job_id")
+    `orderer` is the single authority on what the client has been given, for both paths. Direct
+    writes are armed by the session (`arm`) only while its inbox is empty and nothing waits
+    behind a gap, and only between its awaited ASGI sends, so the two paths never interleave.
+    Only the next seq is written directly; a duplicate is skipped, and anything else (a gap, a
+    terminal event at or before after_seq) disarms and goes to the session's ordered path.
+    """
 
-    def __init__(self, job_id: str, maxsize: int) -> None:
+    __slots__ = ("dropped", "inbox", "job_id", "last_sent", "maxsize", "orderer", "sink")
+
+    def __init__(self, job_id: str, maxsize: int, after_seq: int = 0) -> None:
         self.job_id = job_id
+        self.maxsize = maxsize
         self.inbox: asyncio.Queue[Frame | Signal] = asyncio.Queue(maxsize)
         self.dropped = False
+        self.orderer: SeqOrderer[Frame] = SeqOrderer(after_seq)
+        self.last_sent = after_seq
+        """Seq of the last frame handed to the client's socket, by either path."""
+        self.sink: FrameSink | None = None
 
-    def offer(self, frame: Frame) -> bool:
-        """Queue a frame; on overflow mark the subscriber dropped and free its inbox."""
+    def arm(self, sink: FrameSink) -> None:
+        """Write live frames straight to `sink` from now on (the session is caught up)."""
+        if not self.dropped and self.inbox.empty() and not self.orderer.holding:
+            self.sink = sink
+
+    def offer(self, frame: Frame) -> Delivery:
+        """Write the frame directly when armed and it is the next one; else queue it, and on
+        overflow mark the subscriber dropped and free its inbox."""
         if self.dropped:
-            return False
+            return Delivery.REFUSED
+        sink = self.sink
+        if sink is not None:
+            if frame.seq == self.orderer.next_seq:
+                return self._write(sink, frame)
+            if frame.seq < self.orderer.next_seq and not frame.terminal:
+                return Delivery.SKIPPED
+            self.sink = None
         try:
             self.inbox.put_nowait(frame)
-            return True
+            return Delivery.QUEUED
         except asyncio.QueueFull:
-            self.dropped = True
-            self.signal(Signal.DROPPED)
-            return False
+            self._drop()
+            return Delivery.REFUSED
+
+    def _write(self, sink: FrameSink, frame: Frame) -> Delivery:
+        # A client is as far behind as the inbox path allows: the transport's high-water mark
+        # (where an ASGI send would wait) plus `maxsize` frames like this one.
+        if sink.buffered() > sink.high_water + self.maxsize * len(frame.wire):
+            self._drop()
+            return Delivery.REFUSED
+        if not sink.write_frame(frame.wire):
+            self.sink = None  # closing: the session hears it from its disconnect watcher
+            return Delivery.REFUSED
+        self.orderer.push(frame)
+        self.last_sent = frame.seq
+        if frame.terminal:
+            self.signal(Signal.ENDED)
+        return Delivery.WRITTEN
+
+    def _drop(self) -> None:
+        self.dropped = True
+        self.signal(Signal.DROPPED)
 
     def signal(self, signal: Signal) -> None:
-        """Replace whatever is queued by `signal`: the sender acts on it next."""
+        """Replace whatever is queued by `signal` and stop direct writes: the sender acts on it
+        next."""
+        self.sink = None
         while not self.inbox.empty():
             self.inbox.get_nowait()
         self.inbox.put_nowait(signal)
@@ -257,12 +327,13 @@ class Fanout:
 
     # --- live fan-out --------------------------------------------------------------------------
 
-    def subscribe(self, job_id: str, maxsize: int) -> Subscriber:
-        sub = Subscriber(job_id, maxsize)
+    def subscribe(self, job_id: str, maxsize: int, after_seq: int = 0) -> Subscriber:
+        sub = Subscriber(job_id, maxsize, after_seq)
         self._topics.setdefault(job_id, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
+        sub.sink = None
         subs = self._topics.get(sub.job_id)
         if subs is not None:
             subs.discard(sub)
@@ -295,8 +366,13 @@ class Fanout:
         event, text = decoded
         self.metrics.lag.observe(max(0.0, time.time() - event.ts.timestamp()))
         shared = Frame.of(event, text)
+        written = 0
         for sub in tuple(subs):
-            sub.offer(shared)
+            if sub.offer(shared) is Delivery.WRITTEN:
+                written += 1
+        if written:
+            self.metrics.fanned_out.inc(written)
+            self.metrics.direct_frames.inc(written)
 
     # --- history -------------------------------------------------------------------------------
 

@@ -18,6 +18,11 @@ class GatewayMetrics:
             "Event frames sent to WebSocket clients",
             registry=r,
         )
+        self.direct_frames = Counter(
+            "facefleet_gateway_direct_frames",
+            "Event frames written straight to a caught-up client's socket (of fanned_out)",
+            registry=r,
+        )
         self.stream_events = Counter(
             "facefleet_gateway_stream_events",
             "Events read by the shared stream consumer",

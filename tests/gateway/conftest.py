@@ -111,7 +111,10 @@ class GatewayWorld:
     full_tier: str
     gateways: list[Gateway] = field(default_factory=list)
 
-    def start_gateway(self, *, port: int | None = None, **extra: str) -> Gateway:
+    def start_gateway(
+        self, *, port: int | None = None, args: tuple[str, ...] = (), **extra: str
+    ) -> Gateway:
+        """A gateway process; `args` go to `facefleet gateway`, `extra` are env overrides."""
         port = port or free_port()
         log = self.env.data_root.parent / f"gateway-{port}-{len(self.gateways)}.log"
         defaults = {
@@ -125,7 +128,7 @@ class GatewayWorld:
         variables = self.env.vars(**{**defaults, **extra})  # `extra` may override a default
         fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "facefleet.cli", "gateway", "--port", str(port)],
+            [sys.executable, "-m", "facefleet.cli", "gateway", "--port", str(port), *args],
             env=variables,
             stdout=fh,
             stderr=subprocess.STDOUT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -402,6 +403,68 @@ def test_two_replicas_serve_the_same_job(
     other.stop()
 
 
+# --- the live path: direct writes and the ASGI fallback --------------------------------------------
+
+
+def _follow_synthetic_job(gw: Gateway, amqp_url: str, *, clients: int, events: int) -> None:
+    """`clients` subscribers of one synthetic job (events published straight to the stream, each
+    progress event twice, as a republishing outbox would) get seq 1..events+1 exactly once, in
+    order, then close 1000."""
+    job_id = str(uuid.uuid4())
+    token = TokenSigner(SECRET, 600).issue(job_id)
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(connect(gw.ws_url(job_id, token=token), open_timeout=10))
+            for _ in range(clients)
+        ]
+        deadline = time.monotonic() + 20
+        while _subscribers(gw) < clients and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # past the (empty) stream history read: LIVE and caught up
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for seq in range(1, events + 2):
+            kind = "completed" if seq == events + 1 else "progress"
+            event = JobEvent(job_id=job_id, seq=seq, type=kind, ts=utcnow())
+            publish_event(ch, event)
+            if kind == "progress":
+                publish_event(ch, event)  # a duplicate: must not reach anyone twice
+        conn.close()
+        for ws in sockets:
+            got: list[dict[str, Any]] = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    got.append(json.loads(ws.recv(timeout=30)))
+            assert seqs(got) == list(range(1, events + 2))
+            assert got[-1]["type"] == "completed"
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+
+
+def test_caught_up_subscribers_get_live_frames_written_directly(
+    world: GatewayWorld, amqp_url: str
+) -> None:
+    gw = world.start_gateway()
+    _follow_synthetic_job(gw, amqp_url, clients=10, events=300)
+    direct = gw.metric("facefleet_gateway_direct_frames_total")
+    # Everything after the subscribers went LIVE is written directly; duplicates never are.
+    assert 0 < direct <= 10 * 301
+    assert gw.metric("facefleet_gateway_events_fanned_out_total") == 10 * 301
+    gw.stop()
+
+
+def test_without_direct_writes_every_frame_goes_through_asgi(
+    world: GatewayWorld, amqp_url: str
+) -> None:
+    """`--no-direct-send` (and any server that does not advertise the extension): same frames,
+    same order, same close, all through ASGI send."""
+    gw = world.start_gateway(args=("--no-direct-send",))
+    _follow_synthetic_job(gw, amqp_url, clients=3, events=50)
+    assert gw.metric("facefleet_gateway_direct_frames_total") == 0
+    assert gw.metric("facefleet_gateway_events_fanned_out_total") == 3 * 51
+    gw.stop()
+
+
 # --- slow clients ----------------------------------------------------------------------------------
 
 
@@ -421,6 +484,7 @@ def test_slow_client_is_dropped_with_4008(world: GatewayWorld, amqp_url: str) ->
     ch.confirm_delivery()
     with connect(gw.ws_url(job_id, token=token), sock=sock, max_size=1 << 20) as ws:
         time.sleep(2.5)  # subscribed and past the (empty) history read, so only slowness counts
+        rss_before = rss_mb(gw)
         blob = "x" * 8000
         for seq in range(1, 1501):
             event = JobEvent(
@@ -442,6 +506,11 @@ def test_slow_client_is_dropped_with_4008(world: GatewayWorld, amqp_url: str) ->
     assert "after_seq=" in closed.value.rcvd.reason
     assert received < 1500
     assert gw.metric("facefleet_gateway_slow_clients_dropped_total") == 1
+    # It was dropped on the direct path: its socket's write buffer, not an inbox, overflowed.
+    assert gw.metric("facefleet_gateway_direct_frames_total") > 0
+    # 12 MB were published for it; the gateway held at most its transport's high-water mark
+    # plus 4 frames of them (the kernel's socket buffer holds the rest, outside the process).
+    assert rss_mb(gw) - rss_before < 6
     gw.stop()
 
 
@@ -670,6 +739,13 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def rss_mb(gw: Gateway) -> float:
+    for line in Path(f"/proc/{gw.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
 
 
 def _subscribers(gw: Gateway) -> int:

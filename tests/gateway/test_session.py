@@ -48,8 +48,8 @@ class FakeHistoryFanout(Fanout):
         self.calls = 0
         self.subscribers: list[Subscriber] = []
 
-    def subscribe(self, job_id: str, maxsize: int) -> Subscriber:
-        sub = super().subscribe(job_id, maxsize)
+    def subscribe(self, job_id: str, maxsize: int, after_seq: int = 0) -> Subscriber:
+        sub = super().subscribe(job_id, maxsize, after_seq)
         self.subscribers.append(sub)
         return sub
 

@@ -15,6 +15,12 @@ Protocol (client's view):
 Each connection is a `ClientSession` whose state moves AUTHENTICATING -> REPLAYING -> LIVE ->
 CLOSED only (an illegal move is a bug and raises). Heartbeats are WebSocket pings sent by
 uvicorn (`heartbeat_s`); a peer that stops answering is closed and unsubscribed.
+
+Replay goes through ASGI `send()`. Once LIVE and caught up (inbox empty, no gap), a session on
+a server that offers direct writes (`direct.sink_of`) arms its subscriber, and the stream tail
+writes each next frame straight to the socket; the session task sleeps until a signal (the
+terminal frame was written, too slow, gone) or a frame that needs the ordered path (a gap)
+arrives, sends that through ASGI, and re-arms.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from producer.gateway.app import Gateway
 from producer.gateway.auth import JobClaims, TokenError
+from producer.gateway.direct import FrameSink, sink_of
 from producer.gateway.fanout import Frame, HistoryUnavailable, Signal, Subscriber
 from producer.watch import SeqOrderer
 
@@ -77,8 +84,13 @@ class ClientSession:
         self.gw = gw
         self.job_id = job_id
         self.state = SessionState.AUTHENTICATING
-        self.last_sent = 0
+        self.sub: Subscriber | None = None
         self.gap_retried = False
+
+    @property
+    def last_sent(self) -> int:
+        """Seq of the last frame given to the client (what it should resume after)."""
+        return self.sub.last_sent if self.sub is not None else 0
 
     def move(self, new: SessionState) -> None:
         if new not in _MOVES[self.state]:
@@ -94,7 +106,8 @@ class ClientSession:
         except _Refused as exc:
             await self.close(exc.code, exc.reason)
             return
-        sub = self.gw.fanout.subscribe(self.job_id, self.gw.settings.ws_send_queue)
+        sub = self.gw.fanout.subscribe(self.job_id, self.gw.settings.ws_send_queue, after_seq)
+        self.sub = sub
         self.gw.metrics.connections.inc()
         watcher = asyncio.create_task(self._watch_disconnect(sub))
         try:
@@ -154,8 +167,7 @@ class ClientSession:
 
     async def _serve(self, sub: Subscriber, claims: JobClaims, after_seq: int) -> None:
         self.move(SessionState.REPLAYING)
-        orderer: SeqOrderer[Frame] = SeqOrderer(after_seq)
-        self.last_sent = after_seq
+        orderer = sub.orderer
         since = datetime.fromtimestamp(claims.iat, UTC)
         history = await self._history(since)
         if history is None or await self._push(orderer, history):
@@ -163,10 +175,16 @@ class ClientSession:
         if orderer.holding and await self._fill_gap(orderer, since):
             return
         self.move(SessionState.LIVE)
+        sink = self._direct_sink()
         while True:
+            if sink is not None:
+                sub.arm(sink)  # only takes when caught up: inbox empty, nothing behind a gap
             item = await sub.inbox.get()
             if item is Signal.DISCONNECTED:
                 self.move(SessionState.CLOSED)
+                return
+            if item is Signal.ENDED:
+                await self.close(Close.NORMAL, "job ended")
                 return
             if item is Signal.DROPPED:
                 self.gw.metrics.dropped_slow.inc()
@@ -180,6 +198,10 @@ class ClientSession:
                 return
             if orderer.holding and await self._fill_gap(orderer, since):
                 return
+
+    def _direct_sink(self) -> FrameSink | None:
+        """The connection's direct-write sink, if the server offers one (`direct.py`)."""
+        return sink_of(self.ws.scope)
 
     async def _history(self, since: datetime) -> list[Frame] | None:
         """The job's history, or None after closing with 1011 when it cannot be read."""
@@ -231,7 +253,8 @@ class ClientSession:
             except SEND_ERRORS:
                 self.move(SessionState.CLOSED)
                 return True
-            self.last_sent = frame.seq
+            if self.sub is not None:
+                self.sub.last_sent = frame.seq
             self.gw.metrics.fanned_out.inc()
             if frame.terminal:
                 await self.close(Close.NORMAL, "job ended")
