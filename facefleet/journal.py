@@ -180,12 +180,12 @@ class JobClaim:
                 return False
         # No fsync: a lease lost in a node crash only means the job is takeable sooner.
         tmp = self.path.with_name(f".claim.{self.token}.tmp")
-        data = json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()})
+        record = json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()})
         try:
-            tmp.write_text(data)
+            tmp.write_text(record)
         except FileNotFoundError:  # nothing of the job was written yet
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(data)
+            tmp.write_text(record)
         os.replace(tmp, self.path)
         return True
 
