@@ -234,6 +234,11 @@ class Fanout:
         self._replays: dict[str, _Replay] = {}
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._features: BrokerFeatures | None = None
+        self._history_connection: aio_pika.abc.AbstractConnection | None = None
+        """History reads open and close a channel each; they get a connection of their own, so
+        a channel-level race there (RabbitMQ answers some with a connection error) can never
+        take the live tail down with it."""
+        self._history_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._attached = asyncio.Event()
         self._unacked = 0
@@ -275,6 +280,10 @@ class Fanout:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._close_connection()
+        history, self._history_connection = self._history_connection, None
+        if history is not None and not history.is_closed:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                await history.close()
         if self.state is not TailState.STOPPED:
             self._set_state(TailState.STOPPED)
 
@@ -424,10 +433,11 @@ class Fanout:
     async def _read_stream(
         self, job_id: str, since: datetime | None, stop: int | None
     ) -> list[Frame]:
-        conn = self._connection
-        if conn is None or conn.is_closed or self._features is None:
+        if self._features is None:
             raise HistoryUnavailable("the events stream is not reachable")
+        conn = await self._history()
         loop = asyncio.get_running_loop()
+        closing = False
         found: dict[int, Frame] = {}
         done = asyncio.Event()
         last_seen = loop.time()
@@ -435,6 +445,8 @@ class Fanout:
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal last_seen, unacked
+            if closing:
+                return  # in flight while the channel closes: acking it now is a protocol error
             last_seen = loop.time()
             unacked += 1
             if unacked >= ACK_EVERY:
@@ -468,9 +480,25 @@ class Fanout:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), 0.05)
         finally:
+            closing = True
             with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, OSError):
                 await channel.close()
         return [found[seq] for seq in sorted(found)]
+
+    async def _history(self) -> aio_pika.abc.AbstractConnection:
+        """The connection history reads use, (re)opened on demand."""
+        async with self._history_lock:
+            conn = self._history_connection
+            if conn is None or conn.is_closed:
+                try:
+                    conn = await aio_pika.connect(
+                        self.amqp_url,
+                        client_properties={"connection_name": f"{self.name}-history"},
+                    )
+                except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+                    raise HistoryUnavailable(f"the events stream is not reachable: {exc}") from exc
+                self._history_connection = conn
+            return conn
 
 
 def _job_of(routing_key: str | None) -> str | None:

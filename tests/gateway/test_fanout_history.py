@@ -1,0 +1,64 @@
+"""Stream history reads run on a connection of their own (real broker, no gateway process).
+
+A history read opens and closes a channel per job; RabbitMQ answers some channel-level races
+with a *connection* error. On the tail's connection that would drop every live subscriber's
+feed and make /readyz 503; on its own connection it costs at most that one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pika
+import pytest
+
+from facefleet.amqp import connect, declare_topology
+from facefleet.wire import EVENTS_EXCHANGE, EventPayload, JobEvent, utcnow
+from producer.gateway.fanout import Fanout
+from producer.gateway.metrics import GatewayMetrics
+
+pytestmark = pytest.mark.integration
+
+
+def publish(amqp_url: str, job_id: str, seqs: range) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for seq in seqs:
+        ev = JobEvent(job_id=job_id, seq=seq, type="progress", ts=utcnow(), payload=EventPayload())
+        ch.basic_publish(EVENTS_EXCHANGE, f"job.{job_id}.progress", ev.encode())
+    conn.close()
+
+
+def test_history_reads_survive_the_loss_of_their_connection_and_never_touch_the_tail(
+    amqp_url: str,
+) -> None:
+    conn = connect(amqp_url, "test-topology")
+    declare_topology(conn, [])
+    conn.close()
+    job_id = str(uuid.uuid4())
+    since = datetime.now(UTC)
+    publish(amqp_url, job_id, range(1, 4))
+
+    async def scenario() -> tuple[list[int], list[int], bool, bool]:
+        fanout = Fanout(amqp_url, None, GatewayMetrics(), replay_idle_s=0.3)
+        await fanout.start()
+        try:
+            assert await fanout.wait_attached(20)
+            first = await fanout.stream_history(job_id, since=since, stop=None)
+            history = fanout._history_connection
+            separate = history is not None and history is not fanout._connection
+            assert history is not None
+            await history.close()  # as if the broker had closed it with a channel error
+            second = await fanout.stream_history(job_id, since=since, stop=None)
+            return [f.seq for f in first], [f.seq for f in second], separate, fanout.ready
+        finally:
+            await fanout.stop()
+
+    first, second, separate, tail_ready = asyncio.run(scenario())
+    assert first == [1, 2, 3]
+    assert second == [1, 2, 3]
+    assert separate
+    assert tail_ready
