@@ -81,6 +81,10 @@ def retry_in_process(tier: TierSpec, held_s: float, delay_s: float) -> bool:
     return held_s + delay_s + tier.max_job_s <= tier.hold_budget_s()
 
 
+CLAIM_POLL_S = 0.25
+"""How often a delivery waiting for another worker's claim tries again (a non-blocking flock)."""
+
+
 def claim_wait_s(tier: TierSpec) -> float:
     """Longest wait for another worker's claim on a job: whatever of the hold budget one
     full-length attempt after the wait leaves."""
@@ -223,7 +227,7 @@ class JobRunner:
             log.info("job %s already ended (%s); acking duplicate delivery", job.job_id, done.type)
             self.metrics.duplicates.labels(tier).inc()
             return "ack"
-        claim = JobClaim(self.storage, job.job_id, self.name, lease_s=self.settings.lease_s)
+        claim = JobClaim(self.storage, job.job_id, self.name)
         if not self._wait_for_claim(claim, delivery):
             return "give_back"
         self.claims[job.job_id] = claim
@@ -241,9 +245,8 @@ class JobRunner:
         not draining and while a full-length run after the wait still fits the hold budget."""
         limit = claim_wait_s(self.tier)
         while True:
-            with self.storage.job_lock(claim.job_id):
-                if claim.try_acquire():
-                    return True
+            if claim.try_acquire():
+                return True
             if self.draining.is_set():
                 return False
             if time.monotonic() - delivery.received_at > limit:
@@ -253,7 +256,7 @@ class JobRunner:
                     limit,
                 )
                 return False
-            time.sleep(min(1.0, self.settings.lease_s / 5))
+            time.sleep(CLAIM_POLL_S)
 
     def attempts_so_far(self, journal: JobJournal) -> int:
         """Failed attempts of a job: its `retrying` events (on any worker, any delivery)."""
@@ -528,13 +531,6 @@ class JobRunner:
                 self.storage.request_cancel(req.job_id, req.reason)
         except (OSError, ValueError) as exc:
             log.warning("could not persist cancel of %s: %s", req.job_id, exc)
-
-    def renew_leases(self) -> None:
-        for claim in list(self.claims.values()):
-            try:
-                claim.renew()
-            except OSError as exc:
-                log.warning("lease renewal failed for %s: %s", claim.job_id, exc)
 
 
 def _first_death_reason(headers: dict[str, Any]) -> str:

@@ -6,7 +6,6 @@ Threads (pika connections are not thread-safe, and GPU work must never block hea
     job threads      one per concurrency slot, running consumer.runner.JobRunner: decode, claim,
                      process, commit the result, emit events
     publisher        ThreadedPublisher: events and dead letters, with confirms
-    lease renewer    touches the claims of running jobs
     health server    /healthz, /readyz, /metrics
 
 Life cycle (WorkerState): STARTING -> READY -> DRAINING -> STOPPED. SIGTERM moves to DRAINING:
@@ -139,8 +138,6 @@ class Worker:
             signal.signal(signal.SIGINT, self.request_shutdown)
         self.processor.warm_up()
         self.publisher.start()
-        renewer = threading.Thread(target=self._renew_leases, name="lease-renewer", daemon=True)
-        renewer.start()
         backoff = 1.0
         while not self._draining.is_set():
             try:
@@ -351,8 +348,3 @@ class Worker:
             time.sleep(1.0)
         finally:
             self._finish(ch, delivery, action)
-
-    def _renew_leases(self) -> None:
-        while self.state != WorkerState.STOPPED:
-            self.runner.renew_leases()
-            time.sleep(max(0.2, self.settings.lease_s / 3))

@@ -14,13 +14,12 @@ second terminal event.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from facefleet.storage import Storage
@@ -141,60 +140,60 @@ class JobJournal:
         self._settle(events, publish)
 
 
-@dataclass(frozen=True)
-class Claim:
-    worker: str
-    token: str
-
-
 class JobClaim:
-    """A lease on a job so two deliveries of it (duplicate submit, redelivery) never run at once.
+    """Who runs a job: an exclusive flock on jobs/<id>/claim, held from claim to ack.
 
-    The holder renews the lease by touching claim.json; a holder that died (kill -9) stops
-    renewing and the claim becomes takeable after lease_s. A live claim is never broken: the
-    second delivery waits instead, then finds the job finished and is acked without a second run.
+    Two deliveries of one job (a duplicate submit, a redelivery while the first worker still
+    runs it) never run at once: the second fails to take the lock and waits, then finds the job
+    finished and is acked without a second run. Why a held lock rather than a renewed lease
+    file: the kernel drops it the moment the holder's process dies (kill -9, OOM kill), so a
+    redelivered job is taken over at once instead of a lease period later, and nothing has to
+    renew it. The data root needs working cross-node flock anyway (`Storage.job_lock`).
+    The file is never unlinked: a waiter could otherwise lock an inode nobody else sees.
     """
 
-    def __init__(self, storage: Storage, job_id: str, worker: str, *, lease_s: float) -> None:
+    def __init__(self, storage: Storage, job_id: str, worker: str) -> None:
         self.storage = storage
         self.job_id = job_id
-        self.path = storage.job_dir(job_id) / "claim.json"
+        self.path = storage.job_dir(job_id) / "claim"
         self.worker = worker
-        self.lease_s = lease_s
-        self.token = os.urandom(8).hex()
+        self._fd: int | None = None
 
-    def holder(self) -> tuple[dict[str, Any], float] | None:
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who took the claim last (for people: it stays after the holder is gone)."""
         try:
-            data = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
+            data: dict[str, Any] = json.loads(self.path.read_bytes() or b"null")
         except (FileNotFoundError, ValueError):
             return None
-        return data, age
+        return data
 
     def try_acquire(self) -> bool:
-        """Take the claim if it is free or stale; call under the job lock."""
-        current = self.holder()
-        if current is not None:
-            data, age = current
-            if data.get("token") != self.token and age < self.lease_s:
-                return False
-        # No fsync: a lease lost in a node crash only means the job is takeable sooner.
-        tmp = self.path.with_name(f".claim.{self.token}.tmp")
-        record = json.dumps({"worker": self.worker, "token": self.token, "pid": os.getpid()})
+        """Take the claim unless another live holder has it; never blocks."""
+        if self._fd is not None:
+            return True
         try:
-            tmp.write_text(record)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # nothing of the job was written yet
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(record)
-        os.replace(tmp, self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        # Who holds it, for people; no fsync: the lock, not this record, is the claim.
+        record = json.dumps({"worker": self.worker, "pid": os.getpid(), "at": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        self._fd = fd
         return True
 
-    def renew(self) -> None:
-        current = self.holder()
-        if current is not None and current[0].get("token") == self.token:
-            os.utime(self.path)
-
     def release(self) -> None:
-        current = self.holder()
-        if current is not None and current[0].get("token") == self.token:
-            Path(self.path).unlink(missing_ok=True)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

@@ -261,8 +261,6 @@ class WorkerSettings(CommonSettings):
     dead-lettered."""
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
-    lease_s: float = 15.0
-    """A job's claim expires this long after its worker stops renewing it (crash)."""
     health_host: str = "127.0.0.1"
     health_port: int = 9464
     """HTTP port for /healthz, /readyz and /metrics; 0 disables it."""

@@ -4,7 +4,7 @@ Layout under FACEFLEET_DATA_ROOT (a shared volume in Kubernetes):
 
     uploads/<sha256[:16]>/<name>      media copied in by `facefleet submit` / the gateway
     jobs/<job_id>/events.jsonl        the job's event journal (facefleet.journal)
-    jobs/<job_id>/claim.json          lease of the worker running the job
+    jobs/<job_id>/claim               flock held by the worker running the job (+ who it is)
     jobs/<job_id>/cancel              cancellation marker
     results/<job_id>/                 the result files + manifest.json, renamed into place whole
 

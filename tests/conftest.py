@@ -75,7 +75,6 @@ class Env:
             FACEFLEET_TIERS=json.dumps(self.tiers),
             FACEFLEET_TIER=self.tier,
             FACEFLEET_RETRY_BASE_S="0.2",
-            FACEFLEET_LEASE_S="3",
             FACEFLEET_PROGRESS_INTERVAL_S="0.2",
         )
         env.update(extra)

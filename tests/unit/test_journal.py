@@ -5,8 +5,11 @@ Publishing goes to a fake (a list); the real broker path is covered in tests/spi
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -65,13 +68,44 @@ def test_nothing_is_appended_after_a_terminal_event(storage: Storage) -> None:
     assert journal.terminal() is not None
 
 
-def test_a_live_claim_is_respected_and_a_stale_one_is_taken_over(storage: Storage) -> None:
+def test_a_live_claim_is_respected_and_a_released_one_is_taken_over(storage: Storage) -> None:
     job = str(uuid.uuid4())
-    first = JobClaim(storage, job, "w1", lease_s=0.5)
-    second = JobClaim(storage, job, "w2", lease_s=0.5)
+    first = JobClaim(storage, job, "w1")
+    second = JobClaim(storage, job, "w2")
     assert first.try_acquire()
     assert not second.try_acquire()
-    time.sleep(0.7)  # w1 died: it stopped renewing
+    assert (first.holder() or {}).get("worker") == "w1"
+    assert (first.holder() or {}).get("pid") == os.getpid()
+    first.release()
     assert second.try_acquire()
     first.release()  # a late release by the old holder must not free w2's claim
-    assert not JobClaim(storage, job, "w3", lease_s=0.5).try_acquire()
+    assert not JobClaim(storage, job, "w3").try_acquire()
+    second.release()
+
+
+def test_the_claim_of_a_killed_holder_is_free_at_once(storage: Storage) -> None:
+    """kill -9: the kernel drops the dead process's lock, no lease has to run out first."""
+    job = str(uuid.uuid4())
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from facefleet.journal import JobClaim\n"
+        "from facefleet.storage import Storage\n"
+        "assert JobClaim(Storage(Path(sys.argv[1])), sys.argv[2], 'doomed').try_acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(storage.root), job], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        waiter = JobClaim(storage, job, "w2")
+        assert not waiter.try_acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert waiter.try_acquire()
+        assert (waiter.holder() or {})["worker"] == "w2"
+    finally:
+        holder.kill()
+        holder.wait(10)
