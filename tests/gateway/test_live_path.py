@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -23,7 +22,15 @@ from websockets.protocol import Protocol, Side, State
 from producer.gateway import direct
 from producer.gateway.direct import DIRECT_SEND, encode_text_frame, protocol_class, sink_of
 from producer.gateway.fanout import Delivery, Frame, Signal, Subscriber
-from tests.gateway.test_session import SIGNER, FakeHistoryFanout, app_with, frame, job
+from tests.gateway.test_session import (
+    SIGNER,
+    FakeHistoryFanout,
+    app_with,
+    frame,
+    job,
+    read_until_close,
+    ws_scope,
+)
 
 
 class FakeSink:
@@ -209,21 +216,7 @@ async def converse_live(
     sent through ASGI, the close code and reason."""
     to_app: asyncio.Queue[Message] = asyncio.Queue()
     from_app: asyncio.Queue[Message] = asyncio.Queue()
-    path = f"/v1/jobs/{job_id}/events"
-    scope: dict[str, Any] = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "scheme": "ws",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "server": ("test", 80),
-        "client": ("127.0.0.1", 50000),
-        "subprotocols": [],
-        "extensions": {} if sink is None else {DIRECT_SEND: {"sink": sink}},
-    }
+    scope = ws_scope(job_id, None if sink is None else {DIRECT_SEND: {"sink": sink}})
     await to_app.put({"type": "websocket.connect"})
     task = asyncio.create_task(app(scope, to_app.get, from_app.put))
     got: list[int] = []
@@ -247,11 +240,7 @@ async def converse_live(
                     got.append(json.loads(message["text"])["seq"])
                 sub.offer(f)
                 await asyncio.sleep(0)
-            while True:
-                message = await from_app.get()
-                if message["type"] == "websocket.close":
-                    return got, message["code"], message.get("reason") or ""
-                got.append(json.loads(message["text"])["seq"])
+            return await read_until_close(from_app, got)
     finally:
         await to_app.put({"type": "websocket.disconnect", "code": 1000})
         async with asyncio.timeout(timeout_s):

@@ -75,15 +75,10 @@ def app_with(fanout: Fanout) -> FastAPI:
     return app
 
 
-async def converse(
-    app: FastAPI, job_id: str, after_seq: int, *, timeout_s: float = 5.0
-) -> tuple[list[int], int, str]:
-    """Connect, send the token and after_seq, read until the server closes: (seqs, code,
-    reason). Raises TimeoutError when the session stalls."""
-    to_app: asyncio.Queue[Message] = asyncio.Queue()
-    from_app: asyncio.Queue[Message] = asyncio.Queue()
+def ws_scope(job_id: str, extensions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ASGI scope of a WebSocket connection to the job's events route."""
     path = f"/v1/jobs/{job_id}/events"
-    scope: dict[str, Any] = {
+    return {
         "type": "websocket",
         "asgi": {"version": "3.0"},
         "scheme": "ws",
@@ -95,7 +90,18 @@ async def converse(
         "server": ("test", 80),
         "client": ("127.0.0.1", 50000),
         "subprotocols": [],
+        "extensions": extensions or {},
     }
+
+
+async def converse(
+    app: FastAPI, job_id: str, after_seq: int, *, timeout_s: float = 5.0
+) -> tuple[list[int], int, str]:
+    """Connect, send the token and after_seq, read until the server closes: (seqs, code,
+    reason). Raises TimeoutError when the session stalls."""
+    to_app: asyncio.Queue[Message] = asyncio.Queue()
+    from_app: asyncio.Queue[Message] = asyncio.Queue()
+    scope = ws_scope(job_id)
     await to_app.put({"type": "websocket.connect"})
     task = asyncio.create_task(app(scope, to_app.get, from_app.put))
     try:
@@ -109,16 +115,22 @@ async def converse(
                     "text": json.dumps({"token": token, "after_seq": after_seq}),
                 }
             )
-            got: list[int] = []
-            while True:
-                message = await from_app.get()
-                if message["type"] == "websocket.close":
-                    return got, message["code"], message.get("reason") or ""
-                got.append(json.loads(message["text"])["seq"])
+            return await read_until_close(from_app, [])
     finally:
         await to_app.put({"type": "websocket.disconnect", "code": 1000})
         async with asyncio.timeout(timeout_s):
             await task
+
+
+async def read_until_close(
+    from_app: asyncio.Queue[Message], got: list[int]
+) -> tuple[list[int], int, str]:
+    """Collect the seqs the app sends until it closes: (seqs, close code, reason)."""
+    while True:
+        message = await from_app.get()
+        if message["type"] == "websocket.close":
+            return got, message["code"], message.get("reason") or ""
+        got.append(json.loads(message["text"])["seq"])
 
 
 def run(coro: Any) -> Any:
