@@ -38,6 +38,7 @@ from facefleet.settings import ProducerSettings
 from facefleet.wire import EVENTS_STREAM, JobEvent, JobRequest, job_queue
 from producer.aio import AsyncJobClient
 from producer.sdk import JobClient
+from producer.watch import BatchAcker, close_stream_consumer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,8 +145,10 @@ class CompletedCounter:
         ch = conn.channel()
         ch.basic_qos(prefetch_count=2000)
 
+        acks = BatchAcker(ch)
+
         def on_msg(c: Any, method: Any, _p: Any, body: bytes) -> None:
-            c.basic_ack(method.delivery_tag)
+            acks.took(method.delivery_tag)
             if method.routing_key.endswith(".completed"):
                 ev = JobEvent.decode(body)
                 if ev.job_id in self.job_ids and ev.job_id not in self.done:
@@ -156,7 +159,8 @@ class CompletedCounter:
         self.ready.set()
         while not self.stop.is_set():
             conn.process_data_events(time_limit=0.1)
-        conn.close()
+            acks.flush()
+        close_stream_consumer(conn)
 
 
 async def _submit_async(requests: list[JobRequest], window: int) -> None:
