@@ -159,10 +159,6 @@ class JobClaim:
         self.worker = worker
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def holder(self) -> dict[str, Any] | None:
         """Who took the claim last (for people: it stays after the holder is gone)."""
         try:
@@ -175,11 +171,7 @@ class JobClaim:
         """Take the claim unless another live holder has it; never blocks."""
         if self._fd is not None:
             return True
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # nothing of the job was written yet
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self.storage.open_job_file(self.job_id, self.path.name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

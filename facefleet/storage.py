@@ -36,19 +36,24 @@ class StorageError(Exception):
         self.message = message
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path | str, *, directory: bool = False) -> None:
+    """fsync a file (or, with directory=True, a directory's entries) by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_synced(path: Path, text: str) -> None:
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, directory=True)
+
+
+def write_synced(path: Path, data: bytes) -> None:
     """Create, write and fsync a file through one descriptor (no buffered-file overhead)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -57,10 +62,7 @@ def _write_synced(path: Path, text: str) -> None:
 def write_durable(path: Path, data: bytes) -> None:
     """Write a file so that after return it survives a crash: temp file, fsync, rename, fsync dir."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_synced(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -149,15 +151,20 @@ class Storage:
         except FileNotFoundError:
             return None
 
+    def open_job_file(self, job_id: str, name: str) -> int:
+        """A descriptor (read/write, created if missing) on a file of the job's directory; the
+        job's first writer creates the directory too."""
+        path = self.job_dir(job_id) / name
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
     @contextlib.contextmanager
     def job_lock(self, job_id: str) -> Iterator[None]:
         """Exclusive lock over one job's journal and claim, across processes (flock)."""
-        lock = self.job_dir(job_id) / ".lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the job's first writer
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self.open_job_file(job_id, ".lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -179,14 +186,11 @@ class Storage:
         Returns False if another delivery of the same job committed first (its result wins and
         this one is discarded), which is how a redelivered job avoids a second completion.
         """
-        _write_synced(work_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+        write_synced(work_dir / "manifest.json", manifest_text.encode())
         for item in os.scandir(work_dir):
             if item.is_file() and item.name != "manifest.json":
-                fd = os.open(item.path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(item.path)
         fsync_dir(work_dir)
         try:
             os.rename(work_dir, result_dir)
