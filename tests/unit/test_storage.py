@@ -73,3 +73,25 @@ def test_second_commit_of_a_result_loses_and_leaves_the_first(storage: Storage) 
 def test_job_ids_cannot_become_paths(storage: Storage) -> None:
     with pytest.raises(ValueError):
         storage.job_dir("../../etc")
+
+
+def test_reading_a_job_nobody_wrote_creates_nothing(storage: Storage) -> None:
+    """Readers (the gateway's history, a status check, a duplicate delivery's terminal check)
+    must not leave a directory behind for a job id they were merely asked about."""
+    from facefleet.journal import JobClaim, JobJournal
+
+    job = str(uuid.uuid4())
+    assert JobJournal(storage, job).events() == []
+    assert JobJournal(storage, job).terminal() is None
+    assert storage.cancel_reason(job) is None
+    assert JobClaim(storage, job, "w").holder() is None
+    assert not storage.job_dir(job).exists()
+
+
+def test_the_first_writer_creates_the_job_directory(storage: Storage) -> None:
+    job = str(uuid.uuid4())
+    fd = storage.open_job_file(job, ".lock")
+    os.close(fd)
+    assert (storage.job_dir(job) / ".lock").is_file()
+    with storage.job_lock(job):  # the directory exists now: plain open, no retry
+        pass
