@@ -2,11 +2,11 @@
 
 Why a journal: events come from several processes over a job's life (the producer's `queued`,
 one or more workers' `started`/`progress`/terminal event after crashes and redeliveries). Each
-event is appended to jobs/<id>/events.jsonl under the job's flock, *then* published with a
-confirm, so that seq is gapless and strictly increasing across processes, the stream sees events
-in seq order, and an event whose publish failed is republished by the next writer (an outbox).
-Watchers may therefore see a seq twice (after a crash between confirm and watermark) but never a
-gap; they drop duplicates by seq.
+event is appended to jobs/<id>/events.jsonl under the job's flock and made durable, *then*
+published with a confirm, so that seq is gapless and strictly increasing across processes, the
+stream sees events in seq order, and an event whose publish failed is republished by the next
+writer (an outbox). Watchers may therefore see a seq twice (after a crash between confirm and
+watermark) but never a gap; they drop duplicates by seq.
 
 The journal also answers "has this job already finished?" so a redelivered job never gets a
 second terminal event.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from facefleet.storage import Storage
+from facefleet.storage import JOURNAL_FILE, Storage
 from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
 
 Publish = Callable[[JobEvent], "Future[None] | None"]
@@ -30,29 +30,58 @@ Publish = Callable[[JobEvent], "Future[None] | None"]
 
 
 class JobJournal:
+    """One job's events.jsonl: event lines, plus `{"published": N}` lines (the watermark: every
+    event up to seq N was confirmed by the broker). The file's flock is the job lock.
+
+    Writers either call `append` (lock, write, sync, publish: one event, as a job's steps go)
+    or, in a batch, hold the lock (`lock()`), `write` events, make the whole batch durable with
+    one `storage.sync()`, then `publish_written` and `settle`, and `unlock()`.
+    """
+
     def __init__(self, storage: Storage, job_id: str, *, fsync: bool = True) -> None:
         self.storage = storage
         self.job_id = job_id
         self.dir = storage.job_dir(job_id)
-        self.path = self.dir / "events.jsonl"
-        self.watermark_path = self.dir / "published"
+        self.path = self.dir / JOURNAL_FILE
         self.fsync = fsync
+        self._fd: int | None = None
+        """The journal, open for appending while this object holds the job lock."""
         self._inflight: dict[int, Future[None] | None] = {}
+        self._written: list[JobEvent] = []
+        """Events this object wrote that are not yet handed to the publisher."""
         self._cache: list[JobEvent] = []
         self._cache_size = -1
+        self._mark = 0
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Re-read the file if its size changed (through the held descriptor when locked)."""
+        fd = self._fd
+        try:
+            size = os.fstat(fd).st_size if fd is not None else self.path.stat().st_size
+        except FileNotFoundError:
+            self._cache, self._cache_size, self._mark = [], -1, 0
+            return
+        if size == self._cache_size:
+            return
+        if fd is not None:
+            data = os.pread(fd, size, 0)
+        else:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        events, mark = [], 0
+        for line in data.splitlines():
+            if line.startswith(_MARK_PREFIX):
+                mark = max(mark, int(json.loads(line)["published"]))
+            elif line.strip():
+                # Our own lines: validate as JSON in one pass (pydantic-core), no schema dispatch.
+                events.append(JobEvent.model_validate_json(line))
+        self._cache, self._cache_size, self._mark = events, len(data), mark
 
     def events(self) -> list[JobEvent]:
         """All events so far (re-read only when the file changed size)."""
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size != self._cache_size:
-            with open(self.path, "rb") as fh:
-                lines = fh.read().splitlines()
-            # Our own lines: validate as JSON in one pass (pydantic-core), no schema dispatch.
-            self._cache = [JobEvent.model_validate_json(line) for line in lines if line.strip()]
-            self._cache_size = size
+        self._refresh()
         return list(self._cache)
 
     def terminal(self) -> JobEvent | None:
@@ -61,11 +90,24 @@ class JobJournal:
                 return event
         return None
 
-    def _watermark(self) -> int:
-        try:
-            return int(self.watermark_path.read_text() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
+    # --- the job lock ---------------------------------------------------------------------------
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def lock(self) -> None:
+        """Take the job lock (blocking); several at once only in job-id order."""
+        if self._fd is None:
+            self._fd = self.storage.lock_job(self.job_id)
+
+    def unlock(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # --- writing --------------------------------------------------------------------------------
 
     def append(
         self,
@@ -73,7 +115,6 @@ class JobJournal:
         payload: EventPayload | None,
         publish: Publish,
         *,
-        locked: bool = False,
         wait: bool = True,
     ) -> JobEvent | None:
         """Append one event and publish it; None if the job already ended (nothing is written).
@@ -81,11 +122,32 @@ class JobJournal:
         wait=False returns once the event is durable in the journal and handed to the publisher
         (progress events: a GPU step never stalls on a broker round trip); the next waiting
         append, and every terminal event, first makes sure all earlier events were confirmed.
-        Call with locked=True only from inside `storage.job_lock(job_id)`.
+        Takes the job lock for the call unless this object holds it already.
         """
-        if not locked:
-            with self.storage.job_lock(self.job_id):
-                return self.append(event_type, payload, publish, locked=True, wait=wait)
+        if self._fd is None:
+            self.lock()
+            try:
+                return self.append(event_type, payload, publish, wait=wait)
+            finally:
+                self.unlock()
+        event = self.write(event_type, payload, publish)
+        if event is None:
+            return None
+        if self.fsync:
+            assert self._fd is not None
+            os.fdatasync(self._fd)
+        self.publish_written(publish)
+        if wait or event.terminal:
+            self.settle(publish)
+        return event
+
+    def write(
+        self, event_type: EventType, payload: EventPayload | None, publish: Publish
+    ) -> JobEvent | None:
+        """Under the held lock: append the job's next event, not yet synced nor published (the
+        caller syncs, then `publish_written`). None if the job already ended. Events an earlier
+        writer left unconfirmed are republished first, so the stream keeps seq order."""
+        assert self._fd is not None, "write() needs the job lock"
         events = self.events()
         self._flush_outbox(events, publish)
         if any(e.terminal for e in events):
@@ -98,26 +160,28 @@ class JobJournal:
             payload=payload or EventPayload(),
         )
         line = event.encode() + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            if self.fsync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        os.write(self._fd, line)
         # Under the lock the cache was just refreshed to the file; extend it instead of re-reading.
-        self._cache = [*events, event]
+        self._cache.append(event)
         self._cache_size = max(self._cache_size, 0) + len(line)
-        self._inflight[event.seq] = publish(event)
-        if wait or event.terminal:
-            self._settle([*events, event], publish)
+        self._written.append(event)
         return event
 
-    def _settle(self, events: list[JobEvent], publish: Publish) -> None:
-        """Wait for every in-flight publish; republish failures; advance the watermark."""
-        by_seq = {e.seq: e for e in events}
+    def publish_written(self, publish: Publish) -> None:
+        """Hand every event `write` made to the publisher, in seq order (once they are durable)."""
+        written, self._written = self._written, []
+        for event in written:
+            self._inflight[event.seq] = publish(event)
+
+    def settle(self, publish: Publish) -> None:
+        """Wait for every in-flight publish; republish failures; record the watermark."""
+        if not self._inflight:
+            return
+        by_seq = {e.seq: e for e in self._cache}
+        top = 0
         for seq in sorted(self._inflight):
             fut = self._inflight.pop(seq)
+            top = seq
             if fut is None:
                 continue
             try:
@@ -126,18 +190,38 @@ class JobJournal:
                 again = publish(by_seq[seq])
                 if again is not None:
                     again.result(timeout=60)
-        if events:
-            self.watermark_path.write_text(str(events[-1].seq))
+        self._write_mark(top)
+
+    def _write_mark(self, seq: int) -> None:
+        """A hint, not synced: if it is lost, the next writer republishes (watchers drop the
+        duplicate seq)."""
+        if seq <= self._mark:
+            return
+        line = json.dumps({"published": seq}, separators=(",", ":")).encode() + b"\n"
+        if self._fd is not None:
+            os.write(self._fd, line)
+            self._cache_size = max(self._cache_size, 0) + len(line)
+        else:
+            with self.storage.job_lock(self.job_id) as fd:
+                os.write(fd, line)
+        self._mark = seq
 
     def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
         """Republish events a crashed or failed writer left unconfirmed (not ours in flight)."""
-        mark = self._watermark()
-        pending = [e for e in events if e.seq > mark and e.seq not in self._inflight]
+        written = {e.seq for e in self._written}
+        pending = [
+            e
+            for e in events
+            if e.seq > self._mark and e.seq not in self._inflight and e.seq not in written
+        ]
         if not pending:
             return
         for event in pending:
             self._inflight[event.seq] = publish(event)
-        self._settle(events, publish)
+        self.settle(publish)
+
+
+_MARK_PREFIX = b'{"published":'
 
 
 class JobClaim:

@@ -7,7 +7,7 @@
 
 Why it shares rather than copies: the request is built by `sdk.build_request`, message
 properties come from `sdk.job_properties` / `amqp.event_properties` (converted once, below), the
-journal is the same `JobJournal` under the same `storage.job_lock`, stream arguments and ordering
+journal is the same `JobJournal` under the same job lock, stream arguments and ordering
 come from `producer.watch`. Only the transport differs.
 
 The event loop never blocks on files: the flock, the journal append (fsync) and media import run
@@ -77,24 +77,23 @@ def server_features(connection: aio_pika.abc.AbstractConnection) -> BrokerFeatur
 
 
 @contextlib.asynccontextmanager
-async def job_lock(storage: Storage, job_id: str) -> AsyncIterator[None]:
-    """`storage.job_lock` (a blocking flock) held from the event loop without blocking it.
+async def job_lock(journal: JobJournal) -> AsyncIterator[None]:
+    """The journal's job lock (a blocking flock) held from the event loop without blocking it.
 
     If the waiting task is cancelled, the lock is released as soon as the thread gets it.
     """
-    cm = storage.job_lock(job_id)
-    acquire = asyncio.ensure_future(asyncio.to_thread(cm.__enter__))
+    acquire = asyncio.ensure_future(asyncio.to_thread(journal.lock))
     try:
         await asyncio.shield(acquire)
     except asyncio.CancelledError:
         acquire.add_done_callback(
-            lambda f: None if f.cancelled() or f.exception() else cm.__exit__(None, None, None)
+            lambda f: None if f.cancelled() or f.exception() else journal.unlock()
         )
         raise
     try:
         yield
     finally:
-        await asyncio.to_thread(cm.__exit__, None, None, None)
+        await asyncio.to_thread(journal.unlock)
 
 
 class AsyncJobClient:
@@ -197,7 +196,7 @@ class AsyncJobClient:
         loop = asyncio.get_running_loop()
         journal = JobJournal(self.storage, request.job_id)
         local = self._job_locks.setdefault(request.job_id, asyncio.Lock())
-        async with local, job_lock(self.storage, request.job_id):
+        async with local, job_lock(journal):
             if await asyncio.to_thread(journal.events):
                 return SubmitResult(request.job_id, duplicate=True)
             await self._publish_job(request)
@@ -211,7 +210,6 @@ class AsyncJobClient:
                 "queued",
                 EventPayload(tier=request.tier),
                 publish_from_thread,
-                locked=True,
             )
         return SubmitResult(request.job_id, duplicate=False, request=request)
 

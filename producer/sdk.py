@@ -186,16 +186,16 @@ class JobClient:
         journal = JobJournal(self.storage, request.job_id)
         # The job lock orders us before the worker: it cannot append `started` until `queued`
         # is in, so seq 1 is always `queued`.
-        with self.storage.job_lock(request.job_id):
+        journal.lock()
+        try:
             if journal.events():
                 return SubmitResult(request.job_id, duplicate=True)
             self._publish_job(request)
             journal.append(
-                "queued",
-                EventPayload(tier=request.tier),
-                lambda ev: publish_event(self._ch(), ev),
-                locked=True,
+                "queued", EventPayload(tier=request.tier), lambda ev: publish_event(self._ch(), ev)
             )
+        finally:
+            journal.unlock()
         return SubmitResult(request.job_id, duplicate=False, request=request)
 
     def _publish_job(self, request: JobRequest) -> None:

@@ -260,7 +260,7 @@ def test_job_lock_is_released_when_the_waiter_is_cancelled(tmp_path: Path) -> No
             with pytest.raises(asyncio.CancelledError):
                 await waiter
         # the abandoned acquisition got the lock after we released it and must give it back
-        async with asyncio.timeout(10), job_lock(storage, job_id):
+        async with asyncio.timeout(10), job_lock(JobJournal(storage, job_id)):
             pass
 
     run(main())
@@ -269,5 +269,5 @@ def test_job_lock_is_released_when_the_waiter_is_cancelled(tmp_path: Path) -> No
 async def _hold(storage: Storage, job_id: str) -> None:
     from producer.aio import job_lock
 
-    async with job_lock(storage, job_id):
+    async with job_lock(JobJournal(storage, job_id)):
         await asyncio.sleep(60)

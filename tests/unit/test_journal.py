@@ -57,6 +57,44 @@ def test_an_event_whose_publish_failed_is_republished_by_the_next_writer(storage
     assert [(e.seq, e.type) for e in published] == [(1, "started"), (2, "completed")]
 
 
+def test_a_confirmed_event_is_not_republished_by_the_next_writer(storage: Storage) -> None:
+    """The watermark line records what the broker confirmed, so the outbox skips it."""
+    job = str(uuid.uuid4())
+    first: list[JobEvent] = []
+    JobJournal(storage, job, fsync=False).append("queued", None, first.append)
+    later: list[JobEvent] = []
+    JobJournal(storage, job, fsync=False).append("started", None, later.append)
+    assert [e.seq for e in first] == [1]
+    assert [e.seq for e in later] == [2]
+    lines = (storage.job_dir(job) / "events.jsonl").read_bytes().splitlines()
+    assert lines[-1] == b'{"published":2}'
+
+
+def test_a_batch_writes_under_held_locks_then_syncs_once_then_publishes(storage: Storage) -> None:
+    """The batch lane's order: write every job's event, one sync, publish in order, settle."""
+    jobs = sorted(str(uuid.uuid4()) for _ in range(5))
+    journals = [JobJournal(storage, job) for job in jobs]
+    published: list[JobEvent] = []
+    for journal in journals:
+        journal.lock()
+        assert journal.write("started", None, published.append) is not None
+    assert published == []  # nothing leaves before the sync
+    storage.sync()
+    for journal in journals:
+        journal.publish_written(published.append)
+        journal.settle(published.append)
+        journal.unlock()
+    assert [(e.job_id, e.seq, e.type) for e in published] == [(j, 1, "started") for j in jobs]
+    again: list[JobEvent] = []
+    JobJournal(storage, jobs[0], fsync=False).append("completed", None, again.append)
+    assert [(e.seq, e.type) for e in again] == [(2, "completed")]
+
+
+def test_writing_needs_the_job_lock(storage: Storage) -> None:
+    with pytest.raises(AssertionError, match="job lock"):
+        JobJournal(storage, str(uuid.uuid4())).write("started", None, lambda e: None)
+
+
 def test_nothing_is_appended_after_a_terminal_event(storage: Storage) -> None:
     job = str(uuid.uuid4())
     journal = JobJournal(storage, job, fsync=False)

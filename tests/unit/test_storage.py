@@ -90,8 +90,8 @@ def test_reading_a_job_nobody_wrote_creates_nothing(storage: Storage) -> None:
 
 def test_the_first_writer_creates_the_job_directory(storage: Storage) -> None:
     job = str(uuid.uuid4())
-    fd = storage.open_job_file(job, ".lock")
+    fd = storage.open_job_file(job, "claim")
     os.close(fd)
-    assert (storage.job_dir(job) / ".lock").is_file()
+    assert (storage.job_dir(job) / "claim").is_file()
     with storage.job_lock(job):  # the directory exists now: plain open, no retry
         pass
