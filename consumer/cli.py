@@ -17,6 +17,11 @@ def register(sub: Any, name: str) -> None:
     p.add_argument(
         "--concurrency", type=int, help="jobs at once = prefetch (FACEFLEET_CONCURRENCY)"
     )
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="short jobs: jobs per slot taken at once, one sync per step (FACEFLEET_BATCH)",
+    )
     p.add_argument("--health-port", type=int, help="0 disables (FACEFLEET_HEALTH_PORT)")
     p.set_defaults(func=run)
 
@@ -29,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             "processor": args.processor,
             "backend": args.backend,
             "concurrency": args.concurrency,
+            "batch": args.batch,
             "health_port": args.health_port,
         }.items()
         if value is not None

@@ -4,7 +4,8 @@ Threads (pika connections are not thread-safe, and GPU work must never block hea
 
     main thread      consumer connection: deliveries, heartbeats, acks (via add_callback_threadsafe)
     job threads      one per concurrency slot, running consumer.runner.JobRunner: decode, claim,
-                     process, commit the result, emit events
+                     process, commit the result, emit events; with --batch N a slot takes
+                     whatever deliveries wait (up to N) and runs them as one batch
     publisher        ThreadedPublisher: events and dead letters, with confirms
     health server    /healthz, /readyz, /metrics
 
@@ -22,6 +23,7 @@ committed result) and is acked without running again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import logging
@@ -97,6 +99,12 @@ class Worker:
         self._inflight: dict[int, str] = {}
         """Deliveries being handled (by Delivery.key) and their job ids once decoded."""
         self._inflight_lock = threading.Lock()
+        self._waiting: collections.deque[Delivery] = collections.deque()
+        """Batch lane: deliveries no slot has taken yet."""
+        self._batchers = 0
+        """Batch lane: slots taking from _waiting now (guarded by _inflight_lock)."""
+        self._unsettled: set[int] = set()
+        """Delivery tags of the current channel not yet acked or nacked (I/O thread only)."""
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
@@ -165,7 +173,8 @@ class Worker:
                 log.warning("%s", warning)
         ch = conn.channel()
         self._channel = ch
-        ch.basic_qos(prefetch_count=self.settings.concurrency)
+        self._unsettled = set()
+        ch.basic_qos(prefetch_count=self.settings.concurrency * self.settings.batch)
         if self.settings.max_jobs is None or self.received < self.settings.max_jobs:
             self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
         # Broker-side dead letters (delivery limit after crashes) get their event here.
@@ -245,6 +254,7 @@ class Worker:
         body: bytes,
     ) -> None:
         delivery = Delivery(method.delivery_tag, body, props, bool(method.redelivered))
+        self._unsettled.add(delivery.tag)
         self.last_activity = time.monotonic()
         self.received += 1
         with self._inflight_lock:
@@ -263,7 +273,15 @@ class Worker:
                 ch.basic_cancel(tag)
         if self.on_busy is not None:
             self.on_busy(True)
-        self._executor.submit(self._handle_safely, ch, delivery)
+        if self.settings.batch == 1:
+            self._executor.submit(self._handle_safely, ch, delivery)
+            return
+        with self._inflight_lock:
+            self._waiting.append(delivery)
+            if self._batchers >= self.settings.concurrency:
+                return  # a busy slot takes it with its next batch
+            self._batchers += 1
+        self._executor.submit(self._take_batches, ch)
 
     def _on_control(
         self, _ch: BlockingChannel, _m: Basic.Deliver, _p: pika.BasicProperties, body: bytes
@@ -317,22 +335,81 @@ class Worker:
             log.warning("could not schedule ack/nack: %s", exc)
 
     def _finish(self, ch: BlockingChannel, delivery: Delivery, action: Action) -> None:
-        if action == "give_back":
-            # On this job thread, the copy is confirmed before the original is acked. With the
-            # channel gone the broker has requeued the original already; a copy would be a
-            # duplicate.
-            action = self.runner.give_back(delivery) if ch.is_open else "requeue"
-        if action == "ack":
-            self._threadsafe(lambda: ch.basic_ack(delivery.tag))
-        elif action == "requeue":
-            self._threadsafe(lambda: ch.basic_nack(delivery.tag, requeue=True))
+        self._finish_many(ch, [delivery], [action])
+
+    def _finish_many(
+        self, ch: BlockingChannel, deliveries: list[Delivery], actions: list[Action]
+    ) -> None:
+        """Settle handled deliveries with the broker: one hop to the I/O thread for all."""
+        settle: list[tuple[int, bool]] = []  # (tag, ack?)
+        for delivery, action in zip(deliveries, actions, strict=True):
+            if action == "give_back":
+                # On this job thread, the copy is confirmed before the original is acked. With
+                # the channel gone the broker has requeued the original already; a copy would be
+                # a duplicate.
+                action = self.runner.give_back(delivery) if ch.is_open else "requeue"
+            if action == "ack":
+                settle.append((delivery.tag, True))
+            elif action == "requeue":
+                settle.append((delivery.tag, False))
+
+        def apply() -> None:
+            self._settle(ch, settle)
+
+        if settle:
+            self._threadsafe(apply)
         with self._inflight_lock:
-            self._inflight.pop(delivery.key, None)
+            for delivery in deliveries:
+                self._inflight.pop(delivery.key, None)
             idle = not self._inflight
-            self.handled += 1
+            self.handled += len(deliveries)
             self.last_activity = time.monotonic()
         if idle and self.on_busy is not None:
             self.on_busy(False)
+
+    def _settle(self, ch: BlockingChannel, settle: list[tuple[int, bool]]) -> None:
+        """On the I/O thread: nack what is requeued; ack the rest with one multiple-ack when
+        they are the oldest unsettled deliveries (a batch usually is), else one by one."""
+        acks = sorted(tag for tag, ack in settle if ack)
+        current = ch is self._channel
+        for tag, ack in settle:
+            if not ack:
+                ch.basic_nack(tag, requeue=True)
+            if current:
+                self._unsettled.discard(tag)
+        if not acks:
+            return
+        if current and len(acks) > 1 and (not self._unsettled or min(self._unsettled) > acks[-1]):
+            ch.basic_ack(acks[-1], multiple=True)
+            return
+        for tag in acks:
+            ch.basic_ack(tag)
+
+    def _take_batches(self, ch: BlockingChannel) -> None:
+        """A slot of the batch lane: run whatever waits (up to --batch) until nothing does."""
+        while True:
+            with self._inflight_lock:
+                if not self._waiting:
+                    self._batchers -= 1
+                    return
+                n = min(len(self._waiting), self.settings.batch)
+                batch = [self._waiting.popleft() for _ in range(n)]
+            self._handle_batch_safely(ch, batch)
+
+    def _handle_batch_safely(self, ch: BlockingChannel, batch: list[Delivery]) -> None:
+        actions: list[Action] = ["requeue"] * len(batch)
+
+        def on_job(delivery: Delivery, job_id: str) -> None:
+            with self._inflight_lock:
+                self._inflight[delivery.key] = job_id
+
+        try:
+            actions = self.runner.handle_batch(batch, on_job)
+        except Exception:
+            log.exception("unexpected error handling a batch; requeueing it")
+            time.sleep(1.0)
+        finally:
+            self._finish_many(ch, batch, actions)
 
     def _handle_safely(self, ch: BlockingChannel, delivery: Delivery) -> None:
         action: Action = "requeue"

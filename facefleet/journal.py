@@ -2,7 +2,7 @@
 
 Why a journal: events come from several processes over a job's life (the producer's `queued`,
 one or more workers' `started`/`progress`/terminal event after crashes and redeliveries). Each
-event is appended to jobs/<id>/events.jsonl under the job's flock and made durable, *then*
+event is appended to jobs/<id>/events.jsonl under the job lock and made durable, *then*
 published with a confirm, so that seq is gapless and strictly increasing across processes, the
 stream sees events in seq order, and an event whose publish failed is republished by the next
 writer (an outbox). Watchers may therefore see a seq twice (after a crash between confirm and
@@ -14,15 +14,12 @@ second terminal event.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
 
-from facefleet.storage import JOURNAL_FILE, Storage
+from facefleet.storage import CLAIM_BYTE, JOURNAL_FILE, Storage, lock_byte
 from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
 
 Publish = Callable[[JobEvent], "Future[None] | None"]
@@ -31,7 +28,7 @@ Publish = Callable[[JobEvent], "Future[None] | None"]
 
 class JobJournal:
     """One job's events.jsonl: event lines, plus `{"published": N}` lines (the watermark: every
-    event up to seq N was confirmed by the broker). The file's flock is the job lock.
+    event up to seq N was confirmed by the broker). A lock on the file's byte 0 is the job lock.
 
     Writers either call `append` (lock, write, sync, publish: one event, as a job's steps go)
     or, in a batch, hold the lock (`lock()`), `write` events, make the whole batch durable with
@@ -104,8 +101,7 @@ class JobJournal:
     def unlock(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            os.close(fd)  # closing the description drops its lock
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -225,51 +221,36 @@ _MARK_PREFIX = b'{"published":'
 
 
 class JobClaim:
-    """Who runs a job: an exclusive flock on jobs/<id>/claim, held from claim to ack.
+    """Who runs a job: a lock on byte 1 of the job's journal, held from claim to ack.
 
     Two deliveries of one job (a duplicate submit, a redelivery while the first worker still
     runs it) never run at once: the second fails to take the lock and waits, then finds the job
     finished and is acked without a second run. Why a held lock rather than a renewed lease
     file: the kernel drops it the moment the holder's process dies (kill -9, OOM kill), so a
     redelivered job is taken over at once instead of a lease period later, and nothing has to
-    renew it. The data root needs working cross-node flock anyway (`Storage.job_lock`).
-    The file is never unlinked: a waiter could otherwise lock an inode nobody else sees.
+    renew it. Why a byte of the journal rather than a file of its own: no file to create per
+    job. The data root needs working cross-node POSIX locks anyway (`Storage.lock_job`); who
+    runs the job is in its `started` event.
     """
 
     def __init__(self, storage: Storage, job_id: str, worker: str) -> None:
         self.storage = storage
         self.job_id = job_id
-        self.path = storage.job_dir(job_id) / "claim"
         self.worker = worker
         self._fd: int | None = None
-
-    def holder(self) -> dict[str, Any] | None:
-        """Who took the claim last (for people: it stays after the holder is gone)."""
-        try:
-            data: dict[str, Any] = json.loads(self.path.read_bytes() or b"null")
-        except (FileNotFoundError, ValueError):
-            return None
-        return data
 
     def try_acquire(self) -> bool:
         """Take the claim unless another live holder has it; never blocks."""
         if self._fd is not None:
             return True
-        fd = self.storage.open_job_file(self.job_id, self.path.name)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = self.storage.open_job_file(self.job_id, JOURNAL_FILE)
+        if not lock_byte(fd, CLAIM_BYTE, wait=False):
             os.close(fd)
             return False
-        # Who holds it, for people; no fsync: the lock, not this record, is the claim.
-        record = json.dumps({"worker": self.worker, "pid": os.getpid(), "at": time.time()})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
         self._fd = fd
         return True
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            os.close(fd)  # closing the description drops its lock

@@ -240,6 +240,11 @@ class WorkerSettings(CommonSettings):
     concurrency: int = Field(default=1, ge=1, le=64)
     """Jobs run at once; also the AMQP prefetch (1 per GPU slot: a crash loop then burns only one
     job's delivery count)."""
+    batch: int = Field(default=1, ge=1, le=256)
+    """Jobs one slot takes at once (the batch lane, for short jobs: one filesystem sync per step
+    for the whole batch, events pipelined). The prefetch becomes concurrency x batch, so every
+    job of a batch waits for the ones before it: keep batch x the tier's max job time well
+    inside its consumer timeout. 1 (the default) = one job per slot."""
     model_dir: Path = Path("./var/models")
     model_catalog: Path | None = None
     """Catalogue the model files are checked against; default: the packaged models/catalog.yaml

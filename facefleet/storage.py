@@ -3,9 +3,8 @@
 Layout under FACEFLEET_DATA_ROOT (a shared volume in Kubernetes):
 
     uploads/<sha256[:16]>/<name>      media copied in by `facefleet submit` / the gateway
-    jobs/<job_id>/events.jsonl        the job's event journal (facefleet.journal); its flock is
-                                      the job lock
-    jobs/<job_id>/claim               flock held by the worker running the job (+ who it is)
+    jobs/<job_id>/events.jsonl        the job's event journal (facefleet.journal); a lock on its
+                                      byte 0 is the job lock, on byte 1 the worker's claim
     jobs/<job_id>/cancel              cancellation marker
     results/<job_id>/                 the result files + manifest.json, renamed into place whole
 
@@ -23,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +32,31 @@ from urllib.parse import unquote, urlparse
 from facefleet.wire import ErrorCode
 
 JOURNAL_FILE = "events.jsonl"
+JOB_LOCK_BYTE = 0
+CLAIM_BYTE = 1
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
+
+def lock_byte(fd: int, byte: int, *, wait: bool) -> bool:
+    """Take an exclusive open-file-description (OFD) lock on one byte of a file.
+
+    Why OFD byte locks: one journal file carries both the job lock and the claim, so neither
+    needs a file of its own (file creation is the dearest thing a job does here). OFD locks
+    belong to the descriptor, not the process: two threads of one worker exclude each other,
+    the kernel drops them when the holder dies (kill -9), and over NFS they travel as ordinary
+    POSIX byte-range locks. False if another descriptor holds it (only when wait=False).
+    """
+    arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
+    except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: held elsewhere
+        return False
+    return True
+
+
+def unlock_byte(fd: int, byte: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0))
 
 
 class StorageError(Exception):
@@ -105,6 +130,8 @@ class Storage:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
+        self._root = str(self.root)
+        self._jobs = os.path.join(self._root, "jobs")
 
     # --- URIs --------------------------------------------------------------------------------
 
@@ -117,20 +144,18 @@ class Storage:
                 raise StorageError(
                     "media_outside_data_root", f"{uri}: remote file hosts are not allowed"
                 )
-            path = Path(raw)
-            if not path.is_absolute():
-                path = self.root / path
         else:
             raise StorageError(
                 "invalid_request", f"{uri}: unsupported URI scheme {parsed.scheme!r} (use file://)"
             )
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root):
+        # Strings, not pathlib: this runs for every job's media and result directory.
+        resolved = os.path.realpath(os.path.join(self._root, raw))
+        if resolved != self._root and not resolved.startswith(self._root + os.sep):
             raise StorageError(
                 "media_outside_data_root",
                 f"{uri} resolves to {resolved}, outside the data root {self.root}",
             )
-        return resolved
+        return Path(resolved)
 
     def uri(self, path: Path) -> str:
         return path.resolve().as_uri()
@@ -177,11 +202,15 @@ class Storage:
         write_durable(path / "cancel", reason.encode())
 
     def cancel_reason(self, job_id: str) -> str | None:
-        path = self.root / "jobs" / job_id / "cancel"
+        """The cancel marker's reason, or None (asked at every step of every job: no pathlib)."""
         try:
-            return path.read_text() or "cancelled"
+            fd = os.open(os.path.join(self._jobs, job_id, "cancel"), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            return os.read(fd, 65536).decode(errors="replace") or "cancelled"
+        finally:
+            os.close(fd)
 
     def sync(self) -> None:
         """Everything written under the data root so far is durable once this returns."""
@@ -190,21 +219,22 @@ class Storage:
     def open_job_file(self, job_id: str, name: str, flags: int = 0) -> int:
         """A descriptor (read/write, created if missing, plus flags) on a file of the job's
         directory; the job's first writer creates the directory too."""
-        path = self.job_dir(job_id) / name
+        uuid.UUID(job_id)  # never let a job id become a path traversal
+        path = os.path.join(self._jobs, job_id, name)
         flags |= os.O_RDWR | os.O_CREAT
         try:
             return os.open(path, flags, 0o644)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             return os.open(path, flags, 0o644)
 
     def lock_job(self, job_id: str) -> int:
-        """Take the job lock (flock on the journal file, across processes) and return its
-        descriptor, open for appending to the journal. Whoever holds several job locks at once
-        takes them in job-id order, so two batches can never wait on each other."""
+        """Take the job lock (across processes and threads) and return its descriptor, open for
+        appending to the journal. Whoever holds several job locks at once takes them in job-id
+        order, so two batches can never wait on each other."""
         fd = self.open_job_file(job_id, JOURNAL_FILE, os.O_APPEND)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_byte(fd, JOB_LOCK_BYTE, wait=True)
         except BaseException:
             os.close(fd)
             raise
@@ -212,20 +242,22 @@ class Storage:
 
     @contextlib.contextmanager
     def job_lock(self, job_id: str) -> Iterator[int]:
-        """Exclusive lock over one job's journal, across processes; yields the journal fd."""
+        """Exclusive lock over one job's journal; yields the journal fd."""
         fd = self.lock_job(job_id)
         try:
             yield fd
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            os.close(fd)  # closing the description drops its locks
 
     # --- results -----------------------------------------------------------------------------
 
     def new_work_dir(self, result_dir: Path) -> Path:
-        result_dir.parent.mkdir(parents=True, exist_ok=True)
         work = result_dir.parent / f".tmp-{result_dir.name}-{uuid.uuid4().hex[:8]}"
-        work.mkdir()
+        try:
+            os.mkdir(work)
+        except FileNotFoundError:  # the prefix's first result
+            result_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(work)
         return work
 
     def commit_result(self, work_dir: Path, result_dir: Path, manifest: dict[str, Any]) -> bool:
@@ -243,7 +275,8 @@ class Storage:
     def stage_result(self, work_dir: Path, manifest: dict[str, Any], *, sync: bool = True) -> None:
         """Write the manifest into the work dir; with sync, fsync it, the results and the dir
         (without: the caller syncs a whole batch with `sync()` before placing any of it)."""
-        manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+        # No indent: json's C encoder (indent forces the pure-Python one, per job).
+        manifest_text = json.dumps(manifest, sort_keys=True)
         write_synced(work_dir / "manifest.json", manifest_text.encode(), sync=sync)
         if not sync:
             return

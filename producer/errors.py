@@ -4,7 +4,9 @@ SubmitError
 ├── TierFullError        the tier's queue is at max-length (reject-publish): retry later; HTTP 429
 ├── UnroutableJobError   no queue is bound for the tier: topology not applied or tier unknown
 ├── PublishNackedError   the broker refused the message for another reason
-└── InvalidJobError      the request itself is invalid (bad URI, option, tier name); HTTP 400
+├── InvalidJobError      the request itself is invalid (bad URI, option, tier name); HTTP 400
+└── BatchSubmitError     some jobs of a `submit_many` failed (each with one of the above);
+                         the others were queued
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class PublishNackedError(SubmitError):
 
 class InvalidJobError(SubmitError):
     pass
+
+
+class BatchSubmitError(SubmitError):
+    def __init__(self, results: list[object], errors: dict[str, SubmitError]) -> None:
+        first = next(iter(errors.values()))
+        super().__init__(
+            f"{len(errors)} of {len(results) + len(errors)} jobs were not queued (first: {first})"
+        )
+        self.results = results
+        """The SubmitResults of the jobs that were queued (or were duplicates)."""
+        self.errors = errors
+        """Why each other job was not queued, by job id."""
 
 
 def unroutable(tier: str) -> UnroutableJobError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,14 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from typing_extensions import Unpack
 
-from facefleet.amqp import connect, declare_topology, publish_event
+from facefleet.amqp import (
+    PublishNacked,
+    PublishUnroutable,
+    ThreadedPublisher,
+    connect,
+    declare_topology,
+    publish_event,
+)
 from facefleet.journal import JobJournal
 from facefleet.management import ManagementUnavailable, read_queues
 from facefleet.settings import ProducerSettings, SettingsError
@@ -44,7 +52,13 @@ from facefleet.wire import (
     job_queue,
     utcnow,
 )
-from producer.errors import InvalidJobError, refused, unroutable
+from producer.errors import (
+    BatchSubmitError,
+    InvalidJobError,
+    SubmitError,
+    refused,
+    unroutable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +155,8 @@ class JobClient:
         self.storage = storage or Storage(settings.data_root)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._publisher: ThreadedPublisher | None = None
+        """Pipelined confirms for submit_many (started on its first use)."""
         self.management_problem: str | None = None
         """Why the last status() has no unacked counts (management API unreachable), or None."""
 
@@ -156,6 +172,9 @@ class JobClient:
         return self._channel
 
     def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
         self._connection = None
@@ -197,6 +216,83 @@ class JobClient:
         finally:
             journal.unlock()
         return SubmitResult(request.job_id, duplicate=False, request=request)
+
+    def submit_many(self, requests: Sequence[JobRequest]) -> list[SubmitResult]:
+        """Queue many jobs at once: each with submit_request's guarantees (confirmed, `queued`
+        journaled and published before this returns), but with confirms pipelined and one
+        filesystem sync for all the `queued` events. Results are in request order.
+
+        Raises BatchSubmitError if any job was not queued; its .errors say why, by job id,
+        and its .results hold the jobs that were.
+        """
+        if self._publisher is None:
+            self._publisher = ThreadedPublisher(
+                self.settings.amqp_url,
+                "facefleet-producer-batch",
+                confirm_timeout_s=self.settings.confirm_timeout_s,
+            )
+            self._publisher.start()
+        pub = self._publisher
+        by_id = {r.job_id: r for r in requests}
+        journals = [JobJournal(self.storage, job_id) for job_id in sorted(by_id)]
+        duplicate: set[str] = set()
+        errors: dict[str, SubmitError] = {}
+        try:
+            for journal in journals:  # in job-id order: batches never wait on each other
+                journal.lock()
+            fresh = []
+            for journal in journals:
+                if journal.events():
+                    duplicate.add(journal.job_id)
+                else:
+                    fresh.append(journal)
+            confirms = [
+                (
+                    journal,
+                    pub.publish_async(
+                        JOBS_EXCHANGE,
+                        by_id[journal.job_id].tier,
+                        by_id[journal.job_id].encode(),
+                        job_properties(by_id[journal.job_id]),
+                    ),
+                )
+                for journal in fresh
+            ]
+            queued = []
+            for journal, confirm in confirms:
+                request = by_id[journal.job_id]
+                try:
+                    confirm.result(timeout=self.settings.confirm_timeout_s + 5)
+                except PublishUnroutable:
+                    errors[request.job_id] = unroutable(request.tier)
+                    continue
+                except PublishNacked:
+                    depth = self._depth(request.tier)
+                    limit = tier_max_length(self.settings, request.tier)
+                    errors[request.job_id] = refused(request.tier, request.job_id, depth, limit)
+                    continue
+                journal.write("queued", EventPayload(tier=request.tier), pub.publish_event)
+                queued.append(journal)
+            if queued:
+                self.storage.sync()
+            for journal in queued:
+                journal.publish_written(pub.publish_event)
+            for journal in queued:
+                journal.settle(pub.publish_event)
+        finally:
+            for journal in journals:
+                journal.unlock()
+        results = []
+        seen: set[str] = set()
+        for r in requests:
+            if r.job_id in errors:
+                continue
+            dup = r.job_id in duplicate or r.job_id in seen
+            seen.add(r.job_id)
+            results.append(SubmitResult(r.job_id, duplicate=dup, request=None if dup else r))
+        if errors:
+            raise BatchSubmitError(list(results), errors)
+        return results
 
     def _publish_job(self, request: JobRequest) -> None:
         ch = self._ch()

@@ -5,7 +5,6 @@ Publishing goes to a fake (a list); the real broker path is covered in tests/spi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -112,8 +111,6 @@ def test_a_live_claim_is_respected_and_a_released_one_is_taken_over(storage: Sto
     second = JobClaim(storage, job, "w2")
     assert first.try_acquire()
     assert not second.try_acquire()
-    assert (first.holder() or {}).get("worker") == "w1"
-    assert (first.holder() or {}).get("pid") == os.getpid()
     first.release()
     assert second.try_acquire()
     first.release()  # a late release by the old holder must not free w2's claim
@@ -143,7 +140,6 @@ def test_the_claim_of_a_killed_holder_is_free_at_once(storage: Storage) -> None:
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
         assert waiter.try_acquire()
-        assert (waiter.holder() or {})["worker"] == "w2"
     finally:
         holder.kill()
         holder.wait(10)

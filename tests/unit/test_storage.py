@@ -78,13 +78,12 @@ def test_job_ids_cannot_become_paths(storage: Storage) -> None:
 def test_reading_a_job_nobody_wrote_creates_nothing(storage: Storage) -> None:
     """Readers (the gateway's history, a status check, a duplicate delivery's terminal check)
     must not leave a directory behind for a job id they were merely asked about."""
-    from facefleet.journal import JobClaim, JobJournal
+    from facefleet.journal import JobJournal
 
     job = str(uuid.uuid4())
     assert JobJournal(storage, job).events() == []
     assert JobJournal(storage, job).terminal() is None
     assert storage.cancel_reason(job) is None
-    assert JobClaim(storage, job, "w").holder() is None
     assert not storage.job_dir(job).exists()
 
 
