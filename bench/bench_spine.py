@@ -1,8 +1,9 @@
 """No-op jobs end to end: FaceFleet vs Celery on the same broker, in the same run.
 
 FaceFleet: confirmed publish (+ `queued` event) -> worker (noop processor) -> result committed
--> `completed` event in the stream -> ack. Throughput is jobs / (first publish .. last
-`completed` seen by a stream consumer).
+-> `completed` event confirmed into the stream -> ack. Throughput is jobs / (first publish ..
+last `completed` seen). Two FaceFleet runs: batched (JobClient.submit_many, the worker's batch
+lane) and one by one (submit() per job, --batch 1).
 Celery 5 baseline: acks_late, prefetch 1, quorum queue, publisher confirms, prefork -c N;
 throughput is tasks / (first publish .. last marker file written by a task).
 
@@ -34,9 +35,8 @@ import pika
 from bench import floor
 from facefleet.broker import discover
 from facefleet.settings import ProducerSettings
-from facefleet.wire import EVENTS_STREAM, JobEvent, job_queue
+from facefleet.wire import EVENTS_EXCHANGE, JobEvent, job_queue
 from producer.sdk import JobClient
-from producer.watch import BatchAcker, close_stream_consumer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,14 @@ class CpuMeter:
 
 
 class CompletedCounter:
-    """Counts `completed` events for a set of jobs from the events stream (offset: next)."""
+    """Counts `completed` events for a set of jobs, as they are published.
+
+    A private queue bound to the events exchange for `job.*.completed` only: the worker
+    publishes `completed` with confirm and mandatory, and the confirm comes once every bound
+    queue has it, the events stream included, so what arrives here is in the stream. (Reading
+    the stream itself would cost this detector and the broker all three events of every job;
+    Celery's detector is a directory listing, and the harness should not tax either side.)
+    """
 
     def __init__(self, amqp_url: str, job_ids: set[str]) -> None:
         self.amqp_url = amqp_url
@@ -141,24 +148,20 @@ class CompletedCounter:
     def _run(self) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         ch = conn.channel()
-        ch.basic_qos(prefetch_count=2000)
-
-        acks = BatchAcker(ch)
+        queue = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        ch.queue_bind(queue, EVENTS_EXCHANGE, "job.*.completed")
 
         def on_msg(c: Any, method: Any, _p: Any, body: bytes) -> None:
-            acks.took(method.delivery_tag)
-            if method.routing_key.endswith(".completed"):
-                ev = JobEvent.decode(body)
-                if ev.job_id in self.job_ids and ev.job_id not in self.done:
-                    self.done.add(ev.job_id)
-                    self.last_at = time.perf_counter()
+            ev = JobEvent.decode(body)
+            if ev.job_id in self.job_ids and ev.job_id not in self.done:
+                self.done.add(ev.job_id)
+                self.last_at = time.perf_counter()
 
-        ch.basic_consume(EVENTS_STREAM, on_msg, arguments={"x-stream-offset": "next"})
+        ch.basic_consume(queue, on_msg, auto_ack=True)
         self.ready.set()
         while not self.stop.is_set():
             conn.process_data_events(time_limit=0.1)
-            acks.flush()
-        close_stream_consumer(conn)
+        conn.close()
 
 
 @dataclass(frozen=True)

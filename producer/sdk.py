@@ -223,7 +223,9 @@ class JobClient:
         filesystem sync for all the `queued` events. Results are in request order.
 
         Raises BatchSubmitError if any job was not queued; its .errors say why, by job id,
-        and its .results hold the jobs that were.
+        and its .results hold the jobs that were. A tier's max_length is enforced by the
+        broker per message as it applies them, so a batch sent to a tier close to full may
+        overshoot the limit by up to its size before the rest is refused as tier full.
         """
         if self._publisher is None:
             self._publisher = ThreadedPublisher(
