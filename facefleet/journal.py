@@ -2,7 +2,7 @@
 
 Why a journal: events come from several processes over a job's life (the producer's `queued`,
 one or more workers' `started`/`progress`/terminal event after crashes and redeliveries). Each
-event is appended to jobs/<id>/events.jsonl under the job lock and made durable, *then*
+event is appended to jobs/<id>.jsonl under the job lock and made durable, *then*
 published with a confirm, so that seq is gapless and strictly increasing across processes, the
 stream sees events in seq order, and an event whose publish failed is republished by the next
 writer (an outbox). Watchers may therefore see a seq twice (after a crash between confirm and
@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from facefleet.storage import CLAIM_BYTE, JOURNAL_FILE, Storage, lock_byte
+from facefleet.storage import CLAIM_BYTE, JOURNAL, Storage, lock_byte
 from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
 
 Publish = Callable[[JobEvent], "Future[None] | None"]
@@ -27,7 +27,7 @@ Publish = Callable[[JobEvent], "Future[None] | None"]
 
 
 class JobJournal:
-    """One job's events.jsonl: event lines, plus `{"published": N}` lines (the watermark: every
+    """One job's journal file, jobs/<id>.jsonl: event lines, plus `{"published": N}` lines (the watermark: every
     event up to seq N was confirmed by the broker). A lock on the file's byte 0 is the job lock.
 
     Writers either call `append` (lock, write, sync, publish: one event, as a job's steps go)
@@ -38,8 +38,7 @@ class JobJournal:
     def __init__(self, storage: Storage, job_id: str, *, fsync: bool = True) -> None:
         self.storage = storage
         self.job_id = job_id
-        self.dir = storage.job_dir(job_id)
-        self.path = self.dir / JOURNAL_FILE
+        self.path = storage.job_path(job_id, JOURNAL)
         self.fsync = fsync
         self._fd: int | None = None
         """The journal, open for appending while this object holds the job lock."""
@@ -53,20 +52,25 @@ class JobJournal:
     # --- reading --------------------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        """Re-read the file if its size changed (through the held descriptor when locked)."""
+        """Re-read the file if its size changed (through the held descriptor when locked).
+
+        Only whole lines count: a reader without the lock may catch a line mid-append."""
         fd = self._fd
         try:
-            size = os.fstat(fd).st_size if fd is not None else self.path.stat().st_size
+            if fd is None:
+                fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             self._cache, self._cache_size, self._mark = [], -1, 0
             return
-        if size == self._cache_size:
-            return
-        if fd is not None:
+        try:
+            size = os.fstat(fd).st_size
+            if size == self._cache_size:
+                return
             data = os.pread(fd, size, 0)
-        else:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
+        finally:
+            if fd is not self._fd:
+                os.close(fd)
+        data = data[: data.rfind(b"\n") + 1]
         events, mark = [], 0
         for line in data.splitlines():
             if line.startswith(_MARK_PREFIX):
@@ -243,7 +247,7 @@ class JobClaim:
         """Take the claim unless another live holder has it; never blocks."""
         if self._fd is not None:
             return True
-        fd = self.storage.open_job_file(self.job_id, JOURNAL_FILE)
+        fd = self.storage.open_job_file(self.job_id, JOURNAL)
         if not lock_byte(fd, CLAIM_BYTE, wait=False):
             os.close(fd)
             return False

@@ -3,9 +3,12 @@
 Layout under FACEFLEET_DATA_ROOT (a shared volume in Kubernetes):
 
     uploads/<sha256[:16]>/<name>      media copied in by `facefleet submit` / the gateway
-    jobs/<job_id>/events.jsonl        the job's event journal (facefleet.journal); a lock on its
+    jobs/<job_id>.jsonl               the job's event journal (facefleet.journal); a lock on its
                                       byte 0 is the job lock, on byte 1 the worker's claim
-    jobs/<job_id>/cancel              cancellation marker
+    jobs/<job_id>.cancel              cancellation marker
+
+One flat directory of files per job, no directory per job: creating a directory costs as much
+as a file, and a job's first write is on every submission's path.
     results/<job_id>/                 the result files + manifest.json, renamed into place whole
 
 file:// URIs (and plain paths) must resolve inside the root after following symlinks; anything
@@ -31,7 +34,8 @@ from urllib.parse import unquote, urlparse
 
 from facefleet.wire import ErrorCode
 
-JOURNAL_FILE = "events.jsonl"
+JOURNAL = "jsonl"
+CANCEL = "cancel"
 JOB_LOCK_BYTE = 0
 CLAIM_BYTE = 1
 
@@ -184,11 +188,10 @@ class Storage:
 
     # --- jobs --------------------------------------------------------------------------------
 
-    def job_dir(self, job_id: str) -> Path:
-        """The job's directory (not created: readers of a job nobody wrote must not make one;
-        writers go through `job_lock`, which creates it)."""
+    def job_path(self, job_id: str, kind: str) -> Path:
+        """jobs/<job_id>.<kind> (not created: readers of a job nobody wrote must not make one)."""
         uuid.UUID(job_id)  # never let a job id become a path traversal
-        return self.root / "jobs" / job_id
+        return Path(self._jobs, f"{job_id}.{kind}")
 
     def result_dir(self, output_uri_prefix: str, job_id: str) -> Path:
         """Deterministic result directory of a job: <prefix>/<job_id>/."""
@@ -197,14 +200,14 @@ class Storage:
         return base / job_id
 
     def request_cancel(self, job_id: str, reason: str) -> None:
-        path = self.job_dir(job_id)
-        path.mkdir(parents=True, exist_ok=True)
-        write_durable(path / "cancel", reason.encode())
+        path = self.job_path(job_id, CANCEL)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_durable(path, reason.encode())
 
     def cancel_reason(self, job_id: str) -> str | None:
         """The cancel marker's reason, or None (asked at every step of every job: no pathlib)."""
         try:
-            fd = os.open(os.path.join(self._jobs, job_id, "cancel"), os.O_RDONLY)
+            fd = os.open(os.path.join(self._jobs, f"{job_id}.{CANCEL}"), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -216,23 +219,22 @@ class Storage:
         """Everything written under the data root so far is durable once this returns."""
         sync_filesystem(self.root)
 
-    def open_job_file(self, job_id: str, name: str, flags: int = 0) -> int:
-        """A descriptor (read/write, created if missing, plus flags) on a file of the job's
-        directory; the job's first writer creates the directory too."""
+    def open_job_file(self, job_id: str, kind: str, flags: int = 0) -> int:
+        """A descriptor (read/write, created if missing, plus flags) on jobs/<job_id>.<kind>."""
         uuid.UUID(job_id)  # never let a job id become a path traversal
-        path = os.path.join(self._jobs, job_id, name)
+        path = os.path.join(self._jobs, f"{job_id}.{kind}")
         flags |= os.O_RDWR | os.O_CREAT
         try:
             return os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except FileNotFoundError:  # the data root's first job
+            os.makedirs(self._jobs, exist_ok=True)
             return os.open(path, flags, 0o644)
 
     def lock_job(self, job_id: str) -> int:
         """Take the job lock (across processes and threads) and return its descriptor, open for
         appending to the journal. Whoever holds several job locks at once takes them in job-id
         order, so two batches can never wait on each other."""
-        fd = self.open_job_file(job_id, JOURNAL_FILE, os.O_APPEND)
+        fd = self.open_job_file(job_id, JOURNAL, os.O_APPEND)
         try:
             lock_byte(fd, JOB_LOCK_BYTE, wait=True)
         except BaseException:
@@ -298,8 +300,11 @@ class Storage:
         return True
 
     def read_manifest(self, result_dir: Path) -> dict[str, Any] | None:
+        """The committed manifest, or None (asked for every job before it runs: no pathlib)."""
         try:
-            data: dict[str, Any] = json.loads((result_dir / "manifest.json").read_text())
-            return data
+            fd = os.open(os.path.join(result_dir, "manifest.json"), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        with os.fdopen(fd, "rb") as fh:
+            data: dict[str, Any] = json.loads(fh.read())
+        return data

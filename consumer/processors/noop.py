@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from consumer.processors.base import JobContext, ProcessorOutput
@@ -16,7 +17,11 @@ class NoopProcessor:
         return None
 
     def run(self, ctx: JobContext) -> ProcessorOutput:
-        (ctx.output_dir / "result.json").write_text("{}")
+        fd = os.open(ctx.output_dir / "result.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"{}")
+        finally:
+            os.close(fd)
         return ProcessorOutput("result.json")
 
 

@@ -11,7 +11,7 @@ and re-attaches exactly there after a broker hiccup, so a reconnect loses nothin
 
 History (replay) path, chosen so a late subscriber never scans the stream by itself:
 
-1. the job's journal in the data root (jobs/<id>/events.jsonl): the authority on seq, durable,
+1. the job's journal in the data root (jobs/<id>.jsonl): the authority on seq, durable,
    and O(events of that job) to read. A gateway that shares the data root with the workers (the
    chart mounts it; `GET /result` needs it anyway) serves history from here.
 2. otherwise (a replica without the volume, a journal that was cleaned up) a bounded per-job
@@ -402,11 +402,12 @@ class Fanout:
     def _journal_frames(self, job_id: str) -> list[Frame] | None:
         if self.storage is None:
             return None
-        if not (self.storage.root / "jobs" / job_id / "events.jsonl").is_file():
+        journal = JobJournal(self.storage, job_id)
+        if not journal.path.is_file():
             return None
         for _ in range(3):
             try:
-                events = JobJournal(self.storage, job_id).events()
+                events = journal.events()
             except DecodeError:  # a line caught mid-append; it is whole a moment later
                 time.sleep(0.02)
                 continue

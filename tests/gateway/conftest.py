@@ -27,6 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from facefleet.broker import Broker
+from facefleet.journal import JobJournal
+from facefleet.storage import Storage
 from facefleet.wire import dead_notify_queue, job_queue
 from tests.conftest import Env, delete_queue, free_port
 
@@ -163,8 +165,8 @@ class GatewayWorld:
         return body
 
     def journal(self, job_id: str) -> list[dict[str, Any]]:
-        path = self.env.data_root / "jobs" / job_id / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        events = JobJournal(Storage(self.env.data_root), job_id).events()
+        return [e.model_dump(mode="json") for e in events]
 
 
 def read_events(

@@ -65,7 +65,7 @@ def test_a_confirmed_event_is_not_republished_by_the_next_writer(storage: Storag
     JobJournal(storage, job, fsync=False).append("started", None, later.append)
     assert [e.seq for e in first] == [1]
     assert [e.seq for e in later] == [2]
-    lines = (storage.job_dir(job) / "events.jsonl").read_bytes().splitlines()
+    lines = JobJournal(storage, job).path.read_bytes().splitlines()
     assert lines[-1] == b'{"published":2}'
 
 

@@ -72,25 +72,37 @@ def test_second_commit_of_a_result_loses_and_leaves_the_first(storage: Storage) 
 
 def test_job_ids_cannot_become_paths(storage: Storage) -> None:
     with pytest.raises(ValueError):
-        storage.job_dir("../../etc")
+        storage.job_path("../../etc", "jsonl")
+    with pytest.raises(ValueError):
+        storage.open_job_file("../../etc/passwd", "jsonl")
 
 
 def test_reading_a_job_nobody_wrote_creates_nothing(storage: Storage) -> None:
     """Readers (the gateway's history, a status check, a duplicate delivery's terminal check)
-    must not leave a directory behind for a job id they were merely asked about."""
+    must not leave a file behind for a job id they were merely asked about."""
     from facefleet.journal import JobJournal
 
     job = str(uuid.uuid4())
     assert JobJournal(storage, job).events() == []
     assert JobJournal(storage, job).terminal() is None
     assert storage.cancel_reason(job) is None
-    assert not storage.job_dir(job).exists()
+    assert not (storage.root / "jobs").exists()
 
 
-def test_the_first_writer_creates_the_job_directory(storage: Storage) -> None:
+def test_the_first_writer_creates_the_jobs_directory(storage: Storage) -> None:
     job = str(uuid.uuid4())
-    fd = storage.open_job_file(job, "claim")
-    os.close(fd)
-    assert (storage.job_dir(job) / "claim").is_file()
-    with storage.job_lock(job):  # the directory exists now: plain open, no retry
+    with storage.job_lock(job):
         pass
+    assert storage.job_path(job, "jsonl").is_file()
+    with storage.job_lock(str(uuid.uuid4())):  # the directory exists now: plain open, no retry
+        pass
+
+
+def test_a_line_caught_mid_append_is_not_read_until_it_is_whole(storage: Storage) -> None:
+    from facefleet.journal import JobJournal
+
+    job = str(uuid.uuid4())
+    JobJournal(storage, job, fsync=False).append("queued", None, lambda e: None)
+    with open(storage.job_path(job, "jsonl"), "ab") as fh:
+        fh.write(b'{"schema":1,"job_id":"')
+    assert [e.type for e in JobJournal(storage, job).events()] == ["queued"]
