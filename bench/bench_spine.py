@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="FaceFleet slots per worker (batched run)"
+        "--concurrency", type=int, default=2, help="FaceFleet slots per worker (batched run)"
     )
     parser.add_argument(
         "--window",

@@ -343,6 +343,7 @@ def test_workers_follow_the_runtime_contract(helm: Path, values_file: str) -> No
         assert env["AMQP_URL"]["secretKeyRef"]["key"] == values["secrets"]["keys"]["amqpUrl"]
         assert env["FACEFLEET_DRAIN_TIMEOUT_S"] == str(grace - margin)
         assert env["FACEFLEET_CONCURRENCY"] == str(tier["prefetch"])
+        assert env["FACEFLEET_BATCH"] == str(tier["batch"])
         assert env["FACEFLEET_MODEL_DIR"] == "/models"
         assert env["FACEFLEET_DATA_ROOT"] == values["data"]["mountPath"]
         assert env["FACEFLEET_HEALTH_HOST"] == "0.0.0.0"

@@ -148,8 +148,15 @@ REJECTED = [
     pytest.param(["workers.drainMarginSeconds=-1"],
                  ["/workers/drainMarginSeconds", "minimum"], id="negative-drain-margin"),
     pytest.param(["tiers.high.prefetch=4"],
-                 ["tiers.high.scaling.jobsPerReplica (1) is below tiers.high.prefetch (4)",
+                 ["tiers.high.scaling.jobsPerReplica (1) is below tiers.high.prefetch x "
+                  "tiers.high.batch (4)",
                   "Fix: --set tiers.high.scaling.jobsPerReplica=4"], id="target-below-prefetch"),
+    pytest.param(["tiers.standard.prefetch=2", "tiers.standard.batch=8"],
+                 ["tiers.standard.scaling.jobsPerReplica", "is below tiers.standard.prefetch x "
+                  "tiers.standard.batch (16)",
+                  "Fix: --set tiers.standard.scaling.jobsPerReplica=16"],
+                 id="target-below-prefetch-times-batch"),
+    pytest.param(["tiers.high.batch=0"], ["/tiers/high/batch", "minimum"], id="batch-below-one"),
     pytest.param(["tiers.standard.scaling.idleReplicas=0"],
                  ["tiers.standard.scaling.idleReplicas (0) needs tiers.standard.scaling.minReplicas >= 1"],
                  id="idle-replicas-with-min-zero"),

@@ -22,8 +22,9 @@ stop before anything reaches the cluster.
 {{- if ge (float64 $s.activationJobs) (float64 $s.jobsPerReplica) -}}
 {{- $msgs = append $msgs (printf "%s.scaling.activationJobs (%v) must be below %s.scaling.jobsPerReplica (%v): activation wins over the target, so a tier with that many jobs would stay at zero. Fix: --set %s.scaling.activationJobs=0" $p $s.activationJobs $p $s.jobsPerReplica $p) -}}
 {{- end -}}
-{{- if lt (float64 $s.jobsPerReplica) (float64 $t.prefetch) -}}
-{{- $msgs = append $msgs (printf "%s.scaling.jobsPerReplica (%v) is below %s.prefetch (%d): each busy worker holds prefetch unacked jobs, which the trigger counts, so the HPA would keep pods that get no work. Fix: --set %s.scaling.jobsPerReplica=%d" $p $s.jobsPerReplica $p (int $t.prefetch) $p (int $t.prefetch)) -}}
+{{- $held := mul (int $t.prefetch) (int $t.batch) -}}
+{{- if lt (float64 $s.jobsPerReplica) (float64 $held) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.jobsPerReplica (%v) is below %s.prefetch x %s.batch (%d): each busy worker holds that many unacked jobs, which the trigger counts, so the HPA would keep pods that get no work. Fix: --set %s.scaling.jobsPerReplica=%d" $p $s.jobsPerReplica $p $p $held $p $held) -}}
 {{- end -}}
 {{- /* Grace period >= max job time, checked on the rendered values (derived or hand-set): the
 worker's drain timeout, grace - drainMarginSeconds, must cover the longest job and be positive. */ -}}

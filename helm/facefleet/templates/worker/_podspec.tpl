@@ -108,6 +108,8 @@ spec:
           value: {{ include "facefleet.tiersJson" $root | quote }}
         - name: FACEFLEET_CONCURRENCY
           value: {{ $t.prefetch | quote }}
+        - name: FACEFLEET_BATCH
+          value: {{ $t.batch | quote }}
         - name: FACEFLEET_DRAIN_TIMEOUT_S
           value: {{ include "facefleet.drainTimeout" (dict "root" $root "tier" $t) | quote }}
         - name: FACEFLEET_HEALTH_HOST
