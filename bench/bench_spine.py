@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"  celery: {c:8.1f} jobs/s",
         "where the CPU goes (median round; producer = the bench process: submits, and for "
-        "FaceFleet the stream consumer that detects completion):",
+        "FaceFleet the completion detector):",
     ]
     for label, rs in runs:
         if rs:

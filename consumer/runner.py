@@ -380,8 +380,9 @@ class JobRunner:
                 b.journal.write("started", started, publish)
                 running.append(b)
         self._sync()
-        for b in running:
-            b.journal.publish_written(publish)
+        with self.publisher.burst():
+            for b in running:
+                b.journal.publish_written(publish)
         staged: list[Batched] = []
         for b in running:
             b.t0 = time.monotonic()
@@ -415,8 +416,9 @@ class JobRunner:
                 "completed", completed_payload(b.result_dir, b.produced.manifest), publish
             )
         self._sync()
-        for b in placed:
-            b.journal.publish_written(publish)
+        with self.publisher.burst():
+            for b in placed:
+                b.journal.publish_written(publish)
         for b in batch:
             b.journal.settle(publish)
         for b in placed:

@@ -48,6 +48,8 @@ class JobJournal:
         self._cache: list[JobEvent] = []
         self._cache_size = -1
         self._mark = 0
+        self._current = False
+        """The cache is the file: re-read under this lock (nobody else writes while it is held)."""
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -56,6 +58,8 @@ class JobJournal:
 
         Only whole lines count: a reader without the lock may catch a line mid-append."""
         fd = self._fd
+        if self._current:
+            return
         try:
             if fd is None:
                 fd = os.open(self.path, os.O_RDONLY)
@@ -79,6 +83,7 @@ class JobJournal:
                 # Our own lines: validate as JSON in one pass (pydantic-core), no schema dispatch.
                 events.append(JobEvent.model_validate_json(line))
         self._cache, self._cache_size, self._mark = events, len(data), mark
+        self._current = self._fd is not None
 
     def events(self) -> list[JobEvent]:
         """All events so far (re-read only when the file changed size)."""
@@ -104,6 +109,7 @@ class JobJournal:
 
     def unlock(self) -> None:
         fd, self._fd = self._fd, None
+        self._current = False
         if fd is not None:
             os.close(fd)  # closing the description drops its lock
 

@@ -248,18 +248,19 @@ class JobClient:
                     duplicate.add(journal.job_id)
                 else:
                     fresh.append(journal)
-            confirms = [
-                (
-                    journal,
-                    pub.publish_async(
-                        JOBS_EXCHANGE,
-                        by_id[journal.job_id].tier,
-                        by_id[journal.job_id].encode(),
-                        job_properties(by_id[journal.job_id]),
-                    ),
-                )
-                for journal in fresh
-            ]
+            with pub.burst():
+                confirms = [
+                    (
+                        journal,
+                        pub.publish_async(
+                            JOBS_EXCHANGE,
+                            by_id[journal.job_id].tier,
+                            by_id[journal.job_id].encode(),
+                            job_properties(by_id[journal.job_id]),
+                        ),
+                    )
+                    for journal in fresh
+                ]
             queued = []
             for journal, confirm in confirms:
                 request = by_id[journal.job_id]
@@ -277,8 +278,9 @@ class JobClient:
                 queued.append(journal)
             if queued:
                 self.storage.sync()
-            for journal in queued:
-                journal.publish_written(pub.publish_event)
+            with pub.burst():
+                for journal in queued:
+                    journal.publish_written(pub.publish_event)
             for journal in queued:
                 journal.settle(pub.publish_event)
         finally:

@@ -107,7 +107,7 @@ def test_kill_9_during_batches_every_job_completes_exactly_once(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = client_for(env, monkeypatch)
-    jobs = [r.job_id for r in client.submit_many(requests(client, env, 40, sleep_s=0.15))]
+    jobs = [r.job_id for r in client.submit_many(requests(client, env, 48, sleep_s=0.3))]
     extra = {"FACEFLEET_BATCH": "6"}
     workers = [env.start_worker(**extra), env.start_worker(**extra)]
     kills = 0

@@ -78,6 +78,25 @@ def test_an_unroutable_message_fails_alone_inside_a_burst(env: Env, channel) -> 
     assert drain(channel, queue) == list(range(1, 21))
 
 
+def test_a_burst_is_written_at_its_end_in_call_order(env: Env, channel) -> None:  # type: ignore[no-untyped-def]
+    """Inside burst() nothing is handed to the I/O thread; on exit all of it goes, in order."""
+    job_id = str(uuid.uuid4())
+    queue = tap(channel, job_id)
+    publisher = ThreadedPublisher(env.amqp_url, "test-burst")
+    publisher.start()
+    try:
+        with publisher.burst():
+            futures = [publisher.publish_event(event(job_id, n)) for n in range(1, 31)]
+            channel.connection.sleep(0.3)
+            assert not any(f.done() for f in futures)
+            assert drain(channel, queue) == []
+        for fut in futures:
+            assert fut.result(timeout=30) is None
+    finally:
+        publisher.close()
+    assert drain(channel, queue) == list(range(1, 31))
+
+
 def test_a_full_queue_nacks_and_the_future_says_so(env: Env, channel) -> None:  # type: ignore[no-untyped-def]
     exchange = f"test.full.{uuid.uuid4().hex[:8]}"
     channel.exchange_declare(exchange, "direct", auto_delete=True)

@@ -3,6 +3,7 @@ the storage is real files in a temp dir."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class FakePublisher:
 
     def publish_event(self, event: Any) -> None:
         self.sent.append(event)
+
+    def burst(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
     def publish(
         self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties
