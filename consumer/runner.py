@@ -289,10 +289,10 @@ class JobRunner:
         outcome as in `handle`, but each durability point is one `storage.sync()` for the whole
         batch instead of an fsync per file and event, and events are published pipelined.
 
-        Order per batch: claims; journal locks (in job-id order); `started` written for all,
-        sync, published; the processors run one after the other; results staged, sync, renamed
-        into place, sync; `completed` written, sync, published; all confirms awaited; locks
-        released. A delivery off the common path (its claim held elsewhere, a retry after a
+        Order per batch: claims; journal locks (in job-id order, on the claims' descriptors);
+        `started` written for all; the processors run one after the other and their results
+        are staged; sync; `started` published; results renamed into place; sync; `completed`
+        written; sync; published; all confirms awaited; locks released. A delivery off the common path (its claim held elsewhere, a retry after a
         transient error) finishes through the one-by-one path after the batch.
         """
         actions: list[Action | None] = [None] * len(deliveries)
@@ -307,13 +307,10 @@ class JobRunner:
             if on_job is not None:
                 on_job(delivery, job.job_id)
             journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
-            if journal.terminal() is not None:
-                self.metrics.duplicates.labels(self.tier.name).inc()
-                actions[i] = "ack"
-                continue
             claim = JobClaim(self.storage, job.job_id, self.name)
             if not claim.try_acquire():
                 continue  # one by one below, after this batch let go of its claims
+            # A finished job (a redelivery) is found by _precheck under the lock.
             self.claims[job.job_id] = claim
             result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
             batch.append(Batched(i, delivery, job, journal, claim, result_dir))
@@ -371,7 +368,7 @@ class JobRunner:
         publish = self.publisher.publish_event
         batch.sort(key=lambda b: b.job.job_id)  # lock order: no two batches wait on each other
         for b in batch:
-            b.journal.lock()
+            b.journal.lock(b.claim)
         running: list[Batched] = []
         for b in batch:
             b.action = self._precheck(b.job, b.journal, b.result_dir)
@@ -379,10 +376,6 @@ class JobRunner:
                 b.attempt, started = self._started(b.job, b.journal)
                 b.journal.write("started", started, publish)
                 running.append(b)
-        self._sync()
-        with self.publisher.burst():
-            for b in running:
-                b.journal.publish_written(publish)
         staged: list[Batched] = []
         for b in running:
             b.t0 = time.monotonic()
@@ -401,14 +394,20 @@ class JobRunner:
                 b.retry = out
             else:
                 b.action = out
+        # One sync for the `started` lines and the staged results. `started` goes out only now;
+        # a job that appended an event meanwhile (progress, failed) synced its journal and
+        # published its `started` first, so every job's events still leave in seq order.
         self._sync()
+        with self.publisher.burst():
+            for b in running:
+                b.journal.publish_written(publish)
         placed: list[Batched] = []
         for b in staged:
             assert b.produced is not None
             if self.storage.place_result(b.produced.work_dir, b.result_dir):
                 placed.append(b)
             else:
-                b.action = self._lost_commit(b.job)
+                b.action = self._lost_commit(b.job, b.journal, b.result_dir)
         self._sync()
         for b in placed:
             assert b.produced is not None
@@ -484,7 +483,9 @@ class JobRunner:
         if journal.terminal() is not None:
             self.metrics.duplicates.labels(tier).inc()
             return "ack"
-        manifest = self.storage.read_manifest(result_dir)
+        # A result exists only if some delivery started the job (`started` is durable first).
+        started = any(e.type == "started" for e in journal.events())
+        manifest = self.storage.read_manifest(result_dir) if started else None
         if manifest is not None:
             # Crashed after committing the result but before `completed`: finish the bookkeeping.
             self._emit_completed(journal, result_dir, manifest)
@@ -585,16 +586,21 @@ class JobRunner:
         try:
             committed = self.storage.commit_result(produced.work_dir, result_dir, produced.manifest)
             if not committed:
-                return self._lost_commit(job)
+                return self._lost_commit(job, journal, result_dir)
             self._emit_completed(journal, result_dir, produced.manifest)
             return "ack"
         except Exception as exc:
             shutil.rmtree(produced.work_dir, ignore_errors=True)
             return self._classified(journal, job, exc)
 
-    def _lost_commit(self, job: JobRequest) -> Action:
+    def _lost_commit(self, job: JobRequest, journal: JobJournal, result_dir: Path) -> Action:
+        """Another delivery's result is in place: ours is dropped. If the journal has not
+        ended (that delivery crashed after its commit), its result completes the job."""
         log.info("job %s: another delivery committed first; not completing twice", job.job_id)
         self.metrics.duplicates.labels(self.tier.name).inc()
+        manifest = self.storage.read_manifest(result_dir)
+        if manifest is not None and journal.terminal() is None:
+            self._emit_completed(journal, result_dir, manifest)
         return "ack"
 
     def _produce(

@@ -19,7 +19,14 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from facefleet.storage import CLAIM_BYTE, JOURNAL, Storage, lock_byte
+from facefleet.storage import (
+    CLAIM_BYTE,
+    JOB_LOCK_BYTE,
+    JOURNAL,
+    Storage,
+    lock_byte,
+    unlock_byte,
+)
 from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
 
 Publish = Callable[[JobEvent], "Future[None] | None"]
@@ -42,6 +49,8 @@ class JobJournal:
         self.fsync = fsync
         self._fd: int | None = None
         """The journal, open for appending while this object holds the job lock."""
+        self._borrowed = False
+        """_fd is a JobClaim's descriptor (unlock releases the lock, the claim closes it)."""
         self._inflight: dict[int, Future[None] | None] = {}
         self._written: list[JobEvent] = []
         """Events this object wrote that are not yet handed to the publisher."""
@@ -102,15 +111,25 @@ class JobJournal:
     def locked(self) -> bool:
         return self._fd is not None
 
-    def lock(self) -> None:
-        """Take the job lock (blocking); several at once only in job-id order."""
-        if self._fd is None:
-            self._fd = self.storage.lock_job(self.job_id)
+    def lock(self, claim: JobClaim | None = None) -> None:
+        """Take the job lock (blocking); several at once only in job-id order. With the job's
+        held claim, on the claim's descriptor: one open of the journal serves both."""
+        if self._fd is not None:
+            return
+        if claim is not None and claim.fd is not None:
+            lock_byte(claim.fd, JOB_LOCK_BYTE, wait=True)
+            self._fd, self._borrowed = claim.fd, True
+        else:
+            self._fd, self._borrowed = self.storage.lock_job(self.job_id), False
 
     def unlock(self) -> None:
         fd, self._fd = self._fd, None
         self._current = False
-        if fd is not None:
+        if fd is None:
+            return
+        if self._borrowed:
+            unlock_byte(fd, JOB_LOCK_BYTE)  # the claim on the same descriptor stays
+        else:
             os.close(fd)  # closing the description drops its lock
 
     # --- writing --------------------------------------------------------------------------------
@@ -249,11 +268,16 @@ class JobClaim:
         self.worker = worker
         self._fd: int | None = None
 
+    @property
+    def fd(self) -> int | None:
+        """The journal, open for appending, while the claim is held."""
+        return self._fd
+
     def try_acquire(self) -> bool:
         """Take the claim unless another live holder has it; never blocks."""
         if self._fd is not None:
             return True
-        fd = self.storage.open_job_file(self.job_id, JOURNAL)
+        fd = self.storage.open_job_file(self.job_id, JOURNAL, os.O_APPEND)
         if not lock_byte(fd, CLAIM_BYTE, wait=False):
             os.close(fd)
             return False

@@ -70,6 +70,11 @@ def media_missing(runner: JobRunner, job: JobRequest) -> Delivery:
 
 
 def result_committed_before_a_crash(runner: JobRunner, job: JobRequest) -> Delivery:
+    JobJournal(runner.storage, job.job_id).append("started", None, lambda e: None)
+    return result_without_started(runner, job)
+
+
+def result_without_started(runner: JobRunner, job: JobRequest) -> Delivery:
     result = runner.storage.result_dir(job.output_uri_prefix, job.job_id)
     result.mkdir(parents=True)
     (result / "result.json").write_text("{}")
@@ -90,7 +95,12 @@ CASES = {
     "deadline passed": Case(deadline_passed, "ack", ["failed"], "deadline_exceeded"),
     "wants another processor": Case(wrong_processor, "ack", ["failed"], "invalid_request"),
     "source media missing": Case(media_missing, "ack", ["started", "failed"], "media_not_found"),
-    "result committed, then a crash": Case(result_committed_before_a_crash, "ack", ["completed"]),
+    "result committed, then a crash": Case(
+        result_committed_before_a_crash, "ack", ["started", "completed"]
+    ),
+    "a result but no started (journal not synced)": Case(
+        result_without_started, "ack", ["started", "completed"]
+    ),
     "unknown schema version": Case(malformed, "ack", ["dead_lettered"], "unsupported_schema"),
 }
 
