@@ -129,13 +129,16 @@ def write_durable(path: Path, data: bytes) -> None:
 
 
 class Storage:
-    """The data root. Thread-safe: it keeps no state besides the root path."""
+    """The data root. Thread-safe: it keeps no state besides the root path and a memo of
+    resolved output prefixes."""
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self._root = str(self.root)
         self._jobs = os.path.join(self._root, "jobs")
+        self._prefixes: dict[str, Path] = {}
+        """Resolved output URI prefixes (result_dir)."""
 
     # --- URIs --------------------------------------------------------------------------------
 
@@ -194,9 +197,18 @@ class Storage:
         return Path(self._jobs, f"{job_id}.{kind}")
 
     def result_dir(self, output_uri_prefix: str, job_id: str) -> Path:
-        """Deterministic result directory of a job: <prefix>/<job_id>/."""
+        """Deterministic result directory of a job: <prefix>/<job_id>/.
+
+        The prefix's resolution is remembered (most jobs share one prefix; resolving it walks
+        every path component). A path is followed again at every use anyway, so remembering
+        the checked string adds no window a fresh check would close."""
         uuid.UUID(job_id)
-        base = self.resolve(output_uri_prefix.rstrip("/") or "/")
+        base = self._prefixes.get(output_uri_prefix)
+        if base is None:
+            base = self.resolve(output_uri_prefix.rstrip("/") or "/")
+            if len(self._prefixes) >= 256:
+                self._prefixes.clear()
+            self._prefixes[output_uri_prefix] = base
         return base / job_id
 
     def request_cancel(self, job_id: str, reason: str) -> None:

@@ -200,3 +200,15 @@ def test_a_batch_leaves_results_where_one_by_one_would(tmp_path: Path, fsync: bo
     )
     assert not list(result.parent.glob(".tmp-*"))
     assert uuid.UUID(job.job_id)
+
+
+@pytest.mark.parametrize(
+    "name", ["plain", "with space", "ünïcode", "percent%20sign", "hash#and?query"]
+)
+def test_completed_uris_are_what_pathlib_would_give(tmp_path: Path, name: str) -> None:
+    from consumer.runner import completed_payload
+
+    result = tmp_path / name / "6f1c"
+    payload = completed_payload(result, {"result_file": f"{name}.png"})
+    assert payload.result_uri == (result / f"{name}.png").as_uri()
+    assert payload.manifest_uri == (result / "manifest.json").as_uri()
