@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 BENCHES: tuple[tuple[str, list[str]], ...] = (
-    ("spine vs Celery", ["-m", "bench.bench_spine", "--jobs", "1000", "--rounds", "3"]),
+    ("spine vs Celery", ["-m", "bench.bench_spine", "--jobs", "2000", "--rounds", "3"]),
     ("video pipeline vs naive loop", ["bench/bench_video.py"]),
     ("gateway: 10,000 WebSockets", ["bench/bench_gateway.py", "--client-procs", "2"]),
 )
