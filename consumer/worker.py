@@ -397,31 +397,32 @@ class Worker:
             self._handle_batch_safely(ch, batch)
 
     def _handle_batch_safely(self, ch: BlockingChannel, batch: list[Delivery]) -> None:
-        actions: list[Action] = ["requeue"] * len(batch)
+        self._run_safely(ch, batch, lambda on_job: self.runner.handle_batch(batch, on_job))
+
+    def _handle_safely(self, ch: BlockingChannel, delivery: Delivery) -> None:
+        self._run_safely(
+            ch,
+            [delivery],
+            lambda on_job: [self.runner.handle(delivery, lambda job_id: on_job(delivery, job_id))],
+        )
+
+    def _run_safely(
+        self,
+        ch: BlockingChannel,
+        deliveries: list[Delivery],
+        run: Callable[[Callable[[Delivery, str], None]], list[Action]],
+    ) -> None:
+        """Run deliveries through the runner; anything unexpected requeues them all."""
+        actions: list[Action] = ["requeue"] * len(deliveries)
 
         def on_job(delivery: Delivery, job_id: str) -> None:
             with self._inflight_lock:
                 self._inflight[delivery.key] = job_id
 
         try:
-            actions = self.runner.handle_batch(batch, on_job)
+            actions = run(on_job)
         except Exception:
-            log.exception("unexpected error handling a batch; requeueing it")
+            log.exception("unexpected error handling %d delivery(ies); requeueing", len(deliveries))
             time.sleep(1.0)
         finally:
-            self._finish_many(ch, batch, actions)
-
-    def _handle_safely(self, ch: BlockingChannel, delivery: Delivery) -> None:
-        action: Action = "requeue"
-
-        def on_job(job_id: str) -> None:
-            with self._inflight_lock:
-                self._inflight[delivery.key] = job_id
-
-        try:
-            action = self.runner.handle(delivery, on_job)
-        except Exception:
-            log.exception("unexpected error handling a delivery; requeueing it")
-            time.sleep(1.0)
-        finally:
-            self._finish(ch, delivery, action)
+            self._finish_many(ch, deliveries, actions)

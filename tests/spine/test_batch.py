@@ -4,8 +4,6 @@ real broker with real worker processes: the same guarantees as one job at a time
 from __future__ import annotations
 
 import contextlib
-import signal
-import time
 
 import pytest
 
@@ -19,6 +17,7 @@ from tests.spine.test_integration import (
     assert_queue_empty,
     client_for,
     journal,
+    kill_workers_while_jobs_run,
     media,
     types,
     wait_terminal,
@@ -108,23 +107,7 @@ def test_kill_9_during_batches_every_job_completes_exactly_once(
 ) -> None:
     client = client_for(env, monkeypatch)
     jobs = [r.job_id for r in client.submit_many(requests(client, env, 48, sleep_s=0.3))]
-    extra = {"FACEFLEET_BATCH": "6"}
-    workers = [env.start_worker(**extra), env.start_worker(**extra)]
-    kills = 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if all((ev := journal(env, j)) and ev[-1].terminal for j in jobs):
-            break
-        if kills < 4:
-            time.sleep(0.6)
-            victim = workers[kills % 2]
-            victim.signal(signal.SIGKILL)
-            victim.wait(10)
-            kills += 1
-            workers[(kills - 1) % 2] = env.start_worker(**extra)
-        else:
-            time.sleep(0.2)
-    assert kills == 4
+    assert kill_workers_while_jobs_run(env, jobs, every_s=0.6, FACEFLEET_BATCH="6") == 4
     for job in jobs:
         events = journal(env, job)
         assert_gapless(events)

@@ -336,6 +336,29 @@ def test_heartbeats_keep_flowing_during_a_job_longer_than_the_heartbeat(
     assert "connection lost" not in worker.log.read_text()
 
 
+def kill_workers_while_jobs_run(
+    env: Env, jobs: list[str], *, every_s: float, kills: int = 4, **worker_env: str
+) -> int:
+    """Two workers; kill -9 one of them every `every_s`, `kills` times, starting a new one each
+    time, until every job ended (at most 120 s). Returns the kills done."""
+    workers = [env.start_worker(**worker_env), env.start_worker(**worker_env)]
+    done = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if all((ev := journal(env, j)) and ev[-1].terminal for j in jobs):
+            break
+        if done < kills:
+            time.sleep(every_s)
+            victim = workers[done % 2]
+            victim.signal(signal.SIGKILL)
+            victim.wait(10)
+            done += 1
+            workers[(done - 1) % 2] = env.start_worker(**worker_env)
+        else:
+            time.sleep(0.2)
+    return done
+
+
 def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,23 +368,7 @@ def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
         client.submit(env.tier, src, src, options={"sleep_s": 1.2, "steps": 6}).job_id
         for _ in range(6)
     ]
-    workers = [env.start_worker(), env.start_worker()]
-    kills = 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ended = [j for j in jobs if (ev := journal(env, j)) and ev[-1].terminal]
-        if len(ended) == len(jobs):
-            break
-        if kills < 4:
-            time.sleep(0.7)
-            victim = workers[kills % 2]
-            victim.signal(signal.SIGKILL)
-            victim.wait(10)
-            kills += 1
-            workers[(kills - 1) % 2] = env.start_worker()
-        else:
-            time.sleep(0.2)
-    assert kills == 4
+    assert kill_workers_while_jobs_run(env, jobs, every_s=0.7) == 4
     for job in jobs:
         events = journal(env, job)
         assert_gapless(events)
