@@ -308,13 +308,16 @@ class JobRunner:
                 continue
             if on_job is not None:
                 on_job(delivery, job.job_id)
+            try:
+                result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
+            except StorageError:
+                continue  # one by one below, which fails the job with the reason
             journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
             claim = JobClaim(self.storage, job.job_id, self.name)
             if not claim.try_acquire():
                 continue  # one by one below, after this batch let go of its claims
             # A finished job (a redelivery) is found by _precheck under the lock.
             self.claims[job.job_id] = claim
-            result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
             batch.append(Batched(i, delivery, job, journal, claim, result_dir))
         retries: list[tuple[Batched, TransientJobError]] = []
         if batch:
@@ -468,7 +471,10 @@ class JobRunner:
         return "ack"
 
     def _run_claimed(self, job: JobRequest, journal: JobJournal, delivery: Delivery) -> Action:
-        result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
+        try:
+            result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
+        except StorageError as exc:  # e.g. an output prefix outside the data root: bad input
+            return self._fail(journal, PermanentJobError(exc.code, exc.message))
         done = self._precheck(job, journal, result_dir)
         if done is not None:
             return done

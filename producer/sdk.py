@@ -110,6 +110,8 @@ def build_request(
     output_uri_prefix = fields.get("output_uri_prefix")
     try:
         check_tier(tier)
+        if output_uri_prefix:
+            storage.resolve(output_uri_prefix)  # results must land inside the data root too
         key = idempotency_key or str(uuid.uuid4())
         return JobRequest(
             job_id=job_id_for_key(key),

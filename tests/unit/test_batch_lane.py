@@ -82,6 +82,10 @@ def result_without_started(runner: JobRunner, job: JobRequest) -> Delivery:
     return delivery_of(job, 1)
 
 
+def results_outside_the_data_root(runner: JobRunner, job: JobRequest) -> Delivery:
+    return delivery_of(job.model_copy(update={"output_uri_prefix": "file:///etc/"}), 1)
+
+
 def malformed(runner: JobRunner, job: JobRequest) -> Delivery:
     body = json.dumps({"schema": 999, "job_id": job.job_id}).encode()
     return Delivery(1, body, pika.BasicProperties(), redelivered=False)
@@ -100,6 +104,9 @@ CASES = {
     ),
     "a result but no started (journal not synced)": Case(
         result_without_started, "ack", ["started", "completed"]
+    ),
+    "results outside the data root": Case(
+        results_outside_the_data_root, "ack", ["failed"], "media_outside_data_root"
     ),
     "unknown schema version": Case(malformed, "ack", ["dead_lettered"], "unsupported_schema"),
 }

@@ -273,3 +273,27 @@ def test_busy_gauge_counts_the_running_job(tmp_path: Path) -> None:
     assert runner.handle(delivery) == "ack"
     assert probe.seen == [1.0]
     assert runner.metrics.registry.get_sample_value("facefleet_worker_busy_jobs") == 0
+
+
+def test_results_outside_the_data_root_fail_the_job_instead_of_looping(tmp_path: Path) -> None:
+    """Bad input, not a crash: before, the StorageError escaped and the delivery was requeued
+    until the broker's delivery limit dead-lettered it without a word."""
+    runner = make_runner(tmp_path, processor=NoopProcessor())
+    job, _ = job_delivery(runner)
+    bad = job.model_copy(update={"output_uri_prefix": "file:///etc/"})
+    delivery = Delivery(1, bad.encode(), pika.BasicProperties(), redelivered=False)
+    assert runner.handle(delivery) == "ack"
+    [event] = events_of(runner, job)
+    assert (event.type, event.payload.code) == ("failed", "media_outside_data_root")
+    assert "outside the data root" in (event.payload.message or "")
+
+
+def test_a_submission_with_results_outside_the_data_root_is_refused(tmp_path: Path) -> None:
+    from producer.errors import InvalidJobError
+    from producer.sdk import build_request
+
+    storage = Storage(tmp_path)
+    media = tmp_path / "in.txt"
+    media.write_text("x")
+    with pytest.raises(InvalidJobError, match="outside the data root"):
+        build_request(storage, "standard", str(media), str(media), output_uri_prefix="/etc/")
