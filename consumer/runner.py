@@ -277,10 +277,7 @@ class JobRunner:
         try:
             return self._run_claimed(job, journal, delivery)
         finally:
-            self.metrics.busy.dec()
-            self.claims.pop(job.job_id, None)
-            self.cancelled.pop(job.job_id, None)
-            claim.release()
+            self._release(claim)
 
     def handle_batch(
         self,
@@ -334,14 +331,14 @@ class JobRunner:
                     if b.retry is not None and b.action is None:
                         retries.append((b, b.retry))
                     else:
-                        self._release(b)
+                        self._release(b.claim)
             for b, err in retries:
                 try:
                     b.action = self._after_attempt(
                         b.job, b.journal, b.delivery, b.result_dir, b.attempt, err
                     )
                 finally:
-                    self._release(b)
+                    self._release(b.claim)
             for b in batch:
                 actions[b.index] = b.action or "requeue"
         out: list[Action] = []
@@ -357,11 +354,12 @@ class JobRunner:
             out.append(action)
         return out
 
-    def _release(self, b: Batched) -> None:
+    def _release(self, claim: JobClaim) -> None:
+        """A claimed job is done here (acked, given back or failed): forget it, let go."""
         self.metrics.busy.dec()
-        self.claims.pop(b.job.job_id, None)
-        self.cancelled.pop(b.job.job_id, None)
-        b.claim.release()
+        self.claims.pop(claim.job_id, None)
+        self.cancelled.pop(claim.job_id, None)
+        claim.release()
 
     def _sync(self) -> None:
         if self.settings.journal_fsync:

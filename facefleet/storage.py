@@ -191,10 +191,13 @@ class Storage:
 
     # --- jobs --------------------------------------------------------------------------------
 
+    def _job_file(self, job_id: str, kind: str) -> str:
+        uuid.UUID(job_id)  # never let a job id become a path traversal
+        return os.path.join(self._jobs, f"{job_id}.{kind}")
+
     def job_path(self, job_id: str, kind: str) -> Path:
         """jobs/<job_id>.<kind> (not created: readers of a job nobody wrote must not make one)."""
-        uuid.UUID(job_id)  # never let a job id become a path traversal
-        return Path(self._jobs, f"{job_id}.{kind}")
+        return Path(self._job_file(job_id, kind))
 
     def result_dir(self, output_uri_prefix: str, job_id: str) -> Path:
         """Deterministic result directory of a job: <prefix>/<job_id>/.
@@ -219,7 +222,7 @@ class Storage:
     def cancel_reason(self, job_id: str) -> str | None:
         """The cancel marker's reason, or None (asked at every step of every job: no pathlib)."""
         try:
-            fd = os.open(os.path.join(self._jobs, f"{job_id}.{CANCEL}"), os.O_RDONLY)
+            fd = os.open(self._job_file(job_id, CANCEL), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -233,8 +236,7 @@ class Storage:
 
     def open_job_file(self, job_id: str, kind: str, flags: int = 0) -> int:
         """A descriptor (read/write, created if missing, plus flags) on jobs/<job_id>.<kind>."""
-        uuid.UUID(job_id)  # never let a job id become a path traversal
-        path = os.path.join(self._jobs, f"{job_id}.{kind}")
+        path = self._job_file(job_id, kind)
         flags |= os.O_RDWR | os.O_CREAT
         try:
             return os.open(path, flags, 0o644)

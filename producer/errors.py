@@ -11,6 +11,9 @@ SubmitError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class SubmitError(Exception):
     pass
@@ -38,7 +41,7 @@ class InvalidJobError(SubmitError):
 
 
 class BatchSubmitError(SubmitError):
-    def __init__(self, results: list[object], errors: dict[str, SubmitError]) -> None:
+    def __init__(self, results: Sequence[Any], errors: dict[str, SubmitError]) -> None:
         first = next(iter(errors.values()))
         super().__init__(
             f"{len(errors)} of {len(results) + len(errors)} jobs were not queued (first: {first})"

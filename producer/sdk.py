@@ -272,9 +272,7 @@ class JobClient:
                     errors[request.job_id] = unroutable(request.tier)
                     continue
                 except PublishNacked:
-                    depth = self._depth(request.tier)
-                    limit = tier_max_length(self.settings, request.tier)
-                    errors[request.job_id] = refused(request.tier, request.job_id, depth, limit)
+                    errors[request.job_id] = self._refusal(request)
                     continue
                 journal.write("queued", EventPayload(tier=request.tier), pub.publish_event)
                 queued.append(journal)
@@ -297,7 +295,7 @@ class JobClient:
             seen.add(r.job_id)
             results.append(SubmitResult(r.job_id, duplicate=dup, request=None if dup else r))
         if errors:
-            raise BatchSubmitError(list(results), errors)
+            raise BatchSubmitError(results, errors)
         return results
 
     def _publish_job(self, request: JobRequest) -> None:
@@ -313,9 +311,14 @@ class JobClient:
         except pika.exceptions.UnroutableError as exc:
             raise unroutable(request.tier) from exc
         except pika.exceptions.NackError as exc:
-            depth = self._depth(request.tier)
-            limit = tier_max_length(self.settings, request.tier)
-            raise refused(request.tier, request.job_id, depth, limit) from exc
+            raise self._refusal(request) from exc
+
+    def _refusal(self, request: JobRequest) -> SubmitError:
+        """What a nack of this job means: tier full (by the queue's depth now) or another refusal."""
+        depth = self._depth(request.tier)
+        return refused(
+            request.tier, request.job_id, depth, tier_max_length(self.settings, request.tier)
+        )
 
     def _depth(self, tier: str) -> int | None:
         try:
