@@ -269,7 +269,7 @@ class JobRunner:
             log.info("job %s already ended (%s); acking duplicate delivery", job.job_id, done.type)
             self.metrics.duplicates.labels(tier).inc()
             return "ack"
-        claim = JobClaim(self.storage, job.job_id, self.name)
+        claim = JobClaim(self.storage, job.job_id)
         if not self._wait_for_claim(claim, delivery):
             return "give_back"
         self.claims[job.job_id] = claim
@@ -291,8 +291,9 @@ class JobRunner:
         Order per batch: claims; journal locks (in job-id order, on the claims' descriptors);
         `started` written for all; the processors run one after the other and their results
         are staged; sync; `started` published; results renamed into place; sync; `completed`
-        written; sync; published; all confirms awaited; locks released. A delivery off the common path (its claim held elsewhere, a retry after a
-        transient error) finishes through the one-by-one path after the batch.
+        written; sync; published; all confirms awaited; locks released. A delivery off the
+        common path (its claim held elsewhere, a retry after a transient error, a result
+        directory it may not use) finishes through the one-by-one path after the batch.
         """
         actions: list[Action | None] = [None] * len(deliveries)
         batch: list[Batched] = []
@@ -310,7 +311,7 @@ class JobRunner:
             except StorageError:
                 continue  # one by one below, which fails the job with the reason
             journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
-            claim = JobClaim(self.storage, job.job_id, self.name)
+            claim = JobClaim(self.storage, job.job_id)
             if not claim.try_acquire():
                 continue  # one by one below, after this batch let go of its claims
             # A finished job (a redelivery) is found by _precheck under the lock.

@@ -34,8 +34,9 @@ Publish = Callable[[JobEvent], "Future[None] | None"]
 
 
 class JobJournal:
-    """One job's journal file, jobs/<id>.jsonl: event lines, plus `{"published": N}` lines (the watermark: every
-    event up to seq N was confirmed by the broker). A lock on the file's byte 0 is the job lock.
+    """One job's journal file, jobs/<id>.jsonl: event lines, plus `{"published": N}` lines (the
+    watermark: every event up to seq N was confirmed by the broker). A lock on the file's byte 0
+    is the job lock.
 
     Writers either call `append` (lock, write, sync, publish: one event, as a job's steps go)
     or, in a batch, hold the lock (`lock()`), `write` events, make the whole batch durable with
@@ -66,9 +67,9 @@ class JobJournal:
         """Re-read the file if its size changed (through the held descriptor when locked).
 
         Only whole lines count: a reader without the lock may catch a line mid-append."""
-        fd = self._fd
         if self._current:
             return
+        fd = self._fd
         try:
             if fd is None:
                 fd = os.open(self.path, os.O_RDONLY)
@@ -106,10 +107,6 @@ class JobJournal:
         return None
 
     # --- the job lock ---------------------------------------------------------------------------
-
-    @property
-    def locked(self) -> bool:
-        return self._fd is not None
 
     def lock(self, claim: JobClaim | None = None) -> None:
         """Take the job lock (blocking); several at once only in job-id order. With the job's
@@ -222,13 +219,10 @@ class JobJournal:
         duplicate seq)."""
         if seq <= self._mark:
             return
+        assert self._fd is not None, "the watermark is written under the job lock"
         line = json.dumps({"published": seq}, separators=(",", ":")).encode() + b"\n"
-        if self._fd is not None:
-            os.write(self._fd, line)
-            self._cache_size = max(self._cache_size, 0) + len(line)
-        else:
-            with self.storage.job_lock(self.job_id) as fd:
-                os.write(fd, line)
+        os.write(self._fd, line)
+        self._cache_size = max(self._cache_size, 0) + len(line)
         self._mark = seq
 
     def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
@@ -262,10 +256,9 @@ class JobClaim:
     runs the job is in its `started` event.
     """
 
-    def __init__(self, storage: Storage, job_id: str, worker: str) -> None:
+    def __init__(self, storage: Storage, job_id: str) -> None:
         self.storage = storage
         self.job_id = job_id
-        self.worker = worker
         self._fd: int | None = None
 
     @property

@@ -6,10 +6,10 @@ Layout under FACEFLEET_DATA_ROOT (a shared volume in Kubernetes):
     jobs/<job_id>.jsonl               the job's event journal (facefleet.journal); a lock on its
                                       byte 0 is the job lock, on byte 1 the worker's claim
     jobs/<job_id>.cancel              cancellation marker
-
-One flat directory of files per job, no directory per job: creating a directory costs as much
-as a file, and a job's first write is on every submission's path.
     results/<job_id>/                 the result files + manifest.json, renamed into place whole
+
+jobs/ is one flat directory, no directory per job: creating a directory costs as much as a
+file, and a job's first write is on every submission's path.
 
 file:// URIs (and plain paths) must resolve inside the root after following symlinks; anything
 else is refused, so a job can never read /etc/passwd or write outside its volume.
@@ -17,7 +17,6 @@ else is refused, so a job can never read /etc/passwd or write outside its volume
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -27,7 +26,6 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -102,8 +100,8 @@ def sync_filesystem(path: Path) -> None:
     """Make every write made so far on path's filesystem durable, in one call (syncfs(2)).
 
     Why: the batch lane and batched submission make many files durable at once (journal lines,
-    result files, renames). One syncfs costs about what two fdatasync calls do, so for a batch
-    of N jobs it replaces ~5N of them (measured in README "Benchmarks"). It flushes the whole
+    result files, renames). On this project's test VM one syncfs cost about two fdatasync calls,
+    and one replaces ~5 fsyncs per job of a batch. It flushes the whole
     filesystem, which on a data-root volume is FaceFleet's own writes. Without syncfs (not
     Linux) it falls back to sync(2).
     """
@@ -255,15 +253,6 @@ class Storage:
             os.close(fd)
             raise
         return fd
-
-    @contextlib.contextmanager
-    def job_lock(self, job_id: str) -> Iterator[int]:
-        """Exclusive lock over one job's journal; yields the journal fd."""
-        fd = self.lock_job(job_id)
-        try:
-            yield fd
-        finally:
-            os.close(fd)  # closing the description drops its locks
 
     # --- results -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from tests/conftest.py: its own tier(s), data root and, where needed, a real sle
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -253,12 +254,15 @@ def test_job_lock_is_released_when_the_waiter_is_cancelled(tmp_path: Path) -> No
     job_id = str(uuid.uuid4())
 
     async def main() -> None:
-        with storage.job_lock(job_id):  # held by "another process"
+        held = storage.lock_job(job_id)  # held by "another process"
+        try:
             waiter = asyncio.create_task(_hold(storage, job_id))
             await asyncio.sleep(0.2)
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
+        finally:
+            os.close(held)
         # the abandoned acquisition got the lock after we released it and must give it back
         async with asyncio.timeout(10), job_lock(JobJournal(storage, job_id)):
             pass

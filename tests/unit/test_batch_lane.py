@@ -134,7 +134,7 @@ def test_every_delivery_of_a_mixed_batch_gets_its_own_outcome(tmp_path: Path) ->
     assert [x[0] for x in publisher.published] == [DEAD_EXCHANGE]  # the malformed one
     assert runner.claims == {}
     for job in jobs:  # every claim and job lock was let go
-        claim = JobClaim(runner.storage, job.job_id, "next")
+        claim = JobClaim(runner.storage, job.job_id)
         assert claim.try_acquire()
         claim.release()
 
@@ -153,7 +153,7 @@ def test_a_job_claimed_elsewhere_leaves_the_batch_and_is_given_back_when_drainin
     runner = make_runner(tmp_path, processor=NoopProcessor())
     busy, _ = job_delivery(runner)
     other, _ = job_delivery(runner)
-    elsewhere = JobClaim(runner.storage, busy.job_id, "another-worker")
+    elsewhere = JobClaim(runner.storage, busy.job_id)
     assert elsewhere.try_acquire()
     runner.draining.set()
     try:

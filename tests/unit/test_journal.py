@@ -107,14 +107,14 @@ def test_nothing_is_appended_after_a_terminal_event(storage: Storage) -> None:
 
 def test_a_live_claim_is_respected_and_a_released_one_is_taken_over(storage: Storage) -> None:
     job = str(uuid.uuid4())
-    first = JobClaim(storage, job, "w1")
-    second = JobClaim(storage, job, "w2")
+    first = JobClaim(storage, job)
+    second = JobClaim(storage, job)
     assert first.try_acquire()
     assert not second.try_acquire()
     first.release()
     assert second.try_acquire()
     first.release()  # a late release by the old holder must not free w2's claim
-    assert not JobClaim(storage, job, "w3").try_acquire()
+    assert not JobClaim(storage, job).try_acquire()
     second.release()
 
 
@@ -126,7 +126,7 @@ def test_the_claim_of_a_killed_holder_is_free_at_once(storage: Storage) -> None:
         "from pathlib import Path\n"
         "from facefleet.journal import JobClaim\n"
         "from facefleet.storage import Storage\n"
-        "assert JobClaim(Storage(Path(sys.argv[1])), sys.argv[2], 'doomed').try_acquire()\n"
+        "assert JobClaim(Storage(Path(sys.argv[1])), sys.argv[2]).try_acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -135,7 +135,7 @@ def test_the_claim_of_a_killed_holder_is_free_at_once(storage: Storage) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        waiter = JobClaim(storage, job, "w2")
+        waiter = JobClaim(storage, job)
         assert not waiter.try_acquire()
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)

@@ -185,7 +185,7 @@ def test_a_job_claimed_elsewhere_is_given_back_when_draining(tmp_path: Path) -> 
     runner = make_runner(tmp_path)
     job, delivery = job_delivery(runner)
     other = make_runner(tmp_path)
-    assert JobClaim(other.storage, job.job_id, "other").try_acquire()
+    assert JobClaim(other.storage, job.job_id).try_acquire()
     runner.draining.set()
     assert runner.handle(delivery) == "give_back"
 
@@ -195,7 +195,7 @@ def test_a_job_claimed_elsewhere_is_given_back_once_the_claim_wait_is_spent(
 ) -> None:
     runner = make_runner(tmp_path)
     job, delivery = job_delivery(runner, held_s=claim_wait_s(runner.tier) + 1)
-    assert JobClaim(runner.storage, job.job_id, "other").try_acquire()
+    assert JobClaim(runner.storage, job.job_id).try_acquire()
     assert runner.handle(delivery) == "give_back"
     assert events_of(runner, job) == []
 
