@@ -18,7 +18,6 @@ else is refused, so a job can never read /etc/passwd or write outside its volume
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import hashlib
 import json
@@ -93,7 +92,8 @@ def write_synced(path: Path, data: bytes, *, sync: bool = True) -> None:
         os.close(fd)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
+"""The C library already loaded in this process (find_library would run ldconfig at import)."""
 
 
 def sync_filesystem(path: Path) -> None:
