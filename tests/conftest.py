@@ -30,13 +30,29 @@ from facefleet.broker import Broker, NoBrokerError, discover
 from facefleet.wire import DEAD_EXCHANGE, dead_notify_queue, job_queue
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+
+# Hermetic: the caller's FACEFLEET_* and AMQP_URL never reach a test. Broker discovery is the one
+# exception: the caller's AMQP_URL (and its management URL) name the broker the suite runs on,
+# and only the `broker` fixture reads them. FACEFLEET_TEST_* are the suite's own switches.
+CALLER_BROKER = {
+    k: os.environ.pop(k) for k in ("AMQP_URL", "FACEFLEET_MANAGEMENT_URL") if k in os.environ
+}
+for _key in [k for k in os.environ if k.startswith("FACEFLEET_")]:
+    if not _key.startswith("FACEFLEET_TEST_"):
+        del os.environ[_key]
 
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     try:
-        found = discover()
+        if "AMQP_URL" in CALLER_BROKER:
+            found = Broker(
+                CALLER_BROKER["AMQP_URL"],
+                "env",
+                management_url=CALLER_BROKER.get("FACEFLEET_MANAGEMENT_URL"),
+            )
+        else:
+            found = discover()
     except NoBrokerError as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI needs a broker: {exc}")

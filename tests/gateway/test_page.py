@@ -18,7 +18,7 @@ from tests.gateway.conftest import API_KEY, Gateway, GatewayWorld, png
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
-SCREENSHOT = os.environ.get("FACEFLEET_PAGE_SCREENSHOT")
+SCREENSHOT = os.environ.get("FACEFLEET_TEST_PAGE_SCREENSHOT")
 """When set, the final page is also saved there (for people to look at)."""
 
 

@@ -16,7 +16,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "facefleet"
 CI_VALUES = REPO / "helm" / "ci"
-KEDA_SCHEMAS = REPO.parent / "shared" / "schemas" / "keda"
+KEDA_SCHEMAS = Path(__file__).resolve().parent / "keda-crds"
+"""KEDA v2.20.2's CRDs, vendored with their source and licence (SOURCE.txt there)."""
 RELEASE = "ff"
 NAMESPACE = "facefleet-test"
 

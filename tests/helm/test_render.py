@@ -2,7 +2,7 @@
 
 Built-in kinds: kubernetes-validate (strict: unknown fields are errors) for the oldest and newest
 Kubernetes versions we support. KEDA kinds: jsonschema against the v2.20.2 CRDs in
-../shared/schemas/keda, plus what the API server would do that JSON Schema does not: the CEL rule
+tests/helm/keda-crds (vendored), plus what the API server would do that JSON Schema does not: the CEL rule
 (min <= max) and pruning of undeclared fields (a pruned field is a silently lost setting).
 Then the chart's own promises, tier by tier.
 """
@@ -84,7 +84,7 @@ def pruned_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]
 
 
 # The one CEL rule of the KEDA CRDs (ScaledObject `spec`), verbatim; test_cel_rule_is_the_crds
-# fails when the CRDs in ../shared/schemas/keda say anything else, so cel_min_le_max must follow.
+# fails when the CRDs in tests/helm/keda-crds (vendored) say anything else, so cel_min_le_max must follow.
 CEL_MIN_LE_MAX = (
     "!has(self.minReplicaCount) || self.minReplicaCount <= "
     "(has(self.maxReplicaCount) ? self.maxReplicaCount : 100)"
