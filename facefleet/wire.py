@@ -257,6 +257,8 @@ ErrorCode = Literal[
     "corrupt_media",
     "unsupported_media",
     "too_large",
+    "fetch_refused",
+    "fetch_failed",
     "no_face_in_source",
     "no_face_in_target",
     "invalid_option",
