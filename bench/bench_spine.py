@@ -219,7 +219,7 @@ def run_facefleet(
     from producer.sdk import build_request
 
     for _ in range(jobs):
-        requests.append(build_request(client.storage, tier, str(src), str(src)))
+        requests.append(build_request(client.media, tier, str(src), str(src)))
     counter = CompletedCounter(amqp_url, {r.job_id for r in requests})
     meter = CpuMeter([p.pid for p in procs])
     meter.start()

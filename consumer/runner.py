@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pika
 
@@ -51,10 +50,12 @@ from consumer.errors import (
     TransientJobError,
     classify,
 )
+from consumer.inputs import Inputs, Scratch, fetch_policy
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor, ProcessorOutput
 from facefleet.amqp import ThreadedPublisher
 from facefleet.journal import JobClaim, JobJournal
+from facefleet.media import FileMediaStore, MediaStore, Staged
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage, StorageError
 from facefleet.wire import (
@@ -71,6 +72,7 @@ from facefleet.wire import (
     JobEvent,
     JobRequest,
     TierSpec,
+    queued_event,
     utcnow,
 )
 
@@ -108,21 +110,29 @@ class Batched:
     job: JobRequest
     journal: JobJournal
     claim: JobClaim
-    result_dir: Path
+    ref: ResultRef
     attempt: int = 1
+    staged: Staged | None = None
     t0: float = 0.0
     produced: Produced | None = None
     action: Action | None = None
     retry: TransientJobError | None = None
 
 
-def completed_payload(result_dir: Path, manifest: dict[str, Any]) -> EventPayload:
+@dataclass(frozen=True)
+class ResultRef:
+    """Where a job's result goes: <prefix>/<job_id>/ in the media store (checked to lie there)."""
+
+    prefix: str
+    job_id: str
+
+
+def completed_payload(media: MediaStore, ref: ResultRef, manifest: dict[str, Any]) -> EventPayload:
     result_file = str(manifest.get("result_file", ""))
     timings = {k: float(v) for k, v in dict(manifest.get("timings_s", {})).items()}
-    base = "file://" + quote(os.fspath(result_dir))  # what Path.as_uri gives, a lot cheaper
     return EventPayload(
-        result_uri=f"{base}/{quote(result_file)}",
-        manifest_uri=f"{base}/manifest.json",
+        result_uri=media.result_uri(ref.prefix, ref.job_id, result_file),
+        manifest_uri=media.result_uri(ref.prefix, ref.job_id, "manifest.json"),
         timings_s=timings,
     )
 
@@ -221,11 +231,20 @@ class JobRunner:
         metrics: WorkerMetrics,
         publisher: ThreadedPublisher,
         name: str,
+        *,
+        media: MediaStore | None = None,
     ) -> None:
         self.settings = settings
         self.tier = tier
         self.processor = processor
         self.storage = storage
+        self.media: MediaStore = media or FileMediaStore(storage)
+        """Inputs and results (FACEFLEET_MEDIA_URL); the data root by default."""
+        self._media_sync = isinstance(self.media, FileMediaStore) and (
+            os.stat(self.media.root).st_dev != os.stat(storage.root).st_dev
+        )
+        """A file:// media store on another filesystem than the journals needs its own sync."""
+        self.inputs = Inputs(self.media, storage, fetch_policy(settings), settings.media_max_bytes)
         self.metrics = metrics
         self.publisher = publisher
         self.name = name
@@ -236,6 +255,17 @@ class JobRunner:
         self.cancelled: dict[str, str] = {}
         """Cancels received over AMQP for jobs running here (the durable marker covers the rest)."""
         self.claims: dict[str, JobClaim] = {}
+
+    def _result_ref(self, job: JobRequest) -> ResultRef:
+        """Where the job's result goes; StorageError if its prefix lies outside the store."""
+        self.media.check_output_prefix(job.output_uri_prefix)
+        return ResultRef(job.output_uri_prefix, job.job_id)
+
+    def _journal(self, job: JobRequest) -> JobJournal:
+        """The job's journal; its first writer records the producer's `queued` (seq 1)."""
+        return JobJournal(
+            self.storage, job.job_id, fsync=self.settings.journal_fsync, queued=queued_event(job)
+        )
 
     def emit(
         self,
@@ -262,7 +292,7 @@ class JobRunner:
             return "ack"
         if on_job is not None:
             on_job(job.job_id)
-        journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
+        journal = self._journal(job)
         tier = self.tier.name
         done = journal.terminal()
         if done is not None:
@@ -307,16 +337,16 @@ class JobRunner:
             if on_job is not None:
                 on_job(delivery, job.job_id)
             try:
-                result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
+                ref = self._result_ref(job)
             except StorageError:
                 continue  # one by one below, which fails the job with the reason
-            journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
+            journal = self._journal(job)
             claim = JobClaim(self.storage, job.job_id)
             if not claim.try_acquire():
                 continue  # one by one below, after this batch let go of its claims
             # A finished job (a redelivery) is found by _precheck under the lock.
             self.claims[job.job_id] = claim
-            batch.append(Batched(i, delivery, job, journal, claim, result_dir))
+            batch.append(Batched(i, delivery, job, journal, claim, ref))
         retries: list[tuple[Batched, TransientJobError]] = []
         if batch:
             self.metrics.busy.inc(len(batch))
@@ -336,7 +366,7 @@ class JobRunner:
             for b, err in retries:
                 try:
                     b.action = self._after_attempt(
-                        b.job, b.journal, b.delivery, b.result_dir, b.attempt, err
+                        b.job, b.journal, b.delivery, b.ref, b.attempt, err
                     )
                 finally:
                     self._release(b.claim)
@@ -363,8 +393,12 @@ class JobRunner:
         claim.release()
 
     def _sync(self) -> None:
+        """One sync point of the batch lane: the journals' lines and, for a file:// media store
+        on another filesystem, the results (an s3 store's PUTs are durable already)."""
         if self.settings.journal_fsync:
             self.storage.sync()
+            if self._media_sync:
+                self.media.sync()
 
     def _run_batch(self, batch: list[Batched]) -> None:
         """The steps of `handle_batch` for claimed jobs; sets each one's action (or retry)."""
@@ -375,7 +409,7 @@ class JobRunner:
             b.journal.lock(b.claim)
         running: list[Batched] = []
         for b in batch:
-            b.action = self._precheck(b.job, b.journal, b.result_dir)
+            b.action = self._precheck(b.job, b.journal, b.ref)
             if b.action is None:
                 b.attempt, started = self._started(b.job, b.journal)
                 b.journal.write("started", started, publish)
@@ -383,10 +417,12 @@ class JobRunner:
         staged: list[Batched] = []
         for b in running:
             b.t0 = time.monotonic()
-            out = self._produce(b.job, b.journal, b.result_dir)
+            out = self._produce(b.job, b.journal, b.ref)
             if isinstance(out, Produced):
                 try:
-                    self.storage.stage_result(out.work_dir, out.manifest, sync=False)
+                    b.staged = self.media.stage_result(
+                        out.work_dir, b.ref.prefix, b.ref.job_id, out.manifest, sync=False
+                    )
                     b.produced = out
                     staged.append(b)
                     continue
@@ -408,15 +444,16 @@ class JobRunner:
         placed: list[Batched] = []
         for b in staged:
             assert b.produced is not None
-            if self.storage.place_result(b.produced.work_dir, b.result_dir):
+            assert b.staged is not None
+            if self.media.place_result(b.staged):
                 placed.append(b)
             else:
-                b.action = self._lost_commit(b.job, b.journal, b.result_dir)
+                b.action = self._lost_commit(b.job, b.journal, b.ref)
         self._sync()
         for b in placed:
             assert b.produced is not None
             b.journal.write(
-                "completed", completed_payload(b.result_dir, b.produced.manifest), publish
+                "completed", completed_payload(self.media, b.ref, b.produced.manifest), publish
             )
         self._sync()
         with self.publisher.burst():
@@ -471,20 +508,20 @@ class JobRunner:
 
     def _run_claimed(self, job: JobRequest, journal: JobJournal, delivery: Delivery) -> Action:
         try:
-            result_dir = self.storage.result_dir(job.output_uri_prefix, job.job_id)
-        except StorageError as exc:  # e.g. an output prefix outside the data root: bad input
+            ref = self._result_ref(job)
+        except StorageError as exc:  # e.g. an output prefix outside the media store: bad input
             return self._fail(journal, PermanentJobError(exc.code, exc.message))
-        done = self._precheck(job, journal, result_dir)
+        done = self._precheck(job, journal, ref)
         if done is not None:
             return done
         attempt, started = self._started(job, journal)
         self.emit(journal, "started", started, wait=False)
         t0 = time.monotonic()
-        outcome = self._attempt(job, journal, result_dir)
+        outcome = self._attempt(job, journal, ref)
         self.metrics.duration.labels(self.tier.name).observe(time.monotonic() - t0)
-        return self._after_attempt(job, journal, delivery, result_dir, attempt, outcome)
+        return self._after_attempt(job, journal, delivery, ref, attempt, outcome)
 
-    def _precheck(self, job: JobRequest, journal: JobJournal, result_dir: Path) -> Action | None:
+    def _precheck(self, job: JobRequest, journal: JobJournal, ref: ResultRef) -> Action | None:
         """What to do instead of running a claimed job, or None to run it."""
         tier = self.tier.name
         if journal.terminal() is not None:
@@ -492,10 +529,10 @@ class JobRunner:
             return "ack"
         # A result exists only if some delivery started the job (`started` is durable first).
         started = any(e.type == "started" for e in journal.events())
-        manifest = self.storage.read_manifest(result_dir) if started else None
+        manifest = self.media.read_manifest(ref.prefix, ref.job_id) if started else None
         if manifest is not None:
             # Crashed after committing the result but before `completed`: finish the bookkeeping.
-            self._emit_completed(journal, result_dir, manifest)
+            self._emit_completed(journal, ref, manifest)
             return "ack"
         reason = self.cancel_reason(job.job_id)
         if reason is not None:
@@ -534,7 +571,7 @@ class JobRunner:
         job: JobRequest,
         journal: JobJournal,
         delivery: Delivery,
-        result_dir: Path,
+        ref: ResultRef,
         attempt: int,
         outcome: Action | TransientJobError,
     ) -> Action:
@@ -581,51 +618,51 @@ class JobRunner:
                 return "give_back"
             attempt += 1
             t0 = time.monotonic()
-            outcome = self._attempt(job, journal, result_dir)
+            outcome = self._attempt(job, journal, ref)
             self.metrics.duration.labels(tier).observe(time.monotonic() - t0)
 
     def _attempt(
-        self, job: JobRequest, journal: JobJournal, result_dir: Path
+        self, job: JobRequest, journal: JobJournal, ref: ResultRef
     ) -> Action | TransientJobError:
-        produced = self._produce(job, journal, result_dir)
+        produced = self._produce(job, journal, ref)
         if not isinstance(produced, Produced):
             return produced
         try:
-            committed = self.storage.commit_result(produced.work_dir, result_dir, produced.manifest)
+            committed = self.media.commit_result(
+                produced.work_dir, ref.prefix, ref.job_id, produced.manifest
+            )
             if not committed:
-                return self._lost_commit(job, journal, result_dir)
-            self._emit_completed(journal, result_dir, produced.manifest)
+                return self._lost_commit(job, journal, ref)
+            self._emit_completed(journal, ref, produced.manifest)
             return "ack"
         except Exception as exc:
             shutil.rmtree(produced.work_dir, ignore_errors=True)
             return self._classified(journal, job, exc)
 
-    def _lost_commit(self, job: JobRequest, journal: JobJournal, result_dir: Path) -> Action:
+    def _lost_commit(self, job: JobRequest, journal: JobJournal, ref: ResultRef) -> Action:
         """Another delivery's result is in place: ours is dropped. If the journal has not
         ended (that delivery crashed after its commit), its result completes the job."""
         log.info("job %s: another delivery committed first; not completing twice", job.job_id)
         self.metrics.duplicates.labels(self.tier.name).inc()
-        manifest = self.storage.read_manifest(result_dir)
+        manifest = self.media.read_manifest(ref.prefix, ref.job_id)
         if manifest is not None and journal.terminal() is None:
-            self._emit_completed(journal, result_dir, manifest)
+            self._emit_completed(journal, ref, manifest)
         return "ack"
 
     def _produce(
-        self, job: JobRequest, journal: JobJournal, result_dir: Path
+        self, job: JobRequest, journal: JobJournal, ref: ResultRef
     ) -> Produced | Action | TransientJobError:
         """Run the processor into a fresh work dir; the result is not committed yet."""
         tier = self.tier.name
         work_dir: Path | None = None
+        scratch = Scratch(self.settings.scratch_dir, job.job_id)
         try:
+            source = self.inputs.localize(job.source_uri, "source", scratch)
+            target = self.inputs.localize(job.target_uri, "target", scratch)
             try:
-                source = self.storage.resolve(job.source_uri)
-                target = self.storage.resolve(job.target_uri)
+                work_dir = self.media.new_work_dir(ref.prefix, ref.job_id)
             except StorageError as exc:
-                raise PermanentJobError(exc.code, exc.message) from exc
-            for label, path in (("source", source), ("target", target)):
-                if not os.path.isfile(path):
-                    raise PermanentJobError("media_not_found", f"{label} {path} does not exist")
-            work_dir = self.storage.new_work_dir(result_dir)
+                raise TransientJobError(exc.code, exc.message) from exc
             ctx = RunContext(self, job, journal, source, target, work_dir)
             started = time.monotonic()
             output: ProcessorOutput = self.processor.run(ctx)
@@ -656,6 +693,7 @@ class JobRunner:
         except Exception as exc:  # mapped at this boundary
             return self._classified(journal, job, exc)
         finally:
+            scratch.cleanup()
             if work_dir is not None:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -674,9 +712,9 @@ class JobRunner:
         raise exc
 
     def _emit_completed(
-        self, journal: JobJournal, result_dir: Path, manifest: dict[str, Any]
+        self, journal: JobJournal, ref: ResultRef, manifest: dict[str, Any]
     ) -> None:
-        self.emit(journal, "completed", completed_payload(result_dir, manifest))
+        self.emit(journal, "completed", completed_payload(self.media, ref, manifest))
         self.metrics.jobs.labels(self.tier.name, "completed").inc()
 
     def _fail(self, journal: JobJournal, err: JobError) -> Action:
@@ -745,7 +783,7 @@ class JobRunner:
             f"dead-lettered by the broker ({reason}): the job's deliveries failed "
             f"{self.tier.delivery_limit} times, e.g. the worker crashed on it"
         )
-        journal = JobJournal(self.storage, job.job_id, fsync=self.settings.journal_fsync)
+        journal = self._journal(job)
         payload = EventPayload(code=code, message=message, retryable=False)
 
         def task() -> None:
@@ -753,17 +791,22 @@ class JobRunner:
 
         return task
 
-    def note_cancel(self, req: CancelRequest) -> None:
+    def note_cancel(self, req: CancelRequest) -> bool:
         """A cancel request from the control exchange: make it durable for whichever worker
         takes the job, and remember it here only while this worker runs that job (every worker
-        sees every cancel, so remembering all of them would grow without bound)."""
+        sees every cancel, so remembering all of them would grow without bound). False if it
+        could not be recorded (the pending copy then stays on the broker)."""
         if req.job_id in self.claims:
             self.cancelled[req.job_id] = req.reason
         try:
             if self.storage.cancel_reason(req.job_id) is None:
                 self.storage.request_cancel(req.job_id, req.reason)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # not a job id: nothing to record, ever
+            log.warning("ignoring cancel of %r: %s", req.job_id, exc)
+        except OSError as exc:
             log.warning("could not persist cancel of %s: %s", req.job_id, exc)
+            return False
+        return True
 
 
 def _first_death_reason(headers: dict[str, Any]) -> str:

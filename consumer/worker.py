@@ -46,6 +46,7 @@ from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor
 from consumer.runner import JobRunner
 from facefleet.amqp import ThreadedPublisher, connect, declare_topology
+from facefleet.media import MediaStore
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage
 from facefleet.wire import (
@@ -54,6 +55,7 @@ from facefleet.wire import (
     CancelRequest,
     DecodeError,
     consumer_timeout_warning,
+    control_pending_queue,
     dead_notify_queue,
     job_queue,
 )
@@ -83,6 +85,7 @@ class Worker:
         processor: Processor,
         *,
         storage: Storage | None = None,
+        media: MediaStore | None = None,
         metrics: WorkerMetrics | None = None,
         on_busy: Callable[[bool], None] | None = None,
     ) -> None:
@@ -110,7 +113,14 @@ class Worker:
         self._consumer_tag: str | None = None
         self.publisher = ThreadedPublisher(settings.amqp_url, f"facefleet-worker-{self.name}")
         self.runner = JobRunner(
-            settings, self.tier, processor, self.storage, self.metrics, self.publisher, self.name
+            settings,
+            self.tier,
+            processor,
+            self.storage,
+            self.metrics,
+            self.publisher,
+            self.name,
+            media=media or settings.media_store(),
         )
         self._draining = self.runner.draining
         self.stop_jobs = self.runner.stop_jobs
@@ -175,16 +185,23 @@ class Worker:
         self._channel = ch
         self._unsettled = set()
         ch.basic_qos(prefetch_count=self.settings.concurrency * self.settings.batch)
+        # Cancels: live ones for running jobs on an exclusive queue; durable ones (sent while a
+        # job was queued, maybe with no worker up) recorded in the job state before any job is
+        # taken, then as they come.
+        control = conn.channel()
+        ctl = control.queue_declare("", exclusive=True, auto_delete=True)
+        control.queue_bind(ctl.method.queue, CONTROL_EXCHANGE, CANCEL_BINDING)
+        control.basic_consume(ctl.method.queue, self._on_control, auto_ack=True)
+        pending = conn.channel()
+        self._record_pending_cancels(pending)
+        pending.basic_qos(prefetch_count=50)
+        pending.basic_consume(control_pending_queue(self.tier.name), self._on_pending_cancel)
         if self.settings.max_jobs is None or self.received < self.settings.max_jobs:
             self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
         # Broker-side dead letters (delivery limit after crashes) get their event here.
         notify = conn.channel()
         notify.basic_qos(prefetch_count=10)
         notify.basic_consume(dead_notify_queue(self.tier.name), self._on_dead_letter)
-        control = conn.channel()
-        ctl = control.queue_declare("", exclusive=True, auto_delete=True)
-        control.queue_bind(ctl.method.queue, CONTROL_EXCHANGE, CANCEL_BINDING)
-        control.basic_consume(ctl.method.queue, self._on_control, auto_ack=True)
         if self.state == WorkerState.STARTING:
             self._set_state(WorkerState.READY)
         log.info("worker %s consuming %s", self.name, job_queue(self.tier.name))
@@ -292,6 +309,33 @@ class Worker:
             log.warning("ignoring malformed control message: %s", exc.reason)
             return
         self.runner.note_cancel(req)
+
+    def _record_pending_cancels(self, ch: BlockingChannel, limit: int = 100_000) -> None:
+        """Before taking jobs: record every waiting cancel request in the job state, so a job
+        cancelled while queued (perhaps while its tier had no worker) is cancelled when taken."""
+        for _ in range(limit):
+            method, props, body = ch.basic_get(control_pending_queue(self.tier.name))
+            if method is None:
+                return
+            self._on_pending_cancel(ch, method, props, body)
+
+    def _on_pending_cancel(
+        self,
+        ch: BlockingChannel,
+        method: Basic.Deliver | Basic.GetOk,
+        _p: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        try:
+            req = CancelRequest.decode(body)
+        except DecodeError as exc:
+            log.warning("dropping malformed cancel request: %s", exc.reason)
+            ch.basic_ack(method.delivery_tag)
+            return
+        if self.runner.note_cancel(req):
+            ch.basic_ack(method.delivery_tag)
+        else:
+            ch.basic_nack(method.delivery_tag, requeue=True)
 
     def _on_dead_letter(
         self, ch: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties, body: bytes

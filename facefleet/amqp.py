@@ -32,6 +32,7 @@ from pika.adapters.select_connection import IOLoop
 from facefleet.wire import (
     CONTENT_TYPE,
     CONTROL_EXCHANGE,
+    CONTROL_PENDING_ARGUMENTS,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
     DEAD_QUEUE_ARGUMENTS,
@@ -46,6 +47,8 @@ from facefleet.wire import (
     BrokerFeatures,
     JobEvent,
     TierSpec,
+    control_pending_binding,
+    control_pending_queue,
     dead_notify_queue,
     event_routing_key,
     job_queue,
@@ -95,6 +98,9 @@ def declare_topology(
             notify = dead_notify_queue(tier.name)
             _declare_queue(connection, notify, DEAD_QUEUE_ARGUMENTS)
             ch.queue_bind(notify, DEAD_EXCHANGE, tier.name)
+            pending = control_pending_queue(tier.name)
+            _declare_queue(connection, pending, CONTROL_PENDING_ARGUMENTS)
+            ch.queue_bind(pending, CONTROL_EXCHANGE, control_pending_binding(tier.name))
     finally:
         if ch.is_open:
             ch.close()

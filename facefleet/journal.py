@@ -43,9 +43,19 @@ class JobJournal:
     one `storage.sync()`, then `publish_written` and `settle`, and `unlock()`.
     """
 
-    def __init__(self, storage: Storage, job_id: str, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        job_id: str,
+        *,
+        fsync: bool = True,
+        queued: JobEvent | None = None,
+    ) -> None:
         self.storage = storage
         self.job_id = job_id
+        self.queued = queued
+        """The job's `queued` event as its producer published it (wire.queued_event): producers
+        never write the journal, so the first writer records it before its own event."""
         self.path = storage.job_path(job_id, JOURNAL)
         self.fsync = fsync
         self._fd: int | None = None
@@ -174,13 +184,24 @@ class JobJournal:
         self._flush_outbox(events, publish)
         if any(e.terminal for e in events):
             return None
-        event = JobEvent(
-            job_id=self.job_id,
-            seq=(events[-1].seq + 1) if events else 1,
-            type=event_type,
-            ts=utcnow(),
-            payload=payload or EventPayload(),
+        if not events and event_type != "queued":
+            # seq 1 is the producer's `queued`, already in the stream: record it (and publish it
+            # again, first: watchers drop the duplicate, and the stream keeps seq order).
+            self._add(
+                self.queued or JobEvent(job_id=self.job_id, seq=1, type="queued", ts=utcnow())
+            )
+        return self._add(
+            JobEvent(
+                job_id=self.job_id,
+                seq=(self._cache[-1].seq + 1) if self._cache else 1,
+                type=event_type,
+                ts=utcnow(),
+                payload=payload or EventPayload(),
+            )
         )
+
+    def _add(self, event: JobEvent) -> JobEvent:
+        assert self._fd is not None
         line = event.encode() + b"\n"
         os.write(self._fd, line)
         # Under the lock the cache was just refreshed to the file; extend it instead of re-reading.

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     AliasChoices,
@@ -24,6 +24,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from facefleet.management import default_management_url
+
+if TYPE_CHECKING:
+    from facefleet.media import MediaStore
 from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -48,7 +51,11 @@ class CommonSettings(BaseSettings):
     )
     """Broker URL with credentials; heartbeat and timeouts may ride in its query string."""
     data_root: Path = Path("./var/facefleet")
-    """Root of all file:// media and results; URIs outside it are refused."""
+    """Workers' job state (journals, claims, cancel markers) and file:// media; URIs outside it
+    are refused. Producers need it only when media_url is file:// (the embedded default)."""
+    media_url: str = Field(default="", validate_default=True)
+    """Where inputs are uploaded and results written: `file:///abs/path` or `s3://bucket/prefix`
+    (endpoint from AWS_ENDPOINT_URL, credentials from the AWS chain); default file://<data_root>."""
     tiers_json: str | None = Field(default=None, validation_alias="FACEFLEET_TIERS")
     """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
     high, standard, batch."""
@@ -60,6 +67,25 @@ class CommonSettings(BaseSettings):
         if not v.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
         return v
+
+    @field_validator("media_url")
+    @classmethod
+    def _media(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            root = info.data.get("data_root") or Path("./var/facefleet")
+            return Path(root).resolve().as_uri()
+        if not v.startswith(("file:///", "s3://")):
+            raise ValueError("use file:///absolute/path or s3://bucket/prefix")
+        return v
+
+    def media_store(self) -> MediaStore:
+        """The media store FACEFLEET_MEDIA_URL names (a bad URL exits, naming the variable)."""
+        from facefleet.media import open_media_store
+
+        try:
+            return open_media_store(self.media_url)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
 
     def tiers(self) -> tuple[TierSpec, ...]:
         if not self.tiers_json:
@@ -292,6 +318,16 @@ class WorkerSettings(CommonSettings):
     """Image formats accepted as source or target (sniffed from content, not the extension)."""
     media_video_formats: str = "mp4,mov,webm,matroska,avi"
     """Video containers accepted as target (sniffed from content, not the extension)."""
+    fetch_allow: str = ""
+    """https:// inputs: comma-separated CIDRs or host:port a fetch may reach although they are
+    private, loopback or link-local (refused otherwise, after DNS and on every redirect)."""
+    fetch_connect_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_read_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest silence while reading an https:// input."""
+    fetch_max_redirects: int = Field(default=5, ge=0)
+    scratch_dir: Path | None = None
+    """Local space for inputs fetched from s3:// or https:// and results before their upload;
+    default: the system temp dir (an emptyDir in the chart)."""
 
     def providers(self) -> list[str]:
         names = {

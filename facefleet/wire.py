@@ -9,7 +9,10 @@ Topology (see README "Wire contract"):
     facefleet.jobs.dead topic    routing key = tier  -> facefleet.jobs.dead     (quorum, parked, "#")
                                                      -> facefleet.jobs.dead.notify.<tier> (quorum)
     facefleet.events    topic    job.<job_id>.<type> -> facefleet.events.log    (stream)
-    facefleet.control   topic    cancel.<job_id>     -> one exclusive queue per worker
+    facefleet.control   topic    cancel.<tier>.<job_id> -> one exclusive queue per worker
+                                                     -> facefleet.control.pending.<tier> (quorum;
+                                                        the tier's workers record it in the job
+                                                        state before they take jobs)
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ DEAD_QUEUE = "facefleet.jobs.dead"
 EVENTS_EXCHANGE = "facefleet.events"
 EVENTS_STREAM = "facefleet.events.log"
 CONTROL_EXCHANGE = "facefleet.control"
+CONTROL_PENDING_TTL_MS = 7 * 24 * 3600 * 1000
+"""A pending cancel nobody recorded within a week is dropped (no worker ran in that time)."""
 
 # --- headers ----------------------------------------------------------------------------------
 
@@ -81,11 +86,23 @@ def job_events_binding(job_id: str) -> str:
     return f"job.{job_id}.*"
 
 
-def cancel_routing_key(job_id: str) -> str:
-    return f"cancel.{job_id}"
+def cancel_routing_key(job_id: str, tier: str) -> str:
+    return f"cancel.{check_tier(tier)}.{job_id}"
 
 
-CANCEL_BINDING = "cancel.*"
+CANCEL_BINDING = "cancel.#"
+"""What a worker's exclusive control queue binds: every cancel (it may run any of them)."""
+
+
+def control_pending_queue(tier: str) -> str:
+    """Durable copy of every cancel for one tier's jobs. Producers need only the broker, so a
+    cancel for a job that is still queued (or for a tier scaled to zero) waits here until one of
+    the tier's workers records it in the job state, before it takes any job."""
+    return f"{CONTROL_EXCHANGE}.pending.{check_tier(tier)}"
+
+
+def control_pending_binding(tier: str) -> str:
+    return f"cancel.{check_tier(tier)}.*"
 
 
 # --- tiers ------------------------------------------------------------------------------------
@@ -225,6 +242,10 @@ def consumer_timeout_warning(tier: TierSpec, features: BrokerFeatures) -> str | 
 
 
 DEAD_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+CONTROL_PENDING_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-message-ttl": CONTROL_PENDING_TTL_MS,
+}
 EVENTS_STREAM_ARGUMENTS: dict[str, Any] = {
     "x-queue-type": "stream",
     "x-max-age": "7D",
@@ -397,8 +418,23 @@ class JobEvent(_Message):
 
 class CancelRequest(_Message):
     job_id: str
+    tier: str | None = None
+    """The job's tier (also in the routing key); optional for old senders."""
     reason: str = "cancelled by user"
     requested_at: datetime
+
+
+def queued_event(job: JobRequest) -> JobEvent:
+    """A job's first event (seq 1). The producer publishes it after the job's confirm; the
+    worker that first takes the job records the very same event in the job state (it never saw
+    the producer's copy), so history is gapless and a duplicate seq 1 is identical."""
+    return JobEvent(
+        job_id=job.job_id,
+        seq=1,
+        type="queued",
+        ts=job.created_at,
+        payload=EventPayload(tier=job.tier),
+    )
 
 
 def job_id_for_key(idempotency_key: str) -> str:

@@ -7,14 +7,12 @@
 
 Why it shares rather than copies: the request is built by `sdk.build_request`, message
 properties come from `sdk.job_properties` / `amqp.event_properties` (converted once, below), the
-journal is the same `JobJournal` under the same job lock, stream arguments and ordering
-come from `producer.watch`. Only the transport differs.
+`queued` event is `wire.queued_event`, duplicate detection is the media store's submission
+record, stream arguments and ordering come from `producer.watch`. Only the transport differs.
 
-The event loop never blocks on files: the flock, the journal append (fsync) and media import run
-in worker threads (`asyncio.to_thread`); the journal's synchronous publish callback hops back
-onto the loop with `run_coroutine_threadsafe`, so the job lock stays held across the confirmed
-publishes exactly as in the sync client. A per-process asyncio lock per job id sits in front of
-the flock so duplicate submits of one job cannot fill the thread pool with blocked flock calls.
+The event loop never blocks on files or the store: uploads and the submission record run in
+worker threads (`asyncio.to_thread`). A per-process asyncio lock per job id makes concurrent
+submits of one key in one process publish once.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import uuid
 import weakref
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -35,33 +32,32 @@ import aiormq.exceptions
 from typing_extensions import Unpack
 
 from facefleet.amqp import as_message, connect, declare_topology, event_properties
-from facefleet.journal import JobJournal
+from facefleet.media import MediaStore
 from facefleet.settings import ProducerSettings
-from facefleet.storage import Storage
 from facefleet.wire import (
-    CONTENT_TYPE,
     CONTROL_EXCHANGE,
     EVENTS_EXCHANGE,
     EVENTS_STREAM,
     JOBS_EXCHANGE,
     BrokerFeatures,
-    CancelRequest,
     DecodeError,
-    EventPayload,
     JobEvent,
     JobRequest,
     cancel_routing_key,
     event_routing_key,
     job_queue,
-    utcnow,
+    queued_event,
 )
 from producer.errors import refused, unroutable
 from producer.sdk import (
     JobFields,
     SubmitResult,
     build_request,
+    cancel_properties,
+    cancel_request,
     job_properties,
     tier_max_length,
+    unroutable_cancel,
 )
 from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
 
@@ -76,26 +72,6 @@ def server_features(connection: aio_pika.abc.AbstractConnection) -> BrokerFeatur
     return BrokerFeatures.from_server_properties(props)
 
 
-@contextlib.asynccontextmanager
-async def job_lock(journal: JobJournal) -> AsyncIterator[None]:
-    """The journal's job lock (a blocking flock) held from the event loop without blocking it.
-
-    If the waiting task is cancelled, the lock is released as soon as the thread gets it.
-    """
-    acquire = asyncio.ensure_future(asyncio.to_thread(journal.lock))
-    try:
-        await asyncio.shield(acquire)
-    except asyncio.CancelledError:
-        acquire.add_done_callback(
-            lambda f: None if f.cancelled() or f.exception() else journal.unlock()
-        )
-        raise
-    try:
-        yield
-    finally:
-        await asyncio.to_thread(journal.unlock)
-
-
 class AsyncJobClient:
     """aio-pika client: one robust connection, one confirming publisher channel.
 
@@ -106,11 +82,11 @@ class AsyncJobClient:
         self,
         settings: ProducerSettings,
         *,
-        storage: Storage | None = None,
+        media: MediaStore | None = None,
         connection_name: str = "facefleet-producer-aio",
     ) -> None:
         self.settings = settings
-        self.storage = storage or Storage(settings.data_root)
+        self.media = media or settings.media_store()
         self.connection_name = connection_name
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -187,31 +163,24 @@ class AsyncJobClient:
         Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
         """
         request = await asyncio.to_thread(
-            functools.partial(build_request, self.storage, tier, source, target, **fields)
+            functools.partial(build_request, self.media, tier, source, target, **fields)
         )
         return await self.submit_request(request)
 
     async def submit_request(self, request: JobRequest) -> SubmitResult:
+        """See JobClient.submit_request: duplicate keys publish nothing; `queued` after the
+        job's confirm."""
         await self.connect()
-        loop = asyncio.get_running_loop()
-        journal = JobJournal(self.storage, request.job_id)
         local = self._job_locks.setdefault(request.job_id, asyncio.Lock())
-        async with local, job_lock(journal):
-            if await asyncio.to_thread(journal.events):
+        async with local:
+            if await asyncio.to_thread(self.media.submitted, request.job_id):
                 return SubmitResult(request.job_id, duplicate=True)
             await self._publish_job(request)
-
-            def publish_from_thread(event: JobEvent) -> None:
-                future = asyncio.run_coroutine_threadsafe(self.publish_event(event), loop)
-                future.result(timeout=self.settings.confirm_timeout_s + 5)
-
-            await asyncio.to_thread(
-                journal.append,
-                "queued",
-                EventPayload(tier=request.tier),
-                publish_from_thread,
+            fresh = await asyncio.to_thread(
+                self.media.mark_submitted, request.job_id, request.encode()
             )
-        return SubmitResult(request.job_id, duplicate=False, request=request)
+            await self.publish_event(queued_event(request))
+        return SubmitResult(request.job_id, duplicate=not fresh, request=request if fresh else None)
 
     async def _publish_job(self, request: JobRequest) -> None:
         assert self._jobs is not None
@@ -257,18 +226,22 @@ class AsyncJobClient:
         except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError):
             return None
 
-    async def cancel(self, job_id: str, reason: str = "cancelled by user") -> None:
-        """Ask for cancellation: a durable marker plus a control message (see JobClient.cancel)."""
-        uuid.UUID(job_id)
-        await asyncio.to_thread(self.storage.request_cancel, job_id, reason)
+    async def cancel(
+        self, job_id: str, reason: str = "cancelled by user", *, tier: str | None = None
+    ) -> None:
+        """Ask for cancellation through the broker alone (see JobClient.cancel)."""
+        msg = await asyncio.to_thread(cancel_request, self.media, job_id, reason, tier)
         await self.connect()
         assert self._control is not None
-        msg = CancelRequest(job_id=job_id, reason=reason, requested_at=utcnow())
-        await self._control.publish(
-            aio_pika.Message(msg.encode(), content_type=CONTENT_TYPE, delivery_mode=1),
-            cancel_routing_key(job_id),
-            mandatory=False,
-        )
+        try:
+            await self._control.publish(
+                as_message(msg.encode(), cancel_properties(msg)),
+                cancel_routing_key(msg.job_id, str(msg.tier)),
+                mandatory=True,
+                timeout=self.settings.confirm_timeout_s,
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise unroutable_cancel(msg) from exc
 
     # --- events --------------------------------------------------------------------------------
 

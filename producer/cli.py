@@ -16,7 +16,14 @@ from typing import Any
 import pika.exceptions
 
 from facefleet.settings import ProducerSettings, SettingsError, die
-from facefleet.wire import JobEvent, JobOptionValue, consumer_timeout_advice, utcnow
+from facefleet.wire import (
+    DecodeError,
+    JobEvent,
+    JobOptionValue,
+    JobRequest,
+    consumer_timeout_advice,
+    utcnow,
+)
 
 EXIT_FOR_TERMINAL = {"completed": 0, "failed": 1, "dead_lettered": 1, "cancelled": 3}
 
@@ -29,8 +36,16 @@ def register(sub: Any, name: str) -> None:
     elif name == "submit":
         p = sub.add_parser(name, help="submit a face-fusion job")
         p.add_argument("--tier", required=True, help="QoS tier, e.g. high, standard, batch")
-        p.add_argument("--source", required=True, help="PATH (copied into the data root) or URI")
-        p.add_argument("--target", required=True, help="PATH (copied into the data root) or URI")
+        p.add_argument(
+            "--source",
+            required=True,
+            help="PATH (uploaded to the media store) or URI (s3:// in the store, https://)",
+        )
+        p.add_argument(
+            "--target",
+            required=True,
+            help="PATH (uploaded to the media store) or URI (s3:// in the store, https://)",
+        )
         p.add_argument(
             "--option",
             action="append",
@@ -63,6 +78,9 @@ def register(sub: Any, name: str) -> None:
         p = sub.add_parser(name, help="cancel a job (queued or running)")
         p.add_argument("job_id")
         p.add_argument("--reason", default="cancelled by user")
+        p.add_argument(
+            "--tier", help="the job's tier (default: from its submission record in the store)"
+        )
         p.set_defaults(func=cmd_cancel)
     elif name == "status":
         p = sub.add_parser(name, help="per tier: ready, unacked, consumers")
@@ -247,14 +265,14 @@ def _event_source(
 
 
 def _created_at(settings: ProducerSettings, job_id: str) -> Any:
-    """Start the stream near the job when its journal is readable (saves scanning old chunks)."""
-    try:
-        from facefleet.journal import JobJournal
-        from facefleet.storage import Storage
+    """Start the stream near the job: its submission record in the media store says when it
+    was created (saves scanning old chunks); None reads the stream from its start."""
+    from facefleet.storage import StorageError
 
-        events = JobJournal(Storage(settings.data_root), job_id).events()
-        return events[0].ts if events else None
-    except (OSError, ValueError):
+    try:
+        body = settings.media_store().submission(job_id)
+        return JobRequest.decode(body).created_at if body else None
+    except (StorageError, DecodeError, ValueError):
         return None
 
 
@@ -298,7 +316,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from producer.sdk import JobClient
 
     with JobClient(_settings()) as client:
-        client.cancel(args.job_id, args.reason)
+        client.cancel(args.job_id, args.reason, tier=args.tier)
     print(f"cancel requested for job {args.job_id}")
     return 0
 

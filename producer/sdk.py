@@ -5,7 +5,10 @@
     client.close()
 
 A submission is durable when `submit()` returns: the job is confirmed by the broker (quorum
-queue: by a quorum of replicas) and its `queued` event is in the journal and the events stream.
+queue: by a quorum of replicas) and its `queued` event (seq 1) is confirmed into the events
+stream. Producers need only the broker and the media store: local files are uploaded to the
+store (content-addressed), and they never open a job journal; the worker that first takes the
+job records the same `queued` event in the job state (wire.queued_event).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypedDict
+from urllib.parse import urlparse
 
 import pika
 import pika.exceptions
@@ -31,10 +35,10 @@ from facefleet.amqp import (
     declare_topology,
     publish_event,
 )
-from facefleet.journal import JobJournal
 from facefleet.management import ManagementUnavailable, read_queues
+from facefleet.media import MediaStore
 from facefleet.settings import ProducerSettings, SettingsError
-from facefleet.storage import Storage, StorageError
+from facefleet.storage import StorageError
 from facefleet.wire import (
     CONTENT_TYPE,
     CONTROL_EXCHANGE,
@@ -43,13 +47,13 @@ from facefleet.wire import (
     JOBS_EXCHANGE,
     SCHEMA_VERSION,
     CancelRequest,
-    EventPayload,
     JobOptionValue,
     JobRequest,
     cancel_routing_key,
     check_tier,
     job_id_for_key,
     job_queue,
+    queued_event,
     utcnow,
 )
 from producer.errors import (
@@ -79,16 +83,32 @@ class TierStatus:
     consumers: int
 
 
-def media_uri(storage: Storage, value: str) -> str:
-    """A URI for the job: local files are copied into the data root, URIs are checked."""
+FETCHED_SCHEMES = ("https", "http")
+"""Inputs a worker fetches itself (SSRF-guarded there: FACEFLEET_FETCH_ALLOW)."""
+
+
+def media_uri(media: MediaStore, value: str) -> str:
+    """A URI for the job: local files are uploaded to the media store (content-addressed, never
+    twice), https:// URLs pass (the worker fetches them), store URIs are checked."""
     if "://" in value:
-        storage.resolve(value)
-        return value
+        scheme = value.split("://", 1)[0].lower()
+        if scheme in FETCHED_SCHEMES:
+            if not urlparse(value).hostname:
+                raise StorageError("invalid_request", f"{value}: no host in the URL")
+            return value
+        if media.owns(value):
+            return value
+        raise StorageError(
+            "media_outside_data_root",
+            f"{value}: outside the media store {media.url}; give a local file (it is uploaded) "
+            "or an https:// URL",
+        )
     path = Path(value)
-    if path.exists():
-        if path.resolve().is_relative_to(storage.root):
-            return storage.uri(path)
-        return storage.import_file(path)
+    if path.is_file():
+        local = path.resolve().as_uri()
+        if media.owns(local):  # already in a file:// store: no copy
+            return local
+        return media.put_file(path)
     raise StorageError("media_not_found", f"{value}: no such file")
 
 
@@ -103,7 +123,7 @@ class JobFields(TypedDict, total=False):
 
 
 def build_request(
-    storage: Storage, tier: str, source: str, target: str, **fields: Unpack[JobFields]
+    media: MediaStore, tier: str, source: str, target: str, **fields: Unpack[JobFields]
 ) -> JobRequest:
     options = fields.get("options")
     idempotency_key = fields.get("idempotency_key")
@@ -111,7 +131,7 @@ def build_request(
     try:
         check_tier(tier)
         if output_uri_prefix:
-            storage.resolve(output_uri_prefix)  # results must land inside the data root too
+            media.check_output_prefix(output_uri_prefix)  # results land in the store too
         key = idempotency_key or str(uuid.uuid4())
         return JobRequest(
             job_id=job_id_for_key(key),
@@ -120,9 +140,9 @@ def build_request(
             created_at=utcnow(),
             deadline=fields.get("deadline"),
             processor=fields.get("processor"),
-            source_uri=media_uri(storage, source),
-            target_uri=media_uri(storage, target),
-            output_uri_prefix=output_uri_prefix or storage.default_output_prefix(),
+            source_uri=media_uri(media, source),
+            target_uri=media_uri(media, target),
+            output_uri_prefix=output_uri_prefix or media.default_output_prefix(),
             options=dict(options or {}),
         )
     except StorageError as exc:
@@ -149,12 +169,47 @@ def job_properties(request: JobRequest) -> pika.BasicProperties:
     )
 
 
+def cancel_request(media: MediaStore, job_id: str, reason: str, tier: str | None) -> CancelRequest:
+    """The cancel message for a job; its tier (which routes it) from the job's submission
+    record in the media store when the caller does not name it."""
+    try:
+        job_id = str(uuid.UUID(job_id))
+    except ValueError as exc:
+        raise InvalidJobError(f"{job_id!r} is not a job id") from exc
+    if tier is None:
+        body = media.submission(job_id)
+        if body is None:
+            raise InvalidJobError(
+                f"job {job_id}: no submission record in the media store {media.url}; "
+                "name its tier (--tier)"
+            )
+        tier = JobRequest.decode(body).tier
+    check_tier(tier)
+    return CancelRequest(job_id=job_id, tier=tier, reason=reason, requested_at=utcnow())
+
+
+def unroutable_cancel(msg: CancelRequest) -> SubmitError:
+    return SubmitError(
+        f"the cancel of job {msg.job_id} reached no queue: is tier {msg.tier!r} declared? "
+        "(`facefleet topology apply` declares facefleet.control.pending.<tier>)"
+    )
+
+
+def cancel_properties(msg: CancelRequest) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=f"cancel:{msg.job_id}",
+        headers={HEADER_SCHEMA: SCHEMA_VERSION, HEADER_JOB_ID: msg.job_id},
+    )
+
+
 class JobClient:
     """Blocking client; one per thread (pika connections are not thread-safe)."""
 
-    def __init__(self, settings: ProducerSettings, *, storage: Storage | None = None) -> None:
+    def __init__(self, settings: ProducerSettings, *, media: MediaStore | None = None) -> None:
         self.settings = settings
-        self.storage = storage or Storage(settings.data_root)
+        self.media = media or settings.media_store()
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._publisher: ThreadedPublisher | None = None
@@ -201,28 +256,23 @@ class JobClient:
 
         Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
         """
-        return self.submit_request(build_request(self.storage, tier, source, target, **fields))
+        return self.submit_request(build_request(self.media, tier, source, target, **fields))
 
     def submit_request(self, request: JobRequest) -> SubmitResult:
-        journal = JobJournal(self.storage, request.job_id)
-        # The job lock orders us before the worker: it cannot append `started` until `queued`
-        # is in, so seq 1 is always `queued`.
-        journal.lock()
-        try:
-            if journal.events():
-                return SubmitResult(request.job_id, duplicate=True)
-            self._publish_job(request)
-            journal.append(
-                "queued", EventPayload(tier=request.tier), lambda ev: publish_event(self._ch(), ev)
-            )
-        finally:
-            journal.unlock()
-        return SubmitResult(request.job_id, duplicate=False, request=request)
+        """Queue one built request (see submit). A key seen before is a duplicate: nothing is
+        published. Two submitters racing on one key may both publish; the worker runs it once,
+        and exactly one of them reports duplicate=False."""
+        if self.media.submitted(request.job_id):
+            return SubmitResult(request.job_id, duplicate=True)
+        self._publish_job(request)
+        fresh = self.media.mark_submitted(request.job_id, request.encode())
+        publish_event(self._ch(), queued_event(request))
+        return SubmitResult(request.job_id, duplicate=not fresh, request=request if fresh else None)
 
     def submit_many(self, requests: Sequence[JobRequest]) -> list[SubmitResult]:
-        """Queue many jobs at once: each with submit_request's guarantees (confirmed, `queued`
-        journaled and published before this returns), but with confirms pipelined and one
-        filesystem sync for all the `queued` events. Results are in request order.
+        """Queue many jobs at once, each with submit_request's guarantees (confirmed, `queued`
+        confirmed into the stream before this returns), with confirms pipelined. Results are
+        in request order.
 
         Raises BatchSubmitError if any job was not queued; its .errors say why, by job id,
         and its .results hold the jobs that were. A tier's max_length is enforced by the
@@ -238,54 +288,31 @@ class JobClient:
             self._publisher.start()
         pub = self._publisher
         by_id = {r.job_id: r for r in requests}
-        journals = [JobJournal(self.storage, job_id) for job_id in sorted(by_id)]
-        duplicate: set[str] = set()
+        duplicate = {job_id for job_id in by_id if self.media.submitted(job_id)}
+        fresh = [r for job_id, r in by_id.items() if job_id not in duplicate]
         errors: dict[str, SubmitError] = {}
-        try:
-            for journal in journals:  # in job-id order: batches never wait on each other
-                journal.lock()
-            fresh = []
-            for journal in journals:
-                if journal.events():
-                    duplicate.add(journal.job_id)
-                else:
-                    fresh.append(journal)
-            with pub.burst():
-                confirms = [
-                    (
-                        journal,
-                        pub.publish_async(
-                            JOBS_EXCHANGE,
-                            by_id[journal.job_id].tier,
-                            by_id[journal.job_id].encode(),
-                            job_properties(by_id[journal.job_id]),
-                        ),
-                    )
-                    for journal in fresh
-                ]
-            queued = []
-            for journal, confirm in confirms:
-                request = by_id[journal.job_id]
-                try:
-                    confirm.result(timeout=self.settings.confirm_timeout_s + 5)
-                except PublishUnroutable:
-                    errors[request.job_id] = unroutable(request.tier)
-                    continue
-                except PublishNacked:
-                    errors[request.job_id] = self._refusal(request)
-                    continue
-                journal.write("queued", EventPayload(tier=request.tier), pub.publish_event)
-                queued.append(journal)
-            if queued:
-                self.storage.sync()
-            with pub.burst():
-                for journal in queued:
-                    journal.publish_written(pub.publish_event)
-            for journal in queued:
-                journal.settle(pub.publish_event)
-        finally:
-            for journal in journals:
-                journal.unlock()
+        with pub.burst():
+            confirms = [
+                (r, pub.publish_async(JOBS_EXCHANGE, r.tier, r.encode(), job_properties(r)))
+                for r in fresh
+            ]
+        queued = []
+        for request, confirm in confirms:
+            try:
+                confirm.result(timeout=self.settings.confirm_timeout_s + 5)
+            except PublishUnroutable:
+                errors[request.job_id] = unroutable(request.tier)
+                continue
+            except PublishNacked:
+                errors[request.job_id] = self._refusal(request)
+                continue
+            if not self.media.mark_submitted(request.job_id, request.encode()):
+                duplicate.add(request.job_id)
+            queued.append(request)
+        with pub.burst():
+            events = [pub.publish_event(queued_event(r)) for r in queued]
+        for event in events:
+            event.result(timeout=self.settings.confirm_timeout_s + 5)
         results = []
         seen: set[str] = set()
         for r in requests:
@@ -329,18 +356,25 @@ class JobClient:
         except pika.exceptions.AMQPError:
             return None
 
-    def cancel(self, job_id: str, reason: str = "cancelled by user") -> None:
-        """Ask for cancellation: a durable marker (for a job still queued) plus a control message
-        (for a job running now). The worker emits `cancelled` at its next step boundary."""
-        uuid.UUID(job_id)
-        self.storage.request_cancel(job_id, reason)
-        msg = CancelRequest(job_id=job_id, reason=reason, requested_at=utcnow())
-        self._ch().basic_publish(
-            CONTROL_EXCHANGE,
-            cancel_routing_key(job_id),
-            msg.encode(),
-            pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1),
-        )
+    def cancel(
+        self, job_id: str, reason: str = "cancelled by user", *, tier: str | None = None
+    ) -> None:
+        """Ask for cancellation, through the broker alone: one confirmed, persistent control
+        message reaches the worker running the job now (its own queue) and waits in the tier's
+        facefleet.control.pending.<tier> until one of its workers records it in the job state
+        (a job still queued is cancelled when taken). The worker emits `cancelled` at its next
+        step. The tier comes from the job's submission record unless given."""
+        msg = cancel_request(self.media, job_id, reason, tier)
+        try:
+            self._ch().basic_publish(
+                CONTROL_EXCHANGE,
+                cancel_routing_key(msg.job_id, str(msg.tier)),
+                msg.encode(),
+                cancel_properties(msg),
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError as exc:
+            raise unroutable_cancel(msg) from exc
 
     def status(self) -> list[TierStatus]:
         """Per tier: jobs ready, jobs being processed (unacked) and consumers.

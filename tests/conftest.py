@@ -28,6 +28,7 @@ import pytest
 
 from facefleet.broker import Broker, NoBrokerError, discover
 from facefleet.wire import DEAD_EXCHANGE, dead_notify_queue, job_queue
+from tests.s3server import AMBIENT_AWS, MotoMissing, aws_test_env, start_moto
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,55 @@ def amqp_url(broker: Broker) -> str:
     return broker.url
 
 
+# --- S3: a real S3-API server process (moto_server on loopback), a fresh bucket per session ---
+# Without moto_server the S3 tests are skipped on a laptop and fail in CI (CI=true), like the
+# broker tests. The AWS variables boto3 reads are set for the session only and restored after:
+# the caller's own AWS profile or credentials never reach the tests.
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """The endpoint URL of a moto_server started for this session."""
+    try:
+        server = start_moto()
+    except MotoMissing as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs moto_server: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server: str) -> Iterator[dict[str, str]]:
+    """AWS_ENDPOINT_URL, fake credentials and region in os.environ for the session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in AMBIENT_AWS:
+            mp.delenv(key, raising=False)
+        env = aws_test_env(s3_server)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_env: dict[str, str]) -> str:
+    """A fresh bucket (a valid DNS name) on the session's server."""
+    import boto3
+
+    bucket = f"ff-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(scope="session")
+def s3_media_url(s3_bucket: str) -> str:
+    """FACEFLEET_MEDIA_URL of a store on the session's bucket (under the prefix facefleet)."""
+    return f"s3://{s3_bucket}/facefleet"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +132,8 @@ class Env:
     data_root: Path
     tiers: list[dict[str, Any]]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    media_url: str | None = None
+    """FACEFLEET_MEDIA_URL of this world (None: the data root, the embedded default)."""
 
     def vars(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEFLEET_")}
@@ -93,8 +145,19 @@ class Env:
             FACEFLEET_RETRY_BASE_S="0.2",
             FACEFLEET_PROGRESS_INTERVAL_S="0.2",
         )
+        if self.media_url:
+            env["FACEFLEET_MEDIA_URL"] = self.media_url
         env.update(extra)
         return env
+
+    def read(self, uri: str) -> bytes:
+        """A stored object's bytes, through this world's media store (file:// or s3://)."""
+        from facefleet.media import open_media_store
+
+        chunks, _size, _type = open_media_store(
+            self.media_url or "", data_root=self.data_root
+        ).open(uri)
+        return b"".join(chunks)
 
     def cli(
         self, *args: str, timeout_s: float = 60, **extra: str
@@ -188,12 +251,12 @@ def delete_queue(amqp_url: str, name: str) -> None:
 def make_env(amqp_url: str, tmp_path: Path) -> Iterator[Callable[..., Env]]:
     envs: list[Env] = []
 
-    def factory(**tier_opts: Any) -> Env:
+    def factory(*, media_url: str | None = None, **tier_opts: Any) -> Env:
         tier = "t" + uuid.uuid4().hex[:10]
         spec = {"name": tier, "max_job_s": 60, "delivery_limit": 5, **tier_opts}
         root = tmp_path / f"data-{tier}"
         root.mkdir()
-        env = Env(amqp_url, tier, root, [spec])
+        env = Env(amqp_url, tier, root, [spec], media_url=media_url)
         envs.append(env)
         return env
 

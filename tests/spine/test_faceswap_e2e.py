@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -211,3 +212,45 @@ def test_bad_inputs_fail_with_their_codes_and_the_worker_goes_on(
     good = client.submit(env.tier, str(IMAGES / "Tom_Hanks_54745.png"), str(IMAGES / "t1.jpg"))
     assert wait_terminal(env, good.job_id)[-1].type == "completed"
     assert worker.proc.poll() is None
+
+
+def test_a_producer_with_no_data_root_submits_a_photo_and_a_video_and_gets_the_results(
+    make_env: Callable[..., Env], s3_media_url: str, tmp_path: Path
+) -> None:
+    """The producer needs only the broker and the media store (s3://, moto_server): its
+    FACEFLEET_DATA_ROOT points nowhere, and nothing is ever created there. `facefleet submit`
+    uploads the local files, queues the job and follows it to the end; the results are read back
+    from the store. The worker keeps its job state in its own data root."""
+    from tests.faceswap.conftest import pan_frames, write_video
+
+    env = make_env(media_url=s3_media_url)
+    env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
+    nowhere = tmp_path / "no-data-root-here"
+    video = write_video(
+        tmp_path / "clip.mp4", pan_frames(cv2.imread(str(IMAGES / "t1.jpg")), 8), fps=8
+    )
+    source = str(IMAGES / "Tom_Hanks_54745.png")
+    results = []
+    for target in (str(IMAGES / "t1.jpg"), str(video)):
+        proc = env.cli(
+            *env.submit_args(source, target),
+            "--wait",
+            "--json",
+            timeout_s=240,
+            FACEFLEET_DATA_ROOT=str(nowhere),
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert lines[-1]["type"] == "completed", lines[-1]
+        results.append(lines[-1]["payload"]["result_uri"])
+    assert not nowhere.exists()
+    photo_uri, video_uri = results
+    assert photo_uri.startswith(s3_media_url + "/") and video_uri.startswith(s3_media_url + "/")
+    photo = cv2.imdecode(np.frombuffer(env.read(photo_uri), np.uint8), cv2.IMREAD_COLOR)
+    assert photo.shape == cv2.imread(str(IMAGES / "t1.jpg")).shape
+    clip = tmp_path / "result.mp4"
+    clip.write_bytes(env.read(video_uri))
+    import av
+
+    with av.open(str(clip)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 8

@@ -125,7 +125,7 @@ def test_every_delivery_of_a_mixed_batch_gets_its_own_outcome(tmp_path: Path) ->
     for (name, case), job, action in zip(CASES.items(), jobs, actions, strict=True):
         events = JobJournal(runner.storage, job.job_id).events()
         assert action == case.action, name
-        assert [e.type for e in events] == case.events, name
+        assert [e.type for e in events] == ["queued", *case.events], name
         assert [e.seq for e in events] == list(range(1, len(events) + 1)), name
         if case.code is not None:
             assert events[-1].payload.code == case.code, name
@@ -144,7 +144,7 @@ def test_the_same_job_twice_in_one_batch_runs_once(tmp_path: Path) -> None:
     job, _ = job_delivery(runner)
     actions = runner.handle_batch([delivery_of(job, 1), delivery_of(job, 2)])
     assert actions == ["ack", "ack"]
-    assert types(runner, job.job_id) == ["started", "completed"]
+    assert types(runner, job.job_id) == ["queued", "started", "completed"]
 
 
 def test_a_job_claimed_elsewhere_leaves_the_batch_and_is_given_back_when_draining(
@@ -162,7 +162,7 @@ def test_a_job_claimed_elsewhere_leaves_the_batch_and_is_given_back_when_drainin
         elsewhere.release()
     assert actions == ["give_back", "ack"]
     assert types(runner, busy.job_id) == []
-    assert types(runner, other.job_id) == ["started", "completed"]
+    assert types(runner, other.job_id) == ["queued", "started", "completed"]
 
 
 def test_a_transient_failure_in_a_batch_retries_then_dead_letters_alone(tmp_path: Path) -> None:
@@ -172,8 +172,12 @@ def test_a_transient_failure_in_a_batch_retries_then_dead_letters_alone(tmp_path
     actions = runner.handle_batch([delivery_of(flaky, 1), delivery_of(fine, 2)])
     assert actions == ["ack", "ack"]
     flaky_types = [t for t in types(runner, flaky.job_id) if t != "progress"]
-    assert flaky_types == ["started", "retrying", "dead_lettered"]
-    assert [t for t in types(runner, fine.job_id) if t != "progress"] == ["started", "completed"]
+    assert flaky_types == ["queued", "started", "retrying", "dead_lettered"]
+    assert [t for t in types(runner, fine.job_id) if t != "progress"] == [
+        "queued",
+        "started",
+        "completed",
+    ]
 
 
 def test_progress_inside_a_batch_follows_started_in_seq_order(tmp_path: Path) -> None:
@@ -186,7 +190,9 @@ def test_progress_inside_a_batch_follows_started_in_seq_order(tmp_path: Path) ->
     for job in jobs:
         sent = [e for e in publisher.sent if e.job_id == job.job_id]
         assert [e.seq for e in sent] == sorted(e.seq for e in sent)
-        assert sent[0].type == "started" and sent[-1].type == "completed"
+        # seq 1 is the producer's `queued`, recorded (and published again) by the first writer
+        assert [e.type for e in sent[:2]] == ["queued", "started"]
+        assert sent[-1].type == "completed"
         assert any(e.type == "progress" for e in sent)
 
 
@@ -213,9 +219,12 @@ def test_a_batch_leaves_results_where_one_by_one_would(tmp_path: Path, fsync: bo
     "name", ["plain", "with space", "ünïcode", "percent%20sign", "hash#and?query"]
 )
 def test_completed_uris_are_what_pathlib_would_give(tmp_path: Path, name: str) -> None:
-    from consumer.runner import completed_payload
+    from consumer.runner import ResultRef, completed_payload
+    from facefleet.media import FileMediaStore
 
-    result = tmp_path / name / "6f1c"
-    payload = completed_payload(result, {"result_file": f"{name}.png"})
+    job_id = str(uuid.uuid4())
+    result = tmp_path / name / job_id
+    ref = ResultRef((tmp_path / name).as_uri() + "/", job_id)
+    payload = completed_payload(FileMediaStore(tmp_path), ref, {"result_file": f"{name}.png"})
     assert payload.result_uri == (result / f"{name}.png").as_uri()
     assert payload.manifest_uri == (result / "manifest.json").as_uri()

@@ -38,8 +38,10 @@ def test_two_writers_share_one_gapless_sequence(storage: Storage) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert [e.seq for e in a.events()] == list(range(1, 101))
-    assert [e.seq for e in published] == list(range(1, 101))
+    # seq 1 is the producer's `queued`, recorded by the first writer
+    assert [e.seq for e in a.events()] == list(range(1, 102))
+    assert [e.seq for e in published] == list(range(1, 102))
+    assert [e.type for e in a.events()] == ["queued"] + ["progress"] * 100
 
 
 def test_an_event_whose_publish_failed_is_republished_by_the_next_writer(storage: Storage) -> None:
@@ -53,7 +55,7 @@ def test_an_event_whose_publish_failed_is_republished_by_the_next_writer(storage
         journal.append("started", None, broken)
     published: list[JobEvent] = []
     JobJournal(storage, job).append("completed", None, published.append)
-    assert [(e.seq, e.type) for e in published] == [(1, "started"), (2, "completed")]
+    assert [(e.seq, e.type) for e in published] == [(1, "queued"), (2, "started"), (3, "completed")]
 
 
 def test_a_confirmed_event_is_not_republished_by_the_next_writer(storage: Storage) -> None:
@@ -83,10 +85,12 @@ def test_a_batch_writes_under_held_locks_then_syncs_once_then_publishes(storage:
         journal.publish_written(published.append)
         journal.settle(published.append)
         journal.unlock()
-    assert [(e.job_id, e.seq, e.type) for e in published] == [(j, 1, "started") for j in jobs]
+    assert [(e.job_id, e.seq, e.type) for e in published] == [
+        (j, seq, kind) for j in jobs for seq, kind in ((1, "queued"), (2, "started"))
+    ]
     again: list[JobEvent] = []
     JobJournal(storage, jobs[0], fsync=False).append("completed", None, again.append)
-    assert [(e.seq, e.type) for e in again] == [(2, "completed")]
+    assert [(e.seq, e.type) for e in again] == [(3, "completed")]
 
 
 def test_writing_needs_the_job_lock(storage: Storage) -> None:
@@ -101,8 +105,32 @@ def test_nothing_is_appended_after_a_terminal_event(storage: Storage) -> None:
     journal.append("completed", None, sink.append)
     assert journal.append("completed", None, sink.append) is None
     assert journal.append("failed", None, sink.append) is None
-    assert [e.type for e in journal.events()] == ["completed"]
+    assert [e.type for e in journal.events()] == ["queued", "completed"]
     assert journal.terminal() is not None
+
+
+def test_the_first_writer_records_the_producers_queued_event(storage: Storage) -> None:
+    """Producers never write the journal: the first writer records the very `queued` event the
+    producer published (same seq, time and payload) before its own, and publishes it again."""
+    from facefleet.wire import JobRequest, queued_event, utcnow
+
+    request = JobRequest(
+        job_id=str(uuid.uuid4()),
+        idempotency_key="k",
+        tier="standard",
+        created_at=utcnow(),
+        source_uri="file:///a.jpg",
+        target_uri="file:///b.jpg",
+        output_uri_prefix="file:///out/",
+    )
+    published: list[JobEvent] = []
+    journal = JobJournal(storage, request.job_id, fsync=False, queued=queued_event(request))
+    journal.append("started", None, published.append)
+    assert published[0] == queued_event(request)
+    assert [(e.seq, e.type) for e in published] == [(1, "queued"), (2, "started")]
+    # a journal that has events already gets no second `queued`
+    journal.append("completed", None, published.append)
+    assert [e.type for e in journal.events()] == ["queued", "started", "completed"]
 
 
 def test_a_live_claim_is_respected_and_a_released_one_is_taken_over(storage: Storage) -> None:

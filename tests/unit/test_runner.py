@@ -142,8 +142,14 @@ def test_attempts_count_retrying_events_not_the_brokers_delivery_count(tmp_path:
         journal.append("retrying", EventPayload(attempt=n), lambda e: None)
     assert runner.handle(delivery) == "ack"
     events = events_of(runner, job)
-    assert [e.type for e in events] == ["retrying", "retrying", "started", "dead_lettered"]
-    assert events[2].payload.attempt == 3
+    assert [e.type for e in events] == [
+        "queued",
+        "retrying",
+        "retrying",
+        "started",
+        "dead_lettered",
+    ]
+    assert events[3].payload.attempt == 3
     assert "gave up after 3 attempts" in (events[-1].payload.message or "")
 
 
@@ -152,8 +158,8 @@ def test_a_requeued_delivery_without_failures_starts_at_attempt_one(tmp_path: Pa
     job, delivery = job_delivery(runner, headers={"x-delivery-count": 7})
     assert runner.handle(delivery) == "ack"
     events = events_of(runner, job)
-    assert [e.type for e in events] == ["started", "completed"]
-    assert events[0].payload.attempt == 1
+    assert [e.type for e in events] == ["queued", "started", "completed"]
+    assert events[1].payload.attempt == 1
 
 
 def test_give_back_republishes_a_fresh_copy_then_acks(tmp_path: Path) -> None:
@@ -208,7 +214,7 @@ def test_a_retry_that_would_outlast_the_consumer_timeout_gives_the_job_back(
     job, delivery = job_delivery(runner, held_s=250, fail="transient")
     assert runner.tier.hold_budget_s() == 300
     assert runner.handle(delivery) == "give_back"
-    assert [e.type for e in events_of(runner, job)] == ["started", "retrying"]
+    assert [e.type for e in events_of(runner, job)] == ["queued", "started", "retrying"]
 
 
 @pytest.mark.parametrize(
@@ -283,17 +289,19 @@ def test_results_outside_the_data_root_fail_the_job_instead_of_looping(tmp_path:
     bad = job.model_copy(update={"output_uri_prefix": "file:///etc/"})
     delivery = Delivery(1, bad.encode(), pika.BasicProperties(), redelivered=False)
     assert runner.handle(delivery) == "ack"
-    [event] = events_of(runner, job)
+    queued, event = events_of(runner, job)
+    assert queued.type == "queued"
     assert (event.type, event.payload.code) == ("failed", "media_outside_data_root")
     assert "outside the data root" in (event.payload.message or "")
 
 
 def test_a_submission_with_results_outside_the_data_root_is_refused(tmp_path: Path) -> None:
+    from facefleet.media import FileMediaStore
     from producer.errors import InvalidJobError
     from producer.sdk import build_request
 
-    storage = Storage(tmp_path)
+    store = FileMediaStore(tmp_path)
     media = tmp_path / "in.txt"
     media.write_text("x")
     with pytest.raises(InvalidJobError, match="outside the data root"):
-        build_request(storage, "standard", str(media), str(media), output_uri_prefix="/etc/")
+        build_request(store, "standard", str(media), str(media), output_uri_prefix="/etc/")
