@@ -389,9 +389,8 @@ def main() -> int:
 
 
 def drive(args: argparse.Namespace) -> int:
-    from facefleet.journal import JobJournal
-    from facefleet.storage import Storage
-    from facefleet.wire import EventPayload
+    from facefleet.amqp import connect, publish_event
+    from facefleet.wire import EventPayload, JobEvent, utcnow
     from producer.gateway.auth import TokenSigner
 
     fd_limit = raise_fd_limit()
@@ -433,13 +432,27 @@ def drive(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         else:
             raise SystemExit("gateway did not become ready:\n" + (work / "gateway.log").read_text())
-        storage = Storage(data)
         signer = TokenSigner(secret, 3600)
         jobs = [str(uuid.uuid4()) for _ in range(args.jobs)]
-        for job in jobs:
-            JobJournal(storage, job, fsync=False).append(
-                "queued", EventPayload(tier=tier), lambda e: None
-            )
+        # Each job's history starts with its `queued` (seq 1) in the stream, as a producer
+        # publishes it; the gateway reads history from the stream only.
+        conn = connect(args.amqp_url, "bench-gateway-queued")
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            for job in jobs:
+                publish_event(
+                    ch,
+                    JobEvent(
+                        job_id=job,
+                        seq=1,
+                        type="queued",
+                        ts=utcnow(),
+                        payload=EventPayload(tier=tier),
+                    ),
+                )
+        finally:
+            conn.close()
         plans: list[list[tuple[str, str]]] = [[] for _ in range(args.client_procs)]
         for i in range(args.sockets):
             job = jobs[i % len(jobs)]

@@ -4,8 +4,13 @@
 
 Everything a request needs hangs off `app.state.gateway` (a `Gateway`): the async producer
 client (submit with confirms), the fan-out (one stream consumer), the token signer, the API
-keys, storage and metrics. Broker connections open in the lifespan; if the broker is down the
-process still serves /healthz and answers /readyz with 503 until it is back.
+keys, the media store and metrics. Broker connections open in the lifespan; if the broker is
+down the process still serves /healthz and answers /readyz with 503 until it is back.
+
+The gateway needs no shared volume: media goes through the media store (FACEFLEET_MEDIA_URL;
+file:// or s3://), job history and state come from the durable events stream, and
+FACEFLEET_DATA_ROOT (the workers' job state) is never read. Only a file:// media store that
+defaults to the data root puts media there.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from facefleet.media import MediaStore
 from facefleet.settings import GatewaySettings
-from facefleet.storage import Storage
 from producer.aio import AsyncJobClient
 from producer.gateway.auth import ApiKeys, TokenSigner
 from producer.gateway.fanout import Fanout
@@ -39,17 +44,27 @@ STATIC_DIR = Path(__file__).parent / "static"
 @dataclass
 class Gateway:
     settings: GatewaySettings
-    storage: Storage
+    media: MediaStore
     client: AsyncJobClient
     fanout: Fanout
     signer: TokenSigner
     keys: ApiKeys
     metrics: GatewayMetrics
     http: httpx.AsyncClient
+    uploads_in_flight: int = 0
+    """Streaming uploads (multipart submits and PUTs) now running; bounded by MAX_UPLOADS."""
 
 
-def build_gateway(settings: GatewaySettings) -> Gateway:
-    storage = Storage(settings.data_root)
+MAX_UPLOADS = 64
+"""Concurrent streaming uploads (multipart submits and PUTs) per process: a submit holds two
+threads, a PUT one, and for s3 each upload about 20 MiB; past it the request is answered 503
+with Retry-After at once (no queueing: a waiting upload would hold its client's socket)."""
+
+
+def build_gateway(settings: GatewaySettings, media: MediaStore | None = None) -> Gateway:
+    """The gateway's parts; `media` defaults to the store FACEFLEET_MEDIA_URL names (a bad URL
+    raises SettingsError)."""
+    media = media if media is not None else settings.media_store()
     metrics = GatewayMetrics()
     if settings.token_secret is not None:
         signer = TokenSigner(settings.token_secret.get_secret_value(), settings.token_ttl_s)
@@ -58,11 +73,10 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
         signer = TokenSigner.ephemeral(settings.token_ttl_s)
     return Gateway(
         settings=settings,
-        storage=storage,
-        client=AsyncJobClient(settings, storage=storage, connection_name="facefleet-gateway"),
+        media=media,
+        client=AsyncJobClient(settings, media=media, connection_name="facefleet-gateway"),
         fanout=Fanout(
             settings.amqp_url,
-            storage,
             metrics,
             replay_idle_s=settings.replay_idle_s,
             replay_timeout_s=settings.replay_timeout_s,
@@ -144,11 +158,14 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def create_app(settings: GatewaySettings, *, apply_topology: bool = True) -> FastAPI:
-    """The gateway app. `apply_topology` declares exchanges/queues at start (idempotent)."""
-    from producer.gateway.routes import jobs, status, ws
+def create_app(
+    settings: GatewaySettings, *, apply_topology: bool = True, media: MediaStore | None = None
+) -> FastAPI:
+    """The gateway app. `apply_topology` declares exchanges/queues at start (idempotent);
+    `media` overrides the store FACEFLEET_MEDIA_URL names (tests)."""
+    from producer.gateway.routes import jobs, status, uploads, ws
 
-    gateway = build_gateway(settings)
+    gateway = build_gateway(settings, media)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -180,6 +197,7 @@ def create_app(settings: GatewaySettings, *, apply_topology: bool = True) -> Fas
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + (1 << 20))
     app.include_router(jobs.router)
+    app.include_router(uploads.router)
     app.include_router(ws.router)
     app.include_router(status.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

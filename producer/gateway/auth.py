@@ -6,6 +6,13 @@ same secret verifies it without shared state; it names exactly one job, so it ca
 job's events; it expires. `iat` is the job's creation time: the gateway uses it to bound a
 per-job stream replay (start there instead of at the stream's first message).
 
+An upload token (`POST /v1/uploads` on a store that cannot presign) is
+`u1.<base64url(JSON claims)>.<sig>` signed under its own domain ("facefleet-upload-token-v1"),
+so no upload token can ever pass as a job token or the reverse; it names the upload's stored file
+name, optionally the one media kind it may hold, and expires. Like a presigned S3 URL it may be
+used more than once before it expires (uploads are content-addressed: a second PUT only stores
+bytes again).
+
 Every comparison of a secret is constant-time (hmac.compare_digest over fixed-length digests).
 """
 
@@ -15,12 +22,17 @@ import base64
 import enum
 import hashlib
 import hmac
+import json
 import secrets
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 _DOMAIN = b"facefleet-job-token-v1\n"
+_UPLOAD_DOMAIN = b"facefleet-upload-token-v1\n"
+_UPLOAD_PREFIX = "u1"
+MAX_UPLOAD_TOKEN = 1024
 
 
 class TokenProblem(enum.StrEnum):
@@ -46,8 +58,23 @@ class JobClaims:
     exp: int
 
 
+@dataclass(frozen=True)
+class UploadClaims:
+    """What an upload token allows: one PUT of a file stored as `name`, of media kind `kind`
+    when that is set, until `exp`."""
+
+    upload_id: str
+    name: str
+    kind: str | None
+    exp: int
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class TokenSigner:
@@ -62,8 +89,8 @@ class TokenSigner:
         """A random secret for dev: tokens die with the process."""
         return cls(secrets.token_bytes(32), ttl_s)
 
-    def _sign(self, payload: str) -> str:
-        return _b64(hmac.new(self._key, _DOMAIN + payload.encode(), hashlib.sha256).digest())
+    def _sign(self, payload: str, domain: bytes = _DOMAIN) -> str:
+        return _b64(hmac.new(self._key, domain + payload.encode(), hashlib.sha256).digest())
 
     def issue(self, job_id: str, *, iat: int | None = None, now: float | None = None) -> str:
         issued = int(now if now is not None else time.time())
@@ -94,6 +121,39 @@ class TokenSigner:
     @staticmethod
     def looks_like_token(value: str) -> bool:
         return value.count(".") == 3
+
+    def issue_upload(
+        self, name: str, kind: str | None, expires_s: int, *, now: float | None = None
+    ) -> str:
+        """A token for `PUT /v1/uploads/{token}`, valid `expires_s` seconds."""
+        exp = int(now if now is not None else time.time()) + expires_s
+        claims = {"id": uuid.uuid4().hex, "name": name, "kind": kind, "exp": exp}
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{_UPLOAD_PREFIX}.{payload}.{self._sign(payload, _UPLOAD_DOMAIN)}"
+
+    def verify_upload(self, token: str | None, *, now: float | None = None) -> UploadClaims:
+        """Claims of a valid upload token; raises TokenError naming the problem."""
+        if not token:
+            raise TokenError(TokenProblem.MISSING)
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != _UPLOAD_PREFIX or len(token) > MAX_UPLOAD_TOKEN:
+            raise TokenError(TokenProblem.MALFORMED)
+        _, payload, sig = parts
+        if not hmac.compare_digest(sig.encode(), self._sign(payload, _UPLOAD_DOMAIN).encode()):
+            raise TokenError(TokenProblem.BAD_SIGNATURE)
+        try:
+            data = json.loads(_unb64(payload))
+            claims = UploadClaims(
+                str(data["id"]),
+                str(data["name"]),
+                None if data["kind"] is None else str(data["kind"]),
+                int(data["exp"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise TokenError(TokenProblem.MALFORMED) from None
+        if claims.exp <= (now if now is not None else time.time()):
+            raise TokenError(TokenProblem.EXPIRED)
+        return claims
 
 
 class ApiKeys:

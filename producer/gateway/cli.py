@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from producer.gateway.app import create_app, tune_gc
     from producer.gateway.direct import protocol_class
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:  # FACEFLEET_MEDIA_URL names no usable store
+        die(exc)
+        return 2
     tune_gc()  # a process-wide choice, so made here and not in the app factory
     config = uvicorn.Config(
         app,

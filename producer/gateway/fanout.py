@@ -9,21 +9,18 @@ are skipped on the routing key alone, without decoding, so the cost per event is
 O(subscribers of that job), not O(connections). The tail remembers the stream offset it reached
 and re-attaches exactly there after a broker hiccup, so a reconnect loses nothing.
 
-History (replay) path, chosen so a late subscriber never scans the stream by itself:
-
-1. the job's journal in the data root (jobs/<id>.jsonl): the authority on seq, durable,
-   and O(events of that job) to read. A gateway that shares the data root with the workers (the
-   chart mounts it; `GET /result` needs it anyway) serves history from here.
-2. otherwise (a replica without the volume, a journal that was cleaned up) a bounded per-job
-   read of the durable stream: it starts at the job's creation time (signed into its token, so
-   never earlier than the job) and stops at the offset the shared tail had reached when the
-   subscriber registered. Everything after that offset reaches the subscriber live, so history +
-   live has no gap; overlaps are dropped by seq. Concurrent subscribers of one job share one read.
+History (replay) path: a bounded per-job read of the durable stream, never the data root (the
+gateway needs no shared volume). It starts at the job's creation time (signed into its token,
+so never earlier than the job) and stops at the offset the shared tail had reached when the
+subscriber registered. Everything after that offset reaches the subscriber live, so history +
+live has no gap; overlaps are dropped by seq. Concurrent subscribers of one job share one read.
+The stream holds every event the journal holds (the journal is the workers' outbox: an event is
+in it only once it was published), and seq 1 `queued` may be there twice (the producer's copy
+and the worker's re-publish when it records it): identical, and kept once by seq.
 
 Restart. The gateway keeps no state of its own: a restarted gateway (or another replica) serves
-the same full history from these two durable sources, and its tail attaches at the stream's last
-chunk to learn the current end offset. The integration tests prove both history sources,
-including a restart mid-job served from the stream alone.
+the same full history from the stream, and its tail attaches at the stream's last chunk to
+learn the current end offset. The integration tests prove it, including a restart mid-job.
 
 Subscribers register *before* history is loaded, so an event is either already in the loaded
 history or arrives live: no gap is possible; `SeqOrderer` removes the overlap. A subscriber whose
@@ -47,8 +44,6 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from facefleet.journal import JobJournal
-from facefleet.storage import Storage
 from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
 from producer.aio import server_features
 from producer.gateway.direct import FrameSink, encode_text_frame
@@ -178,7 +173,7 @@ class Subscriber:
 
 
 class HistoryUnavailable(RuntimeError):
-    """A job's history could not be read (no journal, and the stream is unreachable/slow)."""
+    """A job's history could not be read (the stream is unreachable or too slow)."""
 
 
 class TailState(enum.Enum):
@@ -212,7 +207,6 @@ class Fanout:
     def __init__(
         self,
         amqp_url: str,
-        storage: Storage | None,
         metrics: GatewayMetrics,
         *,
         prefetch: int = 2000,
@@ -221,7 +215,6 @@ class Fanout:
         name: str = "facefleet-gateway",
     ) -> None:
         self.amqp_url = amqp_url
-        self.storage = storage
         self.metrics = metrics
         self.prefetch = prefetch
         self.replay_idle_s = replay_idle_s
@@ -386,33 +379,14 @@ class Fanout:
     # --- history -------------------------------------------------------------------------------
 
     async def history(self, job_id: str, *, since: datetime | None) -> list[Frame]:
-        """Every event of the job the gateway can prove happened, in seq order.
+        """Every event of the job the stream holds, in seq order, each seq once.
 
-        Call after `subscribe()`: the stop offset of a stream read is taken now, and everything
-        past it reaches the subscriber live.
+        Call after `subscribe()`: the stop offset of the read is taken now, and everything past
+        it reaches the subscriber live.
         """
         stop = self.position
-        frames = await asyncio.to_thread(self._journal_frames, job_id)
-        if frames is not None:
-            self.metrics.replays.labels("journal").inc()
-            return frames
-        self.metrics.replays.labels("stream").inc()
+        self.metrics.replays.inc()
         return await self.stream_history(job_id, since=since, stop=stop)
-
-    def _journal_frames(self, job_id: str) -> list[Frame] | None:
-        if self.storage is None:
-            return None
-        journal = JobJournal(self.storage, job_id)
-        if not journal.path.is_file():
-            return None
-        for _ in range(3):
-            try:
-                events = journal.events()
-            except DecodeError:  # a line caught mid-append; it is whole a moment later
-                time.sleep(0.02)
-                continue
-            return [Frame.of(e) for e in events] or None
-        return None
 
     async def stream_history(
         self, job_id: str, *, since: datetime | None, stop: int | None

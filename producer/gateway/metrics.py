@@ -47,8 +47,7 @@ class GatewayMetrics:
         )
         self.replays = Counter(
             "facefleet_gateway_history_loads",
-            "Job histories loaded, by source",
-            ["source"],
+            "Job histories read from the events stream",
             registry=r,
         )
         self.submits = Counter(

@@ -2,6 +2,11 @@
 
 Every gateway here is a real `facefleet gateway` process on a free loopback port, so tests see
 what clients see (HTTP, WebSocket close codes, restarts), not an in-process approximation.
+
+Two media stores: `world` keeps media in the worker's data root (file://, the default), and
+`s3_world` in a bucket of a real S3-API server (moto_server on loopback: the session's
+`s3_server`/`s3_bucket` of tests/conftest.py), for its worker and its gateways alike. Without
+moto_server the s3 tests skip on a laptop and fail in CI, like the broker tests.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from facefleet.journal import JobJournal
 from facefleet.storage import Storage
 from facefleet.wire import dead_notify_queue, job_queue
 from tests.conftest import Env, delete_queue, free_port
+from tests.s3server import aws_test_env
 
 API_KEY = "test-key-" + uuid.uuid4().hex
 SECRET = "s" * 16 + uuid.uuid4().hex
@@ -105,12 +112,53 @@ class Gateway:
         )
 
 
+@dataclass(frozen=True)
+class S3:
+    """The session's S3-API server and bucket, and the variables that point boto3 at them."""
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+    prefix: str = "facefleet"
+
+    @property
+    def media_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session(
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        ).client("s3", endpoint_url=self.endpoint)
+
+    def objects(self, under: str = "uploads/") -> set[str]:
+        """Every object key under `under` in the store (keys relative to the bucket)."""
+        pages = self.client().get_paginator("list_objects_v2")
+        return {
+            obj["Key"]
+            for page in pages.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/{under}")
+            for obj in page.get("Contents", [])
+        }
+
+    def multipart_uploads(self) -> list[str]:
+        """Keys of the store's multipart uploads started and neither completed nor aborted."""
+        found = self.client().list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
+        return [u["Key"] for u in found.get("Uploads", [])]
+
+
 @dataclass
 class GatewayWorld:
-    """One tier with a sleep worker, one full-able tier without workers, one data root."""
+    """One tier with a sleep worker, one full-able tier and one idle tier without workers, one
+    data root (the worker's journals), one media store (`media_env`; the data root if empty)."""
 
     env: Env
     full_tier: str
+    idle_tier: str = ""
+    media_env: dict[str, str] = field(default_factory=dict)
+    s3: S3 | None = None
     gateways: list[Gateway] = field(default_factory=list)
 
     def start_gateway(
@@ -126,6 +174,7 @@ class GatewayWorld:
             "FACEFLEET_AUTH_TIMEOUT_S": "2",
             "FACEFLEET_HEARTBEAT_S": "5",
             "FACEFLEET_LOG_LEVEL": "INFO",
+            **self.media_env,
         }
         variables = self.env.vars(**{**defaults, **extra})  # `extra` may override a default
         fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
@@ -149,6 +198,7 @@ class GatewayWorld:
         tier: str | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
+        """Submit a sleep job through `gw` with two small uploaded PNGs (multipart)."""
         options = {"sleep_s": sleep_s, "steps": steps}
         with gw.http() as client:
             resp = client.post(
@@ -201,33 +251,74 @@ def seqs(frames: list[dict[str, Any]]) -> list[int]:
     return [int(f["seq"]) for f in frames]
 
 
-@pytest.fixture(scope="module")
-def world(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayWorld]:
+@contextmanager
+def new_world(
+    broker: Broker, tmp_path_factory: pytest.TempPathFactory, s3: S3 | None = None
+) -> Iterator[GatewayWorld]:
+    """A world with its own tiers, data root and sleep worker; media in `s3` when given."""
     tier = "gw" + uuid.uuid4().hex[:10]
     full = "gwfull" + uuid.uuid4().hex[:8]
-    root = tmp_path_factory.mktemp("gateway") / "data"
+    idle = "gwidle" + uuid.uuid4().hex[:8]
+    root = tmp_path_factory.mktemp("gateway-s3" if s3 else "gateway") / "data"
     root.mkdir()
     env = Env(
         broker.url,
         tier,
         root,
-        [{"name": tier, "max_job_s": 60}, {"name": full, "max_job_s": 60, "max_length": 1}],
+        [
+            {"name": tier, "max_job_s": 60},
+            {"name": full, "max_job_s": 60, "max_length": 1},
+            {"name": idle, "max_job_s": 60},
+        ],
     )
-    w = GatewayWorld(env, full)
-    env.start_worker()
-    yield w
-    for gw in w.gateways:
-        gw.stop()
-    env.stop_all()
-    for name in (tier, full):
-        delete_queue(broker.url, job_queue(name))
-        delete_queue(broker.url, dead_notify_queue(name))
+    media_env = {"FACEFLEET_MEDIA_URL": s3.media_url, **s3.env} if s3 is not None else {}
+    w = GatewayWorld(env, full, idle, media_env, s3)
+    env.start_worker(**media_env)
+    try:
+        yield w
+    finally:
+        for gw in w.gateways:
+            gw.stop()
+        env.stop_all()
+        for name in (tier, full, idle):
+            delete_queue(broker.url, job_queue(name))
+            delete_queue(broker.url, dead_notify_queue(name))
+
+
+@pytest.fixture(scope="module")
+def world(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayWorld]:
+    with new_world(broker, tmp_path_factory) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
 def gateway(world: GatewayWorld) -> Gateway:
-    """The module's main gateway; it shares the data root with the worker."""
+    """The module's main gateway; its media store is the worker's data root (file://)."""
     return world.start_gateway()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: str, s3_bucket: str) -> S3:
+    """The session's S3-API server and bucket (tests/conftest.py), under a key prefix of the
+    gateway suite's own, so counting its objects is not disturbed by other suites."""
+    return S3(s3_server, s3_bucket, aws_test_env(s3_server), f"gw-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def s3_world(
+    broker: Broker, tmp_path_factory: pytest.TempPathFactory, s3: S3
+) -> Iterator[GatewayWorld]:
+    """A world whose media (uploads and results) live in the s3 bucket, for worker and
+    gateways alike; the worker keeps its journals in its data root."""
+    with new_world(broker, tmp_path_factory, s3) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def s3_gateway(s3_world: GatewayWorld, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    """The s3 world's main gateway; its data root points nowhere (it needs none)."""
+    nowhere = tmp_path_factory.mktemp("gateway-nowhere") / "absent"
+    return s3_world.start_gateway(FACEFLEET_DATA_ROOT=str(nowhere))
 
 
 def in_ci() -> bool:

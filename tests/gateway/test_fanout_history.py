@@ -43,7 +43,7 @@ def test_history_reads_survive_the_loss_of_their_connection_and_never_touch_the_
     publish(amqp_url, job_id, range(1, 4))
 
     async def scenario() -> tuple[list[int], list[int], bool, bool]:
-        fanout = Fanout(amqp_url, None, GatewayMetrics(), replay_idle_s=0.3)
+        fanout = Fanout(amqp_url, GatewayMetrics(), replay_idle_s=0.3)
         await fanout.start()
         try:
             assert await fanout.wait_attached(20)

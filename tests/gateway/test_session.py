@@ -42,7 +42,7 @@ class FakeHistoryFanout(Fanout):
     subscribers, as if they had reached the shared tail while history was loading."""
 
     def __init__(self, scripts: list[list[Frame]], live: list[Frame] | None = None) -> None:
-        super().__init__("amqp://unused", None, GatewayMetrics())
+        super().__init__("amqp://unused", GatewayMetrics())
         self.scripts = scripts
         self.live = live or []
         self.calls = 0

@@ -2,42 +2,47 @@
 
 Every refusal is decided before anything is queued and carries a reason:
 400 bad input, 401 no credential, 403 wrong credential, 413 too large, 415 unknown media,
-429 tier full (Retry-After), 503 broker unavailable.
+429 tier full (Retry-After), 503 broker or media store unavailable.
+
+Nothing here reads the data root: uploads stream into the media store (forms.py, uploads.py),
+a job's state is derived from its events in the durable stream, and its result is served from
+the media store (a redirect to a presigned URL for s3, streamed for file://).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika.exceptions
 import aiormq.exceptions
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.datastructures import UploadFile
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
+from facefleet.media import MediaStore
 from facefleet.storage import StorageError
-from facefleet.wire import JobEvent, JobOptionValue, check_tier
+from facefleet.wire import DecodeError, JobEvent, JobOptionValue, JobRequest, check_tier
 from producer.errors import InvalidJobError, SubmitError, TierFullError, UnroutableJobError
-from producer.gateway.app import Gateway
+from producer.gateway.app import MAX_UPLOADS, Gateway
 from producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
 from producer.gateway.fanout import HistoryUnavailable
-from producer.gateway.uploads import (
-    SNIFF_BYTES,
-    UploadRejected,
-    check_media,
-    check_stored,
-    store_upload,
-)
+from producer.gateway.forms import parse_submit_form
+from producer.gateway.uploads import UploadRejected, check_uri
 
 router = APIRouter(prefix="/v1")
 
 MAX_OPTIONS = 64
+RESULT_URL_TTL_S = 300
+"""Lifetime of the presigned URL a result request is redirected to: enough to start the
+download, short because anyone holding the URL can fetch the result."""
 BROKER_ERRORS = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError, TimeoutError)
 
 
@@ -157,39 +162,51 @@ def submit_fields(gw: Gateway, request: Request, fields: dict[str, Any]) -> Subm
     )
 
 
-async def _media_from_form(gw: Gateway, request: Request) -> tuple[SubmitFields, str, str]:
-    """Check both uploads and every field, and only then copy the uploads into the data root,
-    so a refused submit leaves no orphan file under uploads/."""
-    s = gw.settings
-    form = await request.form(max_files=2, max_fields=16, max_part_size=256 * 1024)
-    try:
-        uploads: dict[str, tuple[UploadFile, str]] = {}
-        for role in ("source", "target"):
-            item = form.get(role)
-            if not isinstance(item, UploadFile):
-                raise HTTPException(400, f"{role}: a file field is required")
-            head = await item.read(SNIFF_BYTES)
-            size = item.size if item.size is not None else len(head)
-            try:
-                kind = check_media(
-                    role, head, size, max_bytes=s.max_upload_bytes, allowed=s.upload_types
-                )
-            except UploadRejected as exc:
-                raise HTTPException(exc.status, exc.reason) from exc
-            uploads[role] = (item, kind)
-        fields = submit_fields(gw, request, {k: v for k, v in form.items() if isinstance(v, str)})
-        src, tgt = await asyncio.gather(
-            *(
-                asyncio.to_thread(store_upload, gw.storage, role, kind, item.file)
-                for role, (item, kind) in uploads.items()
-            )
+@contextlib.contextmanager
+def upload_slot(gw: Gateway) -> Iterator[None]:
+    """Count a streaming upload against MAX_UPLOADS; 503 + Retry-After when none is free."""
+    if gw.uploads_in_flight >= MAX_UPLOADS:
+        raise HTTPException(
+            503,
+            f"{MAX_UPLOADS} uploads in progress on this gateway; retry shortly",
+            headers={"Retry-After": "5"},
         )
+    gw.uploads_in_flight += 1
+    try:
+        yield
     finally:
-        await form.close()
-    return fields, src, tgt
+        gw.uploads_in_flight -= 1
+
+
+async def _media_from_form(gw: Gateway, request: Request) -> tuple[SubmitFields, str, str]:
+    """Stream both uploads into the media store while the body arrives, check every field, and
+    only then commit the uploads: a refused submit leaves no object or file behind."""
+    s = gw.settings
+    with upload_slot(gw):
+        try:
+            form = await parse_submit_form(
+                gw.media,
+                request.headers.get("content-type", ""),
+                request.stream(),
+                max_bytes=s.max_upload_bytes,
+                allowed=s.upload_types,
+            )
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from exc
+        try:
+            fields = submit_fields(gw, request, form.fields)
+            uris = await form.commit()
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from exc
+        except BaseException:
+            await form.abort()
+            raise
+    return fields, uris["source"], uris["target"]
 
 
 async def _media_from_json(gw: Gateway, request: Request) -> tuple[dict[str, Any], str, str]:
+    """Media URIs of a JSON submit: the store's own (checked: exists, size, kind from its first
+    bytes) or https:// URLs (fetched by the worker, not here)."""
     s = gw.settings
     try:
         body = await request.json()
@@ -205,8 +222,8 @@ async def _media_from_json(gw: Gateway, request: Request) -> tuple[dict[str, Any
         try:
             uris.append(
                 await asyncio.to_thread(
-                    check_stored,
-                    gw.storage,
+                    check_uri,
+                    gw.media,
                     role,
                     uri,
                     max_bytes=s.max_upload_bytes,
@@ -221,7 +238,8 @@ async def _media_from_json(gw: Gateway, request: Request) -> tuple[dict[str, Any
 @router.post("/jobs", status_code=202)
 async def submit_job(request: Request) -> JSONResponse:
     """Submit a job: multipart (`source`, `target` files; `tier`, `options`, `idempotency_key`,
-    `processor` fields) or JSON (`source_uri`, `target_uri` inside the data root, same fields)."""
+    `processor` fields) or JSON (`source_uri`, `target_uri`: URIs of the media store, e.g. from
+    POST /v1/uploads, or https:// URLs; same fields)."""
     gw = gateway(request)
     require_api_key(request)
     ctype = request.headers.get("content-type", "")
@@ -283,17 +301,48 @@ def job_links(request: Request, gw: Gateway, job_id: str, created: int) -> dict[
 
 
 async def _created_at(gw: Gateway, job_id: str) -> int | None:
+    created = await submitted_at(gw.media, job_id)
+    if created is not None:
+        return int(created.timestamp())
     frames = await gw.fanout.history(job_id, since=None)
     if not frames:
         return None
     return int(JobEvent.decode(frames[0].text.encode()).ts.timestamp())
 
 
+async def submitted_at(media: MediaStore, job_id: str) -> datetime | None:
+    """When a job was created, from its submission record in the media store, or None.
+
+    Why: an API-key caller has no token carrying the creation time, and without it a history
+    read would start at the stream's first message (up to 7 days of every job's events); the
+    record bounds it to the job's lifetime, as a job token does."""
+
+    def read() -> datetime | None:
+        try:
+            data = media.submission(job_id)
+        except (StorageError, ValueError):
+            return None
+        if data is None:
+            return None
+        try:
+            request = JobRequest.decode(data)
+        except DecodeError:
+            return None
+        return request.created_at if request.job_id == job_id else None
+
+    return await asyncio.to_thread(read)
+
+
 # --- state and result --------------------------------------------------------------------------
 
 
 async def job_events(gw: Gateway, job_id: str, claims: JobClaims | None) -> list[JobEvent]:
-    since = datetime.fromtimestamp(claims.iat, UTC) if claims is not None else None
+    """The job's events from the durable stream, read from its creation time (the token's, or
+    the submission record's for an API key); 404 when there are none."""
+    if claims is not None:
+        since: datetime | None = datetime.fromtimestamp(claims.iat, UTC)
+    else:
+        since = await submitted_at(gw.media, job_id)
     try:
         frames = await gw.fanout.history(job_id, since=since)
     except HistoryUnavailable as exc:
@@ -342,21 +391,43 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/result", name="get_result")
-async def get_result(request: Request, job_id: str) -> FileResponse:
+async def get_result(request: Request, job_id: str) -> Response:
+    """The result file of a completed job, from the media store: a 307 redirect to a presigned
+    URL (valid RESULT_URL_TTL_S) when the store has them (s3), else the file streamed with its
+    content type (file://)."""
     gw = gateway(request)
     claims = authorize_job(request, job_id)
     events = await job_events(gw, job_id, claims)
     last = events[-1]
-    if last.type != "completed" or not last.payload.result_uri:
+    uri = last.payload.result_uri
+    if last.type != "completed" or not uri:
         raise HTTPException(409, f"job is {STATE_OF.get(last.type, last.type)}: no result")
+    if not gw.media.owns(uri):
+        raise HTTPException(404, "the result is outside this gateway's media store")
     try:
-        path = gw.storage.resolve(last.payload.result_uri)
+        url = await asyncio.to_thread(gw.media.presign_get, uri, RESULT_URL_TTL_S)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+        chunks, size, content_type = await asyncio.to_thread(gw.media.open, uri)
     except StorageError as exc:
-        raise HTTPException(404, f"result not readable here: {exc.message}") from exc
-    if not await asyncio.to_thread(path.is_file):
-        raise HTTPException(404, "result file not found on this gateway's data root")
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, filename=path.name)
+        if exc.code == "media_not_found":
+            raise HTTPException(404, "the result file is gone from the media store") from exc
+        raise HTTPException(503, f"the media store did not answer: {exc.message}") from exc
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    media_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return StreamingResponse(
+        chunks,
+        media_type=media_type,
+        headers={"Content-Length": str(size), "Content-Disposition": attachment(name)},
+    )
+
+
+def attachment(name: str) -> str:
+    """Content-Disposition for a download named `name` (RFC 6266; as FileResponse writes it)."""
+    quoted = quote(name)
+    if quoted != name:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{name}"'
 
 
 @router.post("/jobs/{job_id}/token")
