@@ -583,3 +583,64 @@ def test_publisher_close_waits_for_confirms_in_flight(
         seqs.append(JobEvent.decode(body).seq)
     conn.close()
     assert seqs == list(range(1, 201))  # all of them, in publish order
+
+
+class CountingServer:
+    """A loopback HTTP server that serves one body and counts the connections it accepts."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+        import threading
+
+        counter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            def get_request(self):  # type: ignore[no-untyped-def]
+                counter.connections += 1
+                return super().get_request()
+
+        self.connections = 0
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("allow", "outcome", "code"),
+    [
+        pytest.param(None, "failed", "fetch_refused", id="loopback-refused-by-default"),
+        pytest.param("127.0.0.1/32", "completed", None, id="loopback-allowed"),
+    ],
+)
+def test_url_inputs_are_fetched_only_where_allowed(
+    env: Env, monkeypatch: pytest.MonkeyPatch, allow: str | None, outcome: str, code: str | None
+) -> None:
+    """An http(s):// input goes through the SSRF guard: loopback is refused (and never
+    connected to) unless FACEFLEET_FETCH_ALLOW lists it; the refusal is the job's own code."""
+    server = CountingServer(b"\x89PNG\r\n\x1a\n" + b"x" * 100)
+    try:
+        client = client_for(env, monkeypatch)
+        extra = {} if allow is None else {"FACEFLEET_FETCH_ALLOW": allow}
+        env.start_worker(**extra)
+        url = f"http://127.0.0.1:{server.port}/photo.png"
+        job = client.submit(env.tier, media(env), url, options={"sleep_s": 0}).job_id
+        events = wait_terminal(env, job)
+        assert events[-1].type == outcome, events[-1]
+        assert events[-1].payload.code == code
+        assert server.connections == (0 if allow is None else 1)
+    finally:
+        server.close()
