@@ -43,6 +43,24 @@ MAX_PERIOD_S = 1800
 MAX_DRAIN_MARGIN_S = 300
 
 
+def field_bounds(model: type[Any], field: str) -> Schema:
+    """JSON Schema bounds of a numeric settings field, from its pydantic constraints (gt, ge, lt,
+    le), so the chart accepts exactly what the process accepts."""
+    names = {
+        "gt": "exclusiveMinimum",
+        "ge": "minimum",
+        "lt": "exclusiveMaximum",
+        "le": "maximum",
+    }
+    out: Schema = {}
+    for constraint in model.model_fields[field].metadata:
+        for attr, key in names.items():
+            value = getattr(constraint, attr, None)
+            if value is not None:
+                out[key] = value
+    return out
+
+
 def literal_choices(model: type[Any], field: str) -> list[str]:
     annotation = model.model_fields[field].annotation
     return [str(choice) for choice in get_args(annotation)]
@@ -82,11 +100,18 @@ def free_map(description: str) -> Schema:
 
 
 QUANTITY = {"type": ["string", "integer", "number"]}
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$"
+
 RESOURCE_LIST = {"type": "object", "additionalProperties": QUANTITY}
 RESOURCES = obj(
     {"requests": RESOURCE_LIST, "limits": RESOURCE_LIST},
     required=["requests"],
 )
+
+
+def service_account() -> Schema:
+    """A ServiceAccount the chart creates: extra annotations only (workload identity)."""
+    return obj({"annotations": {"type": "object", "additionalProperties": {"type": "string"}}})
 
 
 def hpa_rules() -> Schema:
@@ -267,9 +292,39 @@ def build() -> Schema:
                         "mountPath": string(pattern=r"^/[^:]*[^/]$"),
                         "existingClaim": optional_name,
                         "storageClassName": string(),
-                        "size": string(pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$"),
+                        "size": string(pattern=QUANTITY_PATTERN),
                     },
                     required=["mountPath", "size"],
+                ),
+                "storage": obj(
+                    {
+                        "media": obj(
+                            {
+                                # Checked in templates/_validate.tpl (messages that name the fix).
+                                "url": string(),
+                                # No user:password@ (credentials come from a Secret or the pods'
+                                # identity), no path, query or fragment: boto3 takes a base URL.
+                                "endpoint": string(pattern=r"^(https?://[^/@\s?#]+/?)?$"),
+                                "region": string(pattern=r"^([a-z0-9-]+)?$"),
+                                "credentials": obj(
+                                    {
+                                        "existingSecret": optional_name,
+                                        "keys": obj(
+                                            {
+                                                "accessKeyId": secret_key,
+                                                "secretAccessKey": secret_key,
+                                            },
+                                            required=["accessKeyId", "secretAccessKey"],
+                                        ),
+                                        "fromServiceAccount": boolean(),
+                                    },
+                                    required=["keys"],
+                                ),
+                            },
+                            required=["url", "credentials"],
+                        )
+                    },
+                    required=["media"],
                 ),
                 "models": obj(
                     {
@@ -300,6 +355,31 @@ def build() -> Schema:
                             "type": "object",
                             "additionalProperties": {"type": "string"},
                         },
+                        "serviceAccount": service_account(),
+                        "fetch": obj(
+                            {
+                                # Joined with "," into FACEFLEET_FETCH_ALLOW; the worker parses
+                                # each entry at start (facefleet.fetch.parse_allow). Whole seconds,
+                                # as every *Seconds value (`--set` passes 2.5 as a string).
+                                "allow": {
+                                    "type": "array",
+                                    "items": string(pattern=r"^[^,\s]+$"),
+                                },
+                                "connectTimeoutSeconds": {
+                                    "type": ["integer", "null"],
+                                    **field_bounds(WorkerSettings, "fetch_connect_timeout_s"),
+                                },
+                                "readTimeoutSeconds": {
+                                    "type": ["integer", "null"],
+                                    **field_bounds(WorkerSettings, "fetch_read_timeout_s"),
+                                },
+                                "maxRedirects": {
+                                    "type": ["integer", "null"],
+                                    **field_bounds(WorkerSettings, "fetch_max_redirects"),
+                                },
+                            }
+                        ),
+                        "scratch": obj({"sizeLimit": string(pattern=QUANTITY_PATTERN)}),
                     }
                 ),
                 "tiers": {
@@ -352,6 +432,7 @@ def build() -> Schema:
                             }
                         ),
                         "podDisruptionBudget": boolean(),
+                        "serviceAccount": service_account(),
                         "nodeSelector": {
                             "type": "object",
                             "additionalProperties": {"type": "string"},
@@ -376,8 +457,9 @@ def build() -> Schema:
                 ),
                 "tests": obj(
                     {
-                        "source": string(pattern="^file:///"),
-                        "target": string(pattern="^file:///"),
+                        # Empty: derived from the media store; inside it: _validate.tpl.
+                        "source": string(pattern=r"^((file:///|s3://)\S+)?$"),
+                        "target": string(pattern=r"^((file:///|s3://)\S+)?$"),
                         "tier": string(pattern=f"^({tier_pattern.strip('^$')})?$"),
                         "timeoutSeconds": integer(60),
                     }

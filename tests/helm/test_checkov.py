@@ -31,6 +31,7 @@ VALUES_FILES = [
     "mig.yaml",
     "existing-secret.yaml",
     "ingress.yaml",
+    "s3-media.yaml",
 ]
 
 # (check id, resource regex "Kind.namespace.name", why it is accepted)
@@ -55,7 +56,9 @@ ACCEPTED: list[tuple[str, str, str]] = [
         r".*",
         "Secrets as environment variables: the runtime contract reads AMQP_URL, "
         "FACEFLEET_API_KEYS and FACEFLEET_TOKEN_SECRET from the environment "
-        "(facefleet.settings); they come from secretKeyRef, never from plain values.",
+        "(facefleet.settings), and boto3 reads the s3 media key pair from AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY (the standard AWS chain); they come from secretKeyRef, never "
+        "from plain values.",
     ),
     (
         "CKV_K8S_38",

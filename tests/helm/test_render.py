@@ -50,6 +50,7 @@ VALUES_FILES = [
     pytest.param("mig.yaml", id="mig-tier"),
     pytest.param("existing-secret.yaml", id="existing-secret"),
     pytest.param("ingress.yaml", id="ingress-on"),
+    pytest.param("s3-media.yaml", id="s3-media"),
 ]
 
 
@@ -498,24 +499,27 @@ def test_role_verbs_are_what_podcost_calls(helm: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("values_file", "secret_name", "created"),
+    ("values_file", "secret_names", "created"),
     [
-        pytest.param("defaults.yaml", FULLNAME, False, id="default-secret-expected"),
+        pytest.param("defaults.yaml", {FULLNAME}, False, id="default-secret-expected"),
         pytest.param(
             "existing-secret.yaml",
-            "facefleet-prod-credentials",
+            {"facefleet-prod-credentials"},
             False,
             id="existing-secret-referenced",
         ),
-        pytest.param("ingress.yaml", FULLNAME, True, id="chart-created-secret"),
+        pytest.param("ingress.yaml", {FULLNAME}, True, id="chart-created-secret"),
+        pytest.param(
+            "s3-media.yaml", {FULLNAME, "facefleet-media-s3"}, False, id="s3-media-key-pair"
+        ),
     ],
 )
 def test_secrets_stay_in_secrets(
-    helm: Path, values_file: str, secret_name: str, created: bool
+    helm: Path, values_file: str, secret_names: set[str], created: bool
 ) -> None:
     objs = render(helm, [values_file])
     secrets = by_kind(objs, "Secret")
-    assert [s["metadata"]["name"] for s in secrets] == ([secret_name] if created else [])
+    assert [s["metadata"]["name"] for s in secrets] == ([FULLNAME] if created else [])
     referenced = set()
     for _, pod in pod_specs(objs):
         for c in pod["containers"]:
@@ -525,7 +529,7 @@ def test_secrets_stay_in_secrets(
                     referenced.add(ref["name"])
     for auth in by_kind(objs, "TriggerAuthentication"):
         referenced |= {r["name"] for r in auth["spec"]["secretTargetRef"]}
-    assert referenced == {secret_name}
+    assert referenced == secret_names
     if created:
         plain = load_values(values_file)["secrets"]["values"]
         [secret] = secrets

@@ -212,3 +212,72 @@ Call with (dict "root" $ "name" "AMQP_URL" "key" .Values.secrets.keys.amqpUrl).
       name: {{ include "facefleet.secretName" .root }}
       key: {{ .key }}
 {{- end -}}
+
+{{/*
+facefleet.mediaS3: "true" when storage.media.url is an s3:// URL (media in an object store), else
+empty. With s3 media the gateway and the test pod mount no data volume and get no
+FACEFLEET_DATA_ROOT; workers keep the volume for job state (journals) until the PostgreSQL job
+store replaces it, and download inputs into their scratch emptyDir.
+*/}}
+{{- define "facefleet.mediaS3" -}}
+{{- if hasPrefix "s3://" .Values.storage.media.url -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.mediaRoot: the media store as the processes see it: storage.media.url without a
+trailing "/", or file://<data.mountPath> when it is empty (the processes' own default).
+*/}}
+{{- define "facefleet.mediaRoot" -}}
+{{- if .Values.storage.media.url -}}
+{{- trimSuffix "/" .Values.storage.media.url -}}
+{{- else -}}
+{{- printf "file://%s" (trimSuffix "/" .Values.data.mountPath) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.testUri: tests.source or tests.target, default <media root>/samples/helm-test/<key>.jpg.
+Call with (dict "root" $ "key" "source").
+*/}}
+{{- define "facefleet.testUri" -}}
+{{- $set := index .root.Values.tests .key -}}
+{{- default (printf "%s/samples/helm-test/%s.jpg" (include "facefleet.mediaRoot" .root) .key) $set -}}
+{{- end -}}
+
+{{/*
+facefleet.mediaEnv: FACEFLEET_MEDIA_URL and, with s3 media, the standard AWS settings boto3 reads
+(endpoint, region, an access key pair through secretKeyRef only) for every process that touches
+media: gateway, workers, test pod. Empty with an empty storage.media.url (file media on the data
+volume, the processes' default), so include it with `with`.
+*/}}
+{{- define "facefleet.mediaEnv" -}}
+{{- $m := .Values.storage.media -}}
+{{- if $m.url -}}
+- name: FACEFLEET_MEDIA_URL
+  value: {{ $m.url | quote }}
+{{- if include "facefleet.mediaS3" . }}
+{{- with $m.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $m.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $m.credentials.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $m.credentials.keys.accessKeyId }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $m.credentials.keys.secretAccessKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- end -}}

@@ -83,10 +83,75 @@ worker's drain timeout, grace - drainMarginSeconds, must cover the longest job a
 {{- if and .Values.tests.tier (not (has .Values.tests.tier $enabled)) -}}
 {{- $msgs = append $msgs (printf "tests.tier=%s is not an enabled tier (%s). Fix: --set tests.tier=%s or leave it empty" .Values.tests.tier (join ", " $enabled) (default "" (first $enabled))) -}}
 {{- end -}}
-{{- $prefix := printf "file://%s/" (trimSuffix "/" .Values.data.mountPath) -}}
+{{- /* Media store (storage.media): the URL is checked as the processes check it
+(facefleet.media.open_media_store), so a typo stops the render instead of crash-looping every pod. */ -}}
+{{- $m := .Values.storage.media -}}
+{{- $url := $m.url -}}
+{{- $s3 := include "facefleet.mediaS3" . -}}
+{{- $mount := trimSuffix "/" .Values.data.mountPath -}}
+{{- $mediaOk := true -}}
+{{- /* Never echo a user:password@ the URL may carry. */ -}}
+{{- $authority := regexReplaceAll "^[^:/]*://([^/]*).*$" $url "${1}" -}}
+{{- $shown := ternary "<not shown: it carries a user or password>" $url (contains "@" $authority) -}}
+{{- if $s3 -}}
+{{- $rest := trimPrefix "s3://" $url -}}
+{{- $bucket := regexReplaceAll "/.*$" $rest "" -}}
+{{- $prefix := trimAll "/" (trimPrefix $bucket $rest) -}}
+{{- if contains "@" $bucket -}}
+{{- $mediaOk = false -}}
+{{- $msgs = append $msgs "storage.media.url: an s3 URL carries no user or password (not shown here): the key pair goes in a Secret (storage.media.credentials.existingSecret), the endpoint in storage.media.endpoint. Fix: --set storage.media.url=s3://<bucket>/<prefix>" -}}
+{{- else if or (not (regexMatch "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$" $bucket)) (regexMatch "^[0-9]{1,3}(\\.[0-9]{1,3}){3}$" $bucket) (regexMatch "\\.\\.|\\.-|-\\." $bucket) -}}
+{{- $mediaOk = false -}}
+{{- $msgs = append $msgs (printf "storage.media.url=%s: %q is not a valid S3 bucket name (3-63 lower-case letters, digits, '-' and '.'; a DNS name, not an IP address; no port: the endpoint goes in storage.media.endpoint). Fix: --set storage.media.url=s3://my-bucket/facefleet" $url $bucket) -}}
+{{- else if or (contains ".." $prefix) (contains "//" $prefix) (regexMatch "(^|/)\\.(/|$)" $prefix) (regexMatch "[?#[:space:]]" $url) -}}
+{{- $mediaOk = false -}}
+{{- $msgs = append $msgs (printf "storage.media.url=%s: invalid key prefix %q (no '.' or '..' segments, no '//', query or fragment). Fix: --set storage.media.url=s3://%s/facefleet" $url $prefix $bucket) -}}
+{{- end -}}
+{{- $c := $m.credentials -}}
+{{- if and (not $c.existingSecret) (not $c.fromServiceAccount) -}}
+{{- $msgs = append $msgs (printf "storage.media.url=%s needs credentials for the object store: none are configured. Fix: --set storage.media.credentials.existingSecret=<Secret with keys %s and %s>, or use workload identity: annotate the service accounts (gateway.serviceAccount.annotations and workers.serviceAccount.annotations, e.g. eks.amazonaws.com/role-arn) and --set storage.media.credentials.fromServiceAccount=true" $shown $c.keys.accessKeyId $c.keys.secretAccessKey) -}}
+{{- end -}}
+{{- if and $c.existingSecret $c.fromServiceAccount -}}
+{{- $msgs = append $msgs (printf "storage.media.credentials.existingSecret (%s) and storage.media.credentials.fromServiceAccount are both set: the Secret's key pair would silently win over the workload identity. Fix: --set storage.media.credentials.fromServiceAccount=false to use the Secret, or --set storage.media.credentials.existingSecret= to use the service accounts" $c.existingSecret) -}}
+{{- end -}}
+{{- else if $url -}}
+{{- $path := trimSuffix "/" (trimPrefix "file://" $url) -}}
+{{- if not (hasPrefix "file:///" $url) -}}
+{{- $mediaOk = false -}}
+{{- $msgs = append $msgs (printf "storage.media.url=%s: use s3://bucket/prefix (an object store) or file:///abs/path on the data volume; empty keeps media on the data volume. Fix: --set storage.media.url=s3://my-bucket/facefleet or --set storage.media.url=" $shown) -}}
+{{- else if or (not (or (eq $path $mount) (hasPrefix (printf "%s/" $mount) $path))) (contains "/../" (printf "%s/" $path)) (regexMatch "[?#[:space:]]" $url) -}}
+{{- $mediaOk = false -}}
+{{- $msgs = append $msgs (printf "storage.media.url=%s is not on the data volume (data.mountPath %s): file media must be on the volume that gateway and workers share. Fix: --set storage.media.url= (the data volume itself), --set storage.media.url=file://%s/media, or an s3:// URL" $shown $mount $mount) -}}
+{{- end -}}
+{{- end -}}
+{{- if not $s3 -}}
+{{- $unused := list -}}
+{{- range $key := list "endpoint" "region" -}}
+{{- if index $m $key -}}
+{{- $unused = append $unused (printf "storage.media.%s" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if $m.credentials.existingSecret -}}
+{{- $unused = append $unused "storage.media.credentials.existingSecret" -}}
+{{- end -}}
+{{- if $m.credentials.fromServiceAccount -}}
+{{- $unused = append $unused "storage.media.credentials.fromServiceAccount" -}}
+{{- end -}}
+{{- if $unused -}}
+{{- $msgs = append $msgs (printf "%s only apply to s3 media, but storage.media.url is %q: they would be ignored and media would stay on the data volume. Fix: --set storage.media.url=s3://bucket/prefix, or unset %s" (join ", " $unused) $shown (join ", " $unused)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $mediaOk -}}
+{{- $root := include "facefleet.mediaRoot" . -}}
 {{- range $key := list "source" "target" -}}
-{{- if not (hasPrefix $prefix (index $.Values.tests $key)) -}}
-{{- $msgs = append $msgs (printf "tests.%s=%s is not under the data volume (%s): the worker refuses URIs outside FACEFLEET_DATA_ROOT. Fix: --set tests.%s=%ssamples/helm-test/%s.jpg" $key (index $.Values.tests $key) $prefix $key $prefix $key) -}}
+{{- $uri := include "facefleet.testUri" (dict "root" $ "key" $key) -}}
+{{- if not (hasPrefix (printf "%s/" $root) $uri) -}}
+{{- if $s3 -}}
+{{- $msgs = append $msgs (printf "tests.%s=%s is not in the media store (%s/): the test job's inputs must be objects of the store. Fix: --set tests.%s=%s/samples/helm-test/%s.jpg, or leave it empty" $key $uri $root $key $root $key) -}}
+{{- else -}}
+{{- $msgs = append $msgs (printf "tests.%s=%s is not under the data volume (%s/): the worker refuses URIs outside the media store. Fix: --set tests.%s=%s/samples/helm-test/%s.jpg, or leave it empty" $key $uri $root $key $root $key) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if $msgs -}}

@@ -7,13 +7,17 @@ ScaledJob. Call with (dict "root" $ "name" "<tier>" "tier" <tier map>).
   (/readyz); /healthz is liveness, guarded by a startup probe during model load;
 - terminationGracePeriodSeconds comes from the tier's maxJobSeconds (facefleet.gracePeriod) so a
   SIGTERM drain finishes;
-- `args`, not `command`: the image's ENTRYPOINT (tini) stays PID 1 and forwards SIGTERM.
+- `args`, not `command`: the image's ENTRYPOINT (tini) stays PID 1 and forwards SIGTERM;
+- the data volume holds job state (FACEFLEET_DATA_ROOT) whatever the media store; with s3 media
+  inputs are downloaded to, and results staged in, a size-limited scratch emptyDir.
 */}}
 {{- define "facefleet.workerPod" -}}
 {{- $root := .root -}}
 {{- $t := .tier -}}
 {{- $grace := include "facefleet.gracePeriod" (dict "root" $root "tier" $t) | int -}}
 {{- $isJob := eq $t.mode "job" -}}
+{{- $s3 := include "facefleet.mediaS3" $root -}}
+{{- $fetch := $root.Values.workers.fetch -}}
 metadata:
   labels:
     {{- include "facefleet.labels" (dict "root" $root "component" "worker" "tier" .name) | nindent 4 }}
@@ -102,6 +106,29 @@ spec:
         {{- include "facefleet.secretEnv" (dict "root" $root "name" "AMQP_URL" "key" $root.Values.secrets.keys.amqpUrl) | nindent 8 }}
         - name: FACEFLEET_DATA_ROOT
           value: {{ $root.Values.data.mountPath | quote }}
+        {{- with include "facefleet.mediaEnv" $root }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- if $s3 }}
+        - name: FACEFLEET_SCRATCH_DIR
+          value: /scratch
+        {{- end }}
+        {{- with $fetch.allow }}
+        - name: FACEFLEET_FETCH_ALLOW
+          value: {{ join "," . | quote }}
+        {{- end }}
+        {{- if not (kindIs "invalid" $fetch.connectTimeoutSeconds) }}
+        - name: FACEFLEET_FETCH_CONNECT_TIMEOUT_S
+          value: {{ $fetch.connectTimeoutSeconds | toString | quote }}
+        {{- end }}
+        {{- if not (kindIs "invalid" $fetch.readTimeoutSeconds) }}
+        - name: FACEFLEET_FETCH_READ_TIMEOUT_S
+          value: {{ $fetch.readTimeoutSeconds | toString | quote }}
+        {{- end }}
+        {{- if not (kindIs "invalid" $fetch.maxRedirects) }}
+        - name: FACEFLEET_FETCH_MAX_REDIRECTS
+          value: {{ $fetch.maxRedirects | toString | quote }}
+        {{- end }}
         - name: FACEFLEET_MODEL_DIR
           value: /models
         - name: FACEFLEET_TIERS
@@ -186,6 +213,10 @@ spec:
           mountPath: {{ $root.Values.data.mountPath }}
         - name: tmp
           mountPath: /tmp
+        {{- if $s3 }}
+        - name: scratch
+          mountPath: /scratch
+        {{- end }}
   volumes:
     - name: models
       {{- if eq $root.Values.models.volume.type "pvc" }}
@@ -205,4 +236,9 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 2Gi
+    {{- if $s3 }}
+    - name: scratch
+      emptyDir:
+        sizeLimit: {{ $root.Values.workers.scratch.sizeLimit }}
+    {{- end }}
 {{- end -}}
