@@ -123,6 +123,14 @@ def test_submit_follow_and_fetch_the_result(media: tuple[GatewayWorld, Gateway])
     if world.s3 is None:
         assert result.headers["content-type"] == "application/json"
         assert result.headers["content-disposition"] == 'attachment; filename="result.json"'
+    # ?proxy=true (the status page): streamed through the gateway for either store
+    with gw.http() as client:
+        proxied = client.get(
+            f"/v1/jobs/{job['job_id']}/result?proxy=true",
+            headers={"Authorization": f"Bearer {job['token']}"},
+        )
+    assert proxied.status_code == 200
+    assert proxied.json() == {"job_id": job["job_id"], "slept_s": 0.4}
 
 
 def test_upload_urls_round_trip_into_a_job(media: tuple[GatewayWorld, Gateway]) -> None:

@@ -394,7 +394,8 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
 async def get_result(request: Request, job_id: str) -> Response:
     """The result file of a completed job, from the media store: a 307 redirect to a presigned
     URL (valid RESULT_URL_TTL_S) when the store has them (s3), else the file streamed with its
-    content type (file://)."""
+    content type (file://). `?proxy=true` streams it through the gateway for every store: the
+    status page's fetch() may not follow a redirect to another origin (its CSP allows 'self')."""
     gw = gateway(request)
     claims = authorize_job(request, job_id)
     events = await job_events(gw, job_id, claims)
@@ -405,7 +406,10 @@ async def get_result(request: Request, job_id: str) -> Response:
     if not gw.media.owns(uri):
         raise HTTPException(404, "the result is outside this gateway's media store")
     try:
-        url = await asyncio.to_thread(gw.media.presign_get, uri, RESULT_URL_TTL_S)
+        proxy = request.query_params.get("proxy", "").lower() in ("1", "true", "yes")
+        url = (
+            None if proxy else await asyncio.to_thread(gw.media.presign_get, uri, RESULT_URL_TTL_S)
+        )
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
         chunks, size, content_type = await asyncio.to_thread(gw.media.open, uri)

@@ -146,7 +146,8 @@ class JobView {
   }
 
   async showResult() {
-    const resp = await api(`/v1/jobs/${this.job.job_id}/result`, { token: this.job.token });
+    // Through the gateway (?proxy=true): an s3 store's presigned URL is another origin.
+    const resp = await api(`/v1/jobs/${this.job.job_id}/result?proxy=true`, { token: this.job.token });
     const box = $("result");
     if (!resp.ok) {
       box.textContent = "result not available: " + (await errorText(resp));
