@@ -54,7 +54,8 @@ from consumer.inputs import Inputs, Scratch, fetch_policy
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor, ProcessorOutput
 from facefleet.amqp import ThreadedPublisher
-from facefleet.journal import JobClaim, JobJournal
+from facefleet.jobstore import Claim, JobLog, JobStore
+from facefleet.journal import FileJobStore
 from facefleet.media import FileMediaStore, MediaStore, Staged
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage, StorageError
@@ -108,8 +109,8 @@ class Batched:
     index: int
     delivery: Delivery
     job: JobRequest
-    journal: JobJournal
-    claim: JobClaim
+    journal: JobLog
+    claim: Claim
     ref: ResultRef
     attempt: int = 1
     staged: Staged | None = None
@@ -166,7 +167,7 @@ class RunContext:
         self,
         runner: JobRunner,
         job: JobRequest,
-        journal: JobJournal,
+        journal: JobLog,
         source_path: Path,
         target_path: Path,
         output_dir: Path,
@@ -233,17 +234,18 @@ class JobRunner:
         name: str,
         *,
         media: MediaStore | None = None,
+        store: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.tier = tier
         self.processor = processor
         self.storage = storage
+        self.store: JobStore = store or FileJobStore(storage)
+        """Job state (FACEFLEET_STORE_URL); the journals in the data root by default."""
         self.media: MediaStore = media or FileMediaStore(storage)
         """Inputs and results (FACEFLEET_MEDIA_URL); the data root by default."""
-        self._media_sync = isinstance(self.media, FileMediaStore) and (
-            os.stat(self.media.root).st_dev != os.stat(storage.root).st_dev
-        )
-        """A file:// media store on another filesystem than the journals needs its own sync."""
+        self._results_with_logs = False
+        self._results_sync = self._how_to_sync_results()
         self.inputs = Inputs(self.media, storage, fetch_policy(settings), settings.media_max_bytes)
         self.metrics = metrics
         self.publisher = publisher
@@ -254,22 +256,22 @@ class JobRunner:
         """Set when the drain deadline passed: running jobs stop at their next checkpoint."""
         self.cancelled: dict[str, str] = {}
         """Cancels received over AMQP for jobs running here (the durable marker covers the rest)."""
-        self.claims: dict[str, JobClaim] = {}
+        self.claims: dict[str, Claim] = {}
 
     def _result_ref(self, job: JobRequest) -> ResultRef:
         """Where the job's result goes; StorageError if its prefix lies outside the store."""
         self.media.check_output_prefix(job.output_uri_prefix)
         return ResultRef(job.output_uri_prefix, job.job_id)
 
-    def _journal(self, job: JobRequest) -> JobJournal:
+    def _journal(self, job: JobRequest) -> JobLog:
         """The job's journal; its first writer records the producer's `queued` (seq 1)."""
-        return JobJournal(
-            self.storage, job.job_id, fsync=self.settings.journal_fsync, queued=queued_event(job)
+        return self.store.log(
+            job.job_id, fsync=self.settings.journal_fsync, queued=queued_event(job)
         )
 
     def emit(
         self,
-        journal: JobJournal,
+        journal: JobLog,
         event_type: EventType,
         payload: EventPayload,
         *,
@@ -278,7 +280,7 @@ class JobRunner:
         return journal.append(event_type, payload, self.publisher.publish_event, wait=wait)
 
     def cancel_reason(self, job_id: str) -> str | None:
-        return self.cancelled.get(job_id) or self.storage.cancel_reason(job_id)
+        return self.cancelled.get(job_id) or self.store.cancel_reason(job_id)
 
     def handle(self, delivery: Delivery, on_job: Callable[[str], None] | None = None) -> Action:
         """Process one delivery; returns what to do with it: 'ack' or 'give_back'.
@@ -299,7 +301,7 @@ class JobRunner:
             log.info("job %s already ended (%s); acking duplicate delivery", job.job_id, done.type)
             self.metrics.duplicates.labels(tier).inc()
             return "ack"
-        claim = JobClaim(self.storage, job.job_id)
+        claim = self.store.claim(job.job_id)
         if not self._wait_for_claim(claim, delivery):
             return "give_back"
         self.claims[job.job_id] = claim
@@ -315,7 +317,7 @@ class JobRunner:
         on_job: Callable[[Delivery, str], None] | None = None,
     ) -> list[Action]:
         """The batch lane (`--batch N`, for short jobs): each delivery gets the same steps and
-        outcome as in `handle`, but each durability point is one `storage.sync()` for the whole
+        outcome as in `handle`, but each durability point is one `store.sync(logs)` for the whole
         batch instead of an fsync per file and event, and events are published pipelined.
 
         Order per batch: claims; journal locks (in job-id order, on the claims' descriptors);
@@ -341,7 +343,7 @@ class JobRunner:
             except StorageError:
                 continue  # one by one below, which fails the job with the reason
             journal = self._journal(job)
-            claim = JobClaim(self.storage, job.job_id)
+            claim = self.store.claim(job.job_id)
             if not claim.try_acquire():
                 continue  # one by one below, after this batch let go of its claims
             # A finished job (a redelivery) is found by _precheck under the lock.
@@ -385,20 +387,37 @@ class JobRunner:
             out.append(action)
         return out
 
-    def _release(self, claim: JobClaim) -> None:
+    def _release(self, claim: Claim) -> None:
         """A claimed job is done here (acked, given back or failed): forget it, let go."""
         self.metrics.busy.dec()
         self.claims.pop(claim.job_id, None)
         self.cancelled.pop(claim.job_id, None)
         claim.release()
 
-    def _sync(self) -> None:
-        """One sync point of the batch lane: the journals' lines and, for a file:// media store
-        on another filesystem, the results (an s3 store's PUTs are durable already)."""
-        if self.settings.journal_fsync:
-            self.storage.sync()
-            if self._media_sync:
-                self.media.sync()
+    def _how_to_sync_results(self) -> Callable[[], None] | None:
+        """What makes staged or placed results durable: nothing for s3 (a finished PUT is),
+        the journals' syncfs when a file:// media store shares their filesystem (`_sync` then
+        skips it when the logs' sync ran anyway), else the media store's own sync."""
+        if not isinstance(self.media, FileMediaStore):
+            return None
+        if (
+            isinstance(self.store, FileJobStore)
+            and os.stat(self.media.root).st_dev == os.stat(self.store.storage.root).st_dev
+        ):
+            self._results_with_logs = True
+            return self.store.storage.sync
+        return self.media.sync
+
+    def _sync(self, logs: Sequence[JobLog], *, results: bool) -> None:
+        """One sync point of the batch lane: the logs' written events (file: one syncfs;
+        postgres: one transaction) and, with results, what the media store staged or placed."""
+        if logs:
+            self.store.sync(logs)  # always: on postgres this is where the events are stored
+        if not (results and self.settings.journal_fsync) or self._results_sync is None:
+            return
+        if logs and self._results_with_logs:
+            return  # the logs' syncfs covered the results' volume
+        self._results_sync()
 
     def _run_batch(self, batch: list[Batched]) -> None:
         """The steps of `handle_batch` for claimed jobs; sets each one's action (or retry)."""
@@ -437,7 +456,7 @@ class JobRunner:
         # One sync for the `started` lines and the staged results. `started` goes out only now;
         # a job that appended an event meanwhile (progress, failed) synced its journal and
         # published its `started` first, so every job's events still leave in seq order.
-        self._sync()
+        self._sync([b.journal for b in running], results=True)
         with self.publisher.burst():
             for b in running:
                 b.journal.publish_written(publish)
@@ -449,13 +468,13 @@ class JobRunner:
                 placed.append(b)
             else:
                 b.action = self._lost_commit(b.job, b.journal, b.ref)
-        self._sync()
+        self._sync([], results=True)
         for b in placed:
             assert b.produced is not None
             b.journal.write(
                 "completed", completed_payload(self.media, b.ref, b.produced.manifest), publish
             )
-        self._sync()
+        self._sync([b.journal for b in placed], results=False)
         with self.publisher.burst():
             for b in placed:
                 b.journal.publish_written(publish)
@@ -466,7 +485,7 @@ class JobRunner:
             self.metrics.jobs.labels(tier, "completed").inc()
             b.action = "ack"
 
-    def _wait_for_claim(self, claim: JobClaim, delivery: Delivery) -> bool:
+    def _wait_for_claim(self, claim: Claim, delivery: Delivery) -> bool:
         """Another live worker runs this job (a duplicate submit/delivery): wait for it, while
         not draining and while a full-length run after the wait still fits the hold budget."""
         limit = claim_wait_s(self.tier)
@@ -484,7 +503,7 @@ class JobRunner:
                 return False
             time.sleep(CLAIM_POLL_S)
 
-    def attempts_so_far(self, journal: JobJournal) -> int:
+    def attempts_so_far(self, journal: JobLog) -> int:
         """Failed attempts of a job: its `retrying` events (on any worker, any delivery)."""
         return sum(1 for e in journal.events() if e.type == "retrying")
 
@@ -506,7 +525,7 @@ class JobRunner:
         self.metrics.jobs.labels(self.tier.name, "given_back").inc()
         return "ack"
 
-    def _run_claimed(self, job: JobRequest, journal: JobJournal, delivery: Delivery) -> Action:
+    def _run_claimed(self, job: JobRequest, journal: JobLog, delivery: Delivery) -> Action:
         try:
             ref = self._result_ref(job)
         except StorageError as exc:  # e.g. an output prefix outside the media store: bad input
@@ -521,7 +540,7 @@ class JobRunner:
         self.metrics.duration.labels(self.tier.name).observe(time.monotonic() - t0)
         return self._after_attempt(job, journal, delivery, ref, attempt, outcome)
 
-    def _precheck(self, job: JobRequest, journal: JobJournal, ref: ResultRef) -> Action | None:
+    def _precheck(self, job: JobRequest, journal: JobLog, ref: ResultRef) -> Action | None:
         """What to do instead of running a claimed job, or None to run it."""
         tier = self.tier.name
         if journal.terminal() is not None:
@@ -557,7 +576,7 @@ class JobRunner:
             )
         return None
 
-    def _started(self, job: JobRequest, journal: JobJournal) -> tuple[int, EventPayload]:
+    def _started(self, job: JobRequest, journal: JobLog) -> tuple[int, EventPayload]:
         """This run's attempt number and its `started` payload (records the queue wait)."""
         attempt = self.attempts_so_far(journal) + 1
         wait_s = max(0.0, (utcnow() - job.created_at).total_seconds())
@@ -569,7 +588,7 @@ class JobRunner:
     def _after_attempt(
         self,
         job: JobRequest,
-        journal: JobJournal,
+        journal: JobLog,
         delivery: Delivery,
         ref: ResultRef,
         attempt: int,
@@ -622,7 +641,7 @@ class JobRunner:
             self.metrics.duration.labels(tier).observe(time.monotonic() - t0)
 
     def _attempt(
-        self, job: JobRequest, journal: JobJournal, ref: ResultRef
+        self, job: JobRequest, journal: JobLog, ref: ResultRef
     ) -> Action | TransientJobError:
         produced = self._produce(job, journal, ref)
         if not isinstance(produced, Produced):
@@ -639,7 +658,7 @@ class JobRunner:
             shutil.rmtree(produced.work_dir, ignore_errors=True)
             return self._classified(journal, job, exc)
 
-    def _lost_commit(self, job: JobRequest, journal: JobJournal, ref: ResultRef) -> Action:
+    def _lost_commit(self, job: JobRequest, journal: JobLog, ref: ResultRef) -> Action:
         """Another delivery's result is in place: ours is dropped. If the journal has not
         ended (that delivery crashed after its commit), its result completes the job."""
         log.info("job %s: another delivery committed first; not completing twice", job.job_id)
@@ -650,7 +669,7 @@ class JobRunner:
         return "ack"
 
     def _produce(
-        self, job: JobRequest, journal: JobJournal, ref: ResultRef
+        self, job: JobRequest, journal: JobLog, ref: ResultRef
     ) -> Produced | Action | TransientJobError:
         """Run the processor into a fresh work dir; the result is not committed yet."""
         tier = self.tier.name
@@ -698,7 +717,7 @@ class JobRunner:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
     def _classified(
-        self, journal: JobJournal, job: JobRequest, exc: Exception
+        self, journal: JobLog, job: JobRequest, exc: Exception
     ) -> Action | TransientJobError:
         """A job's exception, mapped to what happens next: `failed` now, or a retry."""
         err = classify(exc)
@@ -711,13 +730,11 @@ class JobRunner:
             return self._fail(journal, PermanentJobError(err.code, err.message))
         raise exc
 
-    def _emit_completed(
-        self, journal: JobJournal, ref: ResultRef, manifest: dict[str, Any]
-    ) -> None:
+    def _emit_completed(self, journal: JobLog, ref: ResultRef, manifest: dict[str, Any]) -> None:
         self.emit(journal, "completed", completed_payload(self.media, ref, manifest))
         self.metrics.jobs.labels(self.tier.name, "completed").inc()
 
-    def _fail(self, journal: JobJournal, err: JobError) -> Action:
+    def _fail(self, journal: JobLog, err: JobError) -> Action:
         self.emit(
             journal, "failed", EventPayload(code=err.code, message=err.message, retryable=False)
         )
@@ -725,7 +742,7 @@ class JobRunner:
         return "ack"
 
     def _dead_letter_job(
-        self, job: JobRequest, journal: JobJournal, err: JobError, attempts: int
+        self, job: JobRequest, journal: JobLog, err: JobError, attempts: int
     ) -> Action:
         message = f"gave up after {attempts} attempts: {err.message}"
         self._publish_dead(job.encode(), err.code, message, job.job_id)
@@ -742,7 +759,7 @@ class JobRunner:
         self.metrics.jobs.labels(self.tier.name, "malformed").inc()
         log.warning("dead-lettered malformed message (job %s): %s", job_id, exc.reason)
         if job_id is not None:
-            journal = JobJournal(self.storage, job_id, fsync=self.settings.journal_fsync)
+            journal = self.store.log(job_id, fsync=self.settings.journal_fsync)
             self.emit(
                 journal,
                 "dead_lettered",
@@ -799,8 +816,8 @@ class JobRunner:
         if req.job_id in self.claims:
             self.cancelled[req.job_id] = req.reason
         try:
-            if self.storage.cancel_reason(req.job_id) is None:
-                self.storage.request_cancel(req.job_id, req.reason)
+            if self.store.cancel_reason(req.job_id) is None:
+                self.store.request_cancel(req.job_id, req.reason)
         except ValueError as exc:  # not a job id: nothing to record, ever
             log.warning("ignoring cancel of %r: %s", req.job_id, exc)
         except OSError as exc:

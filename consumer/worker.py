@@ -46,6 +46,7 @@ from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor
 from consumer.runner import JobRunner
 from facefleet.amqp import ThreadedPublisher, connect, declare_topology
+from facefleet.jobstore import JobStore
 from facefleet.media import MediaStore
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage
@@ -86,6 +87,7 @@ class Worker:
         *,
         storage: Storage | None = None,
         media: MediaStore | None = None,
+        store: JobStore | None = None,
         metrics: WorkerMetrics | None = None,
         on_busy: Callable[[bool], None] | None = None,
     ) -> None:
@@ -121,6 +123,7 @@ class Worker:
             self.publisher,
             self.name,
             media=media or settings.media_store(),
+            store=store or settings.job_store(),
         )
         self._draining = self.runner.draining
         self.stop_jobs = self.runner.stop_jobs
@@ -170,6 +173,7 @@ class Worker:
         self._drain()
         self._set_state(WorkerState.STOPPED)
         self.publisher.close()
+        self.runner.store.close()
         return 0
 
     def _consume(self) -> None:

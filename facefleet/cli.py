@@ -23,6 +23,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("models", "models.cli", "pull, verify and generate model weights"),
     ("simulate", "keda.cli", "simulate KEDA/HPA scaling for a tier and plan thresholds"),
     ("gateway", "producer.gateway.cli", "run the HTTP/WebSocket progress gateway"),
+    ("store", "facefleet.storecli", "job store administration (migrate, check)"),
+    ("jobs", "facefleet.storecli", "list and inspect jobs in the job store"),
     ("demo", "facefleet.demo", "run one job end to end on a local broker"),
 )
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 
+from facefleet.jobstore import Claim, JobPage, JobState, JobSummary, page_of, summarize
 from facefleet.storage import (
     CLAIM_BYTE,
     JOB_LOCK_BYTE,
@@ -118,12 +120,12 @@ class JobJournal:
 
     # --- the job lock ---------------------------------------------------------------------------
 
-    def lock(self, claim: JobClaim | None = None) -> None:
+    def lock(self, claim: Claim | None = None) -> None:
         """Take the job lock (blocking); several at once only in job-id order. With the job's
         held claim, on the claim's descriptor: one open of the journal serves both."""
         if self._fd is not None:
             return
-        if claim is not None and claim.fd is not None:
+        if isinstance(claim, JobClaim) and claim.fd is not None:
             lock_byte(claim.fd, JOB_LOCK_BYTE, wait=True)
             self._fd, self._borrowed = claim.fd, True
         else:
@@ -302,3 +304,64 @@ class JobClaim:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the description drops its lock
+
+
+class FileJobStore:
+    """Job state in journals under a data root (the embedded default): JobJournal logs,
+    JobClaim claims (OFD byte locks the kernel drops when the holder dies), cancel marker files,
+    one syncfs per batch step. Queries scan the journals: fine on one machine."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.url = storage.root.as_uri()
+
+    def log(self, job_id: str, *, queued: JobEvent | None = None, fsync: bool = True) -> JobJournal:
+        return JobJournal(self.storage, job_id, fsync=fsync, queued=queued)
+
+    def claim(self, job_id: str) -> JobClaim:
+        return JobClaim(self.storage, job_id)
+
+    def sync(self, logs: Sequence[object]) -> None:
+        """Every line written so far (all logs, and anything else on the volume) is durable:
+        one syncfs, skipped when every log given was opened with fsync=False (benchmarks)."""
+        if logs and not any(getattr(log, "fsync", True) for log in logs):
+            return
+        self.storage.sync()
+
+    def cancel_reason(self, job_id: str) -> str | None:
+        return self.storage.cancel_reason(job_id)
+
+    def request_cancel(self, job_id: str, reason: str) -> None:
+        self.storage.request_cancel(job_id, reason)
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        tier: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        rows = []
+        jobs_dir = self.storage.root / "jobs"
+        try:
+            names = os.listdir(jobs_dir)
+        except FileNotFoundError:
+            names = []
+        suffix = "." + JOURNAL
+        for name in names:
+            if not name.endswith(suffix):
+                continue
+            job_id = name[: -len(suffix)]
+            events = JobJournal(self.storage, job_id).events()
+            if events:
+                rows.append(summarize(job_id, events))
+        return page_of(rows, state=state, tier=tier, since=since, limit=limit, cursor=cursor)
+
+    def get_job(self, job_id: str) -> JobSummary | None:
+        events = JobJournal(self.storage, job_id).events()
+        return summarize(job_id, events) if events else None
+
+    def close(self) -> None:
+        pass

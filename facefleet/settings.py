@@ -26,10 +26,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from facefleet.management import default_management_url
 
 if TYPE_CHECKING:
+    from facefleet.jobstore import JobStore
     from facefleet.media import MediaStore
 from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+_STORE_VAR = "FACEFLEET_STORE_URL"
 
 
 class SettingsError(SystemExit):
@@ -56,6 +58,9 @@ class CommonSettings(BaseSettings):
     media_url: str = Field(default="", validate_default=True)
     """Where inputs are uploaded and results written: `file:///abs/path` or `s3://bucket/prefix`
     (endpoint from AWS_ENDPOINT_URL, credentials from the AWS chain); default file://<data_root>."""
+    store_url: str = ""
+    """Job state: `file:///abs/path` (journals; default: the data root) or
+    `postgresql://user@host:5432/db` (run `facefleet store migrate` first)."""
     tiers_json: str | None = Field(default=None, validation_alias="FACEFLEET_TIERS")
     """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
     high, standard, batch."""
@@ -86,6 +91,18 @@ class CommonSettings(BaseSettings):
             return open_media_store(self.media_url)
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc
+
+    def job_store(self) -> JobStore:
+        """The job store FACEFLEET_STORE_URL names (default: the journals in the data root);
+        an unreachable database or a schema behind the code stops the process with a message
+        that says what to do."""
+        from facefleet.jobstore import StoreError
+        from facefleet.stores import open_job_store
+
+        try:
+            return open_job_store(self.store_url, data_root=self.data_root)
+        except StoreError as exc:
+            raise SettingsError(f"{_STORE_VAR}: {exc}") from exc
 
     def tiers(self) -> tuple[TierSpec, ...]:
         if not self.tiers_json:

@@ -213,9 +213,20 @@ class Storage:
         return base / job_id
 
     def request_cancel(self, job_id: str, reason: str) -> None:
+        """Record a cancel durably; the first reason wins (a hard link of a synced temp file:
+        linking fails if the marker exists, so two recorders never overwrite each other)."""
         path = self.job_path(job_id, CANCEL)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_durable(path, reason.encode())
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        write_synced(tmp, reason.encode())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        else:
+            fsync_dir(path.parent)
+        finally:
+            os.unlink(tmp)
 
     def cancel_reason(self, job_id: str) -> str | None:
         """The cancel marker's reason, or None (asked at every step of every job: no pathlib)."""

@@ -27,7 +27,9 @@ import pika
 import pytest
 
 from facefleet.broker import Broker, NoBrokerError, discover
-from facefleet.wire import DEAD_EXCHANGE, dead_notify_queue, job_queue
+from facefleet.jobstore import JobStore
+from facefleet.wire import DEAD_EXCHANGE, JobEvent, dead_notify_queue, job_queue
+from tests.pg import create_database, drop_database, server_problem
 from tests.s3server import AMBIENT_AWS, MotoMissing, aws_test_env, start_moto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +136,22 @@ class Env:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     media_url: str | None = None
     """FACEFLEET_MEDIA_URL of this world (None: the data root, the embedded default)."""
+    store_url: str | None = None
+    """FACEFLEET_STORE_URL of this world (None: the journals in the data root)."""
+    _store: Any = None
+
+    def store(self) -> JobStore:
+        """This world's job store, as its workers see it (opened once)."""
+        if self._store is None:
+            from facefleet.stores import open_job_store
+
+            self._store = open_job_store(self.store_url or "", data_root=self.data_root)
+        store: JobStore = self._store
+        return store
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """A job's events in this world's job store."""
+        return self.store().log(job_id).events()
 
     def vars(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEFLEET_")}
@@ -147,6 +165,8 @@ class Env:
         )
         if self.media_url:
             env["FACEFLEET_MEDIA_URL"] = self.media_url
+        if self.store_url:
+            env["FACEFLEET_STORE_URL"] = self.store_url
         env.update(extra)
         return env
 
@@ -203,6 +223,9 @@ class Env:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 @dataclass
@@ -251,12 +274,14 @@ def delete_queue(amqp_url: str, name: str) -> None:
 def make_env(amqp_url: str, tmp_path: Path) -> Iterator[Callable[..., Env]]:
     envs: list[Env] = []
 
-    def factory(*, media_url: str | None = None, **tier_opts: Any) -> Env:
+    def factory(
+        *, media_url: str | None = None, store_url: str | None = None, **tier_opts: Any
+    ) -> Env:
         tier = "t" + uuid.uuid4().hex[:10]
         spec = {"name": tier, "max_job_s": 60, "delivery_limit": 5, **tier_opts}
         root = tmp_path / f"data-{tier}"
         root.mkdir()
-        env = Env(amqp_url, tier, root, [spec], media_url=media_url)
+        env = Env(amqp_url, tier, root, [spec], media_url=media_url, store_url=store_url)
         envs.append(env)
         return env
 
@@ -305,3 +330,51 @@ def dead_letters(amqp_url: str) -> Iterator[DeadLetters]:
     dl = DeadLetters(amqp_url)
     yield dl
     dl.close()
+
+
+# --- PostgreSQL: the machine's server (tests/pg.py), a fresh database per session --------------
+# Without it the database tests are skipped on a laptop and fail in CI (CI=true), like the broker.
+
+
+def _require_postgres() -> None:
+    problem = server_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI needs PostgreSQL: {problem}")
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database for the session, migrated to this build's schema; dropped at the end.
+    Tests share it: each uses fresh job ids."""
+    _require_postgres()
+    from facefleet.pgstore import migrate
+
+    url = create_database()
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[Callable[[bool], str]]:
+    """Makes fresh databases (migrated when asked) for one test; drops them afterwards."""
+    _require_postgres()
+    from facefleet.pgstore import migrate
+
+    made: list[str] = []
+
+    def make(migrated: bool = True) -> str:
+        url = create_database()
+        made.append(url)
+        if migrated:
+            migrate(url)
+        return url
+
+    yield make
+    for url in made:
+        drop_database(url)

@@ -1,7 +1,11 @@
-"""`media_env`: a world whose media live in the data root (file://, the embedded default) or in
-an S3-API store (moto_server on loopback). The spine's integration and chaos tests run on both
-(test_integration.py makes it its `env`). Job state stays in the workers' data root either way;
-the producer needs only the broker and the store."""
+"""`media_env`: a world in one of two shapes, and the spine's integration and chaos tests run on
+both (test_integration.py makes it its `env`):
+
+- `file`: the embedded default: media and job state (journals) in the data root;
+- `s3-postgres`: no shared volume at all: media in an S3-API store (moto_server on loopback),
+  job state in PostgreSQL (a fresh database per session).
+
+Producers need only the broker and the media store in both."""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ import pytest
 from tests.conftest import Env
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3-postgres"])
 def media_env(request: pytest.FixtureRequest, make_env: Callable[..., Env]) -> Env:
-    if request.param == "s3":
-        return make_env(media_url=request.getfixturevalue("s3_media_url"))
+    if request.param == "s3-postgres":
+        return make_env(
+            media_url=request.getfixturevalue("s3_media_url"),
+            store_url=request.getfixturevalue("pg_url"),
+        )
     return make_env()

@@ -21,9 +21,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facefleet.journal import JobJournal
 from facefleet.settings import ProducerSettings
-from facefleet.storage import Storage
 from facefleet.wire import JobEvent
 from models.tiny import write_tiny_models
 from producer.sdk import JobClient
@@ -37,7 +35,7 @@ IMAGES = Path(cv2.__file__).parent.parent / "insightface" / "data" / "images"
 def wait_terminal(env: Env, job_id: str, timeout_s: float = 120) -> list[JobEvent]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        events = JobJournal(Storage(env.data_root), job_id).events()
+        events = env.events(job_id)
         if events and events[-1].terminal:
             return events
         time.sleep(0.1)

@@ -15,9 +15,7 @@ import uuid
 import pika
 import pytest
 
-from facefleet.journal import JobJournal
 from facefleet.settings import ProducerSettings
-from facefleet.storage import Storage
 from facefleet.wire import (
     HEADER_DEAD_CODE,
     HEADER_DEAD_REASON,
@@ -42,7 +40,7 @@ def client_for(env: Env, monkeypatch: pytest.MonkeyPatch) -> JobClient:
 
 @pytest.fixture
 def env(media_env: Env) -> Env:
-    """Every test here runs with file:// and with s3:// media (tests/spine/conftest.py)."""
+    """Every test here runs in both shapes: file (data root) and s3-postgres (no shared volume)."""
     return media_env
 
 
@@ -54,7 +52,7 @@ def media(env: Env, name: str = "in.txt") -> str:
 
 
 def journal(env: Env, job_id: str) -> list[JobEvent]:
-    return JobJournal(Storage(env.data_root), job_id).events()
+    return env.events(job_id)
 
 
 def wait_terminal(env: Env, job_id: str, timeout_s: float = 30) -> list[JobEvent]:
