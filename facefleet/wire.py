@@ -265,7 +265,10 @@ EventType = Literal[
     "failed",
     "dead_lettered",
     "cancelled",
+    "replayed",
 ]
+"""`replayed` follows a `dead_lettered` when an operator re-queues the job (`facefleet dead
+replay`): the job is open again, with a fresh attempt budget."""
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 TERMINAL_EVENTS: frozenset[str] = frozenset({"completed", "failed", "dead_lettered", "cancelled"})
 
@@ -358,6 +361,13 @@ class JobRequest(_Message):
     target_uri: str = Field(min_length=1)
     output_uri_prefix: str = Field(min_length=1)
     options: dict[str, JobOptionValue] = Field(default_factory=dict)
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    """Where `facefleet webhooks` POSTs this job's events (Standard Webhooks, signed)."""
+    webhook_events: tuple[EventType, ...] | None = None
+    """Which event types to POST; None = every one but progress."""
+    api_key_id: str | None = Field(default=None, max_length=64)
+    """Who submitted the job (the gateway sets it: an API key's id, never the key): usage,
+    limits and listings are per key."""
 
     @field_validator("tier")
     @classmethod
@@ -400,6 +410,11 @@ class EventPayload(BaseModel):
     retryable: bool | None = None
     # queued
     tier: str | None = None
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] | None = None
+    api_key_id: str | None = None
+    # replayed
+    replayed_by: str | None = None
 
 
 class JobEvent(_Message):
@@ -433,7 +448,12 @@ def queued_event(job: JobRequest) -> JobEvent:
         seq=1,
         type="queued",
         ts=job.created_at,
-        payload=EventPayload(tier=job.tier),
+        payload=EventPayload(
+            tier=job.tier,
+            webhook_url=job.webhook_url,
+            webhook_events=job.webhook_events,
+            api_key_id=job.api_key_id,
+        ),
     )
 
 
