@@ -46,6 +46,27 @@ class StoreError(Exception):
     says what to do. Raised at start-up, so a worker never takes a job it cannot record."""
 
 
+class StoreUnavailable(StoreError):
+    """The job store does not answer right now (database restarting, network cut): nothing about
+    the job is wrong. A worker gives the job back and pauses until the store answers again."""
+
+
+def store_outage(exc: BaseException) -> bool:
+    """Is this exception the job store being unreachable (not a bug, not bad input)?
+
+    Backends raise their driver's connection errors; they are recognised here so the runner
+    maps them at one boundary: psycopg's OperationalError (connection lost, server shutting
+    down, admin shutdown) and the pool's timeout waiting for a connection."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout)
+
+
 @runtime_checkable
 class Claim(Protocol):
     """Who runs a job, held from claim to ack; dropped when the holder dies (kill -9)."""

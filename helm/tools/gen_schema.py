@@ -41,6 +41,12 @@ MAX_PERIOD_S = 1800
 # Every second more is added to every worker pod's grace period (node drains, spot notice), so a
 # larger value is a mistake, not a preference.
 MAX_DRAIN_MARGIN_S = 300
+# Job store backends (facefleet.stores.open_job_store): file:/// journals or postgresql://.
+STORE_BACKENDS = ("file", "postgres")
+# Standard Webhooks signing secrets: `whsec_` + the base64 of the key bytes; several separated by
+# spaces or commas during a rotation (FACEFLEET_WEBHOOK_SECRET).
+_WHSEC = r"whsec_[A-Za-z0-9+/]+={0,2}"
+WEBHOOK_SECRET_PATTERN = rf"^({_WHSEC}([ ,]+{_WHSEC})*)?$"
 
 
 def field_bounds(model: type[Any], field: str) -> Schema:
@@ -233,6 +239,8 @@ def build() -> Schema:
     optional_name = string(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", maxLength=253)
     secret_key = string(pattern=r"^[-._a-zA-Z0-9]+$")
     tier_pattern = TIER_PATTERN.pattern
+    # Joined with "," into FACEFLEET_FETCH_ALLOW (workers and webhooks).
+    fetch_allow = {"type": "array", "items": string(pattern=r"^[^,\s]+$")}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "facefleet chart values",
@@ -272,6 +280,7 @@ def build() -> Schema:
                                     "rabbitmqPassword",
                                     "apiKeys",
                                     "tokenSecret",
+                                    "webhookSecret",
                                 )
                             }
                         ),
@@ -282,6 +291,8 @@ def build() -> Schema:
                                 "rabbitmqPassword": string(),
                                 "apiKeys": string(),
                                 "tokenSecret": string(),
+                                # Standard Webhooks secret: whsec_ + base64 of the key bytes.
+                                "webhookSecret": string(pattern=WEBHOOK_SECRET_PATTERN),
                             }
                         ),
                     },
@@ -295,6 +306,24 @@ def build() -> Schema:
                         "size": string(pattern=QUANTITY_PATTERN),
                     },
                     required=["mountPath", "size"],
+                ),
+                "store": obj(
+                    {
+                        # Also checked in templates/_validate.tpl (with --skip-schema-validation).
+                        "backend": string(enum=list(STORE_BACKENDS)),
+                        "existingSecret": optional_name,
+                        "urlKey": secret_key,
+                        "migrate": obj(
+                            {
+                                "enabled": boolean(),
+                                "backoffLimit": integer(0),
+                                "activeDeadlineSeconds": integer(1),
+                                "resources": RESOURCES,
+                            },
+                            required=["enabled"],
+                        ),
+                    },
+                    required=["backend", "urlKey", "migrate"],
                 ),
                 "storage": obj(
                     {
@@ -361,10 +390,7 @@ def build() -> Schema:
                                 # Joined with "," into FACEFLEET_FETCH_ALLOW; the worker parses
                                 # each entry at start (facefleet.fetch.parse_allow). Whole seconds,
                                 # as every *Seconds value (`--set` passes 2.5 as a string).
-                                "allow": {
-                                    "type": "array",
-                                    "items": string(pattern=r"^[^,\s]+$"),
-                                },
+                                "allow": fetch_allow,
                                 "connectTimeoutSeconds": {
                                     "type": ["integer", "null"],
                                     **field_bounds(WorkerSettings, "fetch_connect_timeout_s"),
@@ -433,6 +459,22 @@ def build() -> Schema:
                         ),
                         "podDisruptionBudget": boolean(),
                         "serviceAccount": service_account(),
+                        "nodeSelector": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "tolerations": {"type": "array", "items": {"type": "object"}},
+                        "affinity": free_map("Pod affinity, verbatim."),
+                    }
+                ),
+                "webhooks": obj(
+                    {
+                        "enabled": boolean(),
+                        "replicas": integer(1),
+                        "resources": RESOURCES,
+                        "podDisruptionBudget": boolean(),
+                        "terminationGracePeriodSeconds": integer(1),
+                        "fetch": obj({"allow": fetch_allow}),
                         "nodeSelector": {
                             "type": "object",
                             "additionalProperties": {"type": "string"},

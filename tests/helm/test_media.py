@@ -337,8 +337,8 @@ def test_service_accounts_carry_the_workload_identity(helm: Path, case: MediaCas
 
 @pytest.mark.parametrize("case", MEDIA_CASES)
 def test_data_pvc_stays_for_job_state(helm: Path, case: MediaCase) -> None:
-    """With s3 media the ReadWriteMany data PVC is still rendered: workers keep job state on it
-    until the PostgreSQL job store lands."""
+    """With s3 media and the file job store (the default) the ReadWriteMany data PVC is still
+    rendered: workers keep job state on it (with the PostgreSQL store it goes: test_store.py)."""
     [pvc] = [p for p in by_kind(objects(helm, case), "PersistentVolumeClaim")
              if p["metadata"]["name"] == f"{FULLNAME}-data"]  # fmt: skip
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -25,6 +25,7 @@ import yaml
 import consumer.podcost as podcost
 from facefleet.settings import CommonSettings
 from tests.helm.chart import (
+    CHART,
     KEDA_SCHEMAS,
     NAMESPACE,
     RELEASE,
@@ -51,6 +52,8 @@ VALUES_FILES = [
     pytest.param("existing-secret.yaml", id="existing-secret"),
     pytest.param("ingress.yaml", id="ingress-on"),
     pytest.param("s3-media.yaml", id="s3-media"),
+    pytest.param("postgres-s3.yaml", id="postgres-s3-webhooks"),
+    pytest.param(str(CHART / "examples" / "values-cloudnativepg.yaml"), id="example-cloudnativepg"),
 ]
 
 
@@ -108,6 +111,8 @@ def pod_specs(objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
             out.append((name, o["spec"]["template"]["spec"]))
         elif o["kind"] == "ScaledJob":
             out.append((name, o["spec"]["jobTargetRef"]["template"]["spec"]))
+        elif o["kind"] == "Job":
+            out.append((name, o["spec"]["template"]["spec"]))
         elif o["kind"] == "Pod":
             out.append((name, o["spec"]))
     return out
@@ -346,7 +351,12 @@ def test_workers_follow_the_runtime_contract(helm: Path, values_file: str) -> No
         assert env["FACEFLEET_CONCURRENCY"] == str(tier["prefetch"])
         assert env["FACEFLEET_BATCH"] == str(tier["batch"])
         assert env["FACEFLEET_MODEL_DIR"] == "/models"
-        assert env["FACEFLEET_DATA_ROOT"] == values["data"]["mountPath"]
+        no_data_volume = values["store"]["backend"] == "postgres" and values["storage"]["media"][
+            "url"
+        ].startswith("s3://")
+        assert env.get("FACEFLEET_DATA_ROOT") == (
+            None if no_data_volume else values["data"]["mountPath"]
+        )
         assert env["FACEFLEET_HEALTH_HOST"] == "0.0.0.0"
         assert env["FACEFLEET_HEALTH_PORT"] == "9464"
         assert env["FACEFLEET_DELETION_COST"] == str(tier["podDeletionCost"]).lower()
@@ -512,6 +522,12 @@ def test_role_verbs_are_what_podcost_calls(helm: Path) -> None:
         pytest.param(
             "s3-media.yaml", {FULLNAME, "facefleet-media-s3"}, False, id="s3-media-key-pair"
         ),
+        pytest.param(
+            "postgres-s3.yaml",
+            {FULLNAME, "facefleet-media-s3", "facefleet-store"},
+            False,
+            id="postgres-store-url",
+        ),
     ],
 )
 def test_secrets_stay_in_secrets(
@@ -531,7 +547,8 @@ def test_secrets_stay_in_secrets(
         referenced |= {r["name"] for r in auth["spec"]["secretTargetRef"]}
     assert referenced == secret_names
     if created:
-        plain = load_values(values_file)["secrets"]["values"]
+        # Values left empty are generated (or, like webhookSecret, unused here).
+        plain = {k: v for k, v in load_values(values_file)["secrets"]["values"].items() if v}
         [secret] = secrets
         decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
         assert set(plain.values()) <= set(decoded.values())

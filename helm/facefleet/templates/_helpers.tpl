@@ -216,8 +216,8 @@ Call with (dict "root" $ "name" "AMQP_URL" "key" .Values.secrets.keys.amqpUrl).
 {{/*
 facefleet.mediaS3: "true" when storage.media.url is an s3:// URL (media in an object store), else
 empty. With s3 media the gateway and the test pod mount no data volume and get no
-FACEFLEET_DATA_ROOT; workers keep the volume for job state (journals) until the PostgreSQL job
-store replaces it, and download inputs into their scratch emptyDir.
+FACEFLEET_DATA_ROOT; workers keep the volume for job state (journals) unless store.backend is
+postgres (facefleet.dataVolume), and download inputs into their scratch emptyDir.
 */}}
 {{- define "facefleet.mediaS3" -}}
 {{- if hasPrefix "s3://" .Values.storage.media.url -}}true{{- end -}}
@@ -280,4 +280,49 @@ volume, the processes' default), so include it with `with`.
 {{- end }}
 {{- end }}
 {{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.storePostgres: "true" when job state lives in PostgreSQL (store.backend postgres), else
+empty (the file store: journals under FACEFLEET_DATA_ROOT on the data volume).
+*/}}
+{{- define "facefleet.storePostgres" -}}
+{{- if eq .Values.store.backend "postgres" -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.dataVolume: "true" when anything needs the ReadWriteMany data volume, else empty. It
+holds job state with the file store and media with file media; with the PostgreSQL store and s3
+media nothing does: no data PVC is rendered and no pod mounts one or gets FACEFLEET_DATA_ROOT.
+*/}}
+{{- define "facefleet.dataVolume" -}}
+{{- if not (and (include "facefleet.storePostgres" .) (include "facefleet.mediaS3" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.storeEnv: FACEFLEET_STORE_URL from store.existingSecret (secretKeyRef only: the URL
+carries the database password) with the PostgreSQL store; empty with the file store (the processes
+default to the journals under FACEFLEET_DATA_ROOT), so include it with `with`.
+*/}}
+{{- define "facefleet.storeEnv" -}}
+{{- if include "facefleet.storePostgres" . -}}
+- name: FACEFLEET_STORE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.store.existingSecret }}
+      key: {{ .Values.store.urlKey }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+facefleet.webhooksName / facefleet.migrateName: names of the webhooks Deployment (and its
+ServiceAccount, PDB, NetworkPolicy, metrics Service) and of the migration hook Job (and its
+ServiceAccount).
+*/}}
+{{- define "facefleet.webhooksName" -}}
+{{- printf "%s-webhooks" (include "facefleet.fullname" .) -}}
+{{- end -}}
+
+{{- define "facefleet.migrateName" -}}
+{{- printf "%s-store-migrate" (include "facefleet.fullname" .) -}}
 {{- end -}}

@@ -154,6 +154,21 @@ worker's drain timeout, grace - drainMarginSeconds, must cover the longest job a
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* Job store (store.*): PostgreSQL only through a Secret; settings that would be ignored are
+errors, as for the media store. */ -}}
+{{- $st := .Values.store -}}
+{{- if not (has $st.backend (list "file" "postgres")) -}}
+{{- $msgs = append $msgs (printf "store.backend=%v is not a job store: use file (journals on the data volume, the default) or postgres (PostgreSQL, its URL from store.existingSecret). Fix: --set store.backend=file, or --set store.backend=postgres --set store.existingSecret=<Secret with the postgresql:// URL>" $st.backend) -}}
+{{- else if eq $st.backend "postgres" -}}
+{{- if not $st.existingSecret -}}
+{{- $msgs = append $msgs (printf "store.backend=postgres needs store.existingSecret: the Secret whose key store.urlKey (%s) holds the postgresql://user:password@host:5432/db?sslmode=... URL (never a plain value: it carries the password; a direct or session-mode pooler URL, not transaction mode). It must exist before install: the migration hook runs first. Fix: kubectl -n %s create secret generic facefleet-store --from-literal=%s='postgresql://...' and --set store.existingSecret=facefleet-store (CloudNativePG: --set store.existingSecret=<cluster>-app --set store.urlKey=uri)" $st.urlKey .Release.Namespace $st.urlKey) -}}
+{{- end -}}
+{{- if and $s3 .Values.data.existingClaim -}}
+{{- $msgs = append $msgs (printf "data.existingClaim (%s) is set, but with store.backend=postgres and s3 media nothing mounts the data volume: the claim would be ignored. Fix: --set data.existingClaim= (the PVC itself is left alone), or keep file media or the file store" .Values.data.existingClaim) -}}
+{{- end -}}
+{{- else if $st.existingSecret -}}
+{{- $msgs = append $msgs (printf "store.existingSecret (%s) only applies to store.backend=postgres, but store.backend is file: it would be ignored and job state would stay on the data volume. Fix: --set store.backend=postgres, or --set store.existingSecret=" $st.existingSecret) -}}
+{{- end -}}
 {{- if $msgs -}}
 {{- fail (printf "\n\nVALUES ERROR (facefleet chart):\n  * %s\n" (join "\n  * " $msgs)) -}}
 {{- end -}}

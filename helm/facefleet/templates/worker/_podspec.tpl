@@ -8,8 +8,10 @@ ScaledJob. Call with (dict "root" $ "name" "<tier>" "tier" <tier map>).
 - terminationGracePeriodSeconds comes from the tier's maxJobSeconds (facefleet.gracePeriod) so a
   SIGTERM drain finishes;
 - `args`, not `command`: the image's ENTRYPOINT (tini) stays PID 1 and forwards SIGTERM;
-- the data volume holds job state (FACEFLEET_DATA_ROOT) whatever the media store; with s3 media
-  inputs are downloaded to, and results staged in, a size-limited scratch emptyDir.
+- the data volume holds job state (FACEFLEET_DATA_ROOT) with the file store and media with file
+  media; with the PostgreSQL store (FACEFLEET_STORE_URL from its Secret) and s3 media the pod
+  mounts none (facefleet.dataVolume). With s3 media inputs are downloaded to, and results staged
+  in, a size-limited scratch emptyDir.
 */}}
 {{- define "facefleet.workerPod" -}}
 {{- $root := .root -}}
@@ -17,6 +19,7 @@ ScaledJob. Call with (dict "root" $ "name" "<tier>" "tier" <tier map>).
 {{- $grace := include "facefleet.gracePeriod" (dict "root" $root "tier" $t) | int -}}
 {{- $isJob := eq $t.mode "job" -}}
 {{- $s3 := include "facefleet.mediaS3" $root -}}
+{{- $data := include "facefleet.dataVolume" $root -}}
 {{- $fetch := $root.Values.workers.fetch -}}
 metadata:
   labels:
@@ -104,8 +107,13 @@ spec:
         - {{ $t.backend }}
       env:
         {{- include "facefleet.secretEnv" (dict "root" $root "name" "AMQP_URL" "key" $root.Values.secrets.keys.amqpUrl) | nindent 8 }}
+        {{- if $data }}
         - name: FACEFLEET_DATA_ROOT
           value: {{ $root.Values.data.mountPath | quote }}
+        {{- end }}
+        {{- with include "facefleet.storeEnv" $root }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- with include "facefleet.mediaEnv" $root }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -209,8 +217,10 @@ spec:
         - name: models
           mountPath: /models
           readOnly: true
+        {{- if $data }}
         - name: data
           mountPath: {{ $root.Values.data.mountPath }}
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- if $s3 }}
@@ -230,9 +240,11 @@ spec:
       emptyDir:
         sizeLimit: {{ $root.Values.models.volume.emptyDirSizeLimit }}
       {{- end }}
+    {{- if $data }}
     - name: data
       persistentVolumeClaim:
         claimName: {{ include "facefleet.dataClaim" $root }}
+    {{- end }}
     - name: tmp
       emptyDir:
         sizeLimit: 2Gi
