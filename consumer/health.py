@@ -29,8 +29,9 @@ def serve_health(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
                 alive = time.monotonic() - worker.last_tick < STALE_AFTER_S
                 self._send(200 if alive else 503, b"ok\n" if alive else b"consumer loop stalled\n")
             elif self.path == "/readyz":
-                ready = worker.state == WorkerState.READY
-                self._send(200 if ready else 503, f"{worker.state.value}\n".encode())
+                ready = worker.state == WorkerState.READY and worker.paused is None
+                why = worker.state.value if worker.paused is None else f"paused: {worker.paused}"
+                self._send(200 if ready else 503, f"{why}\n".encode())
             elif self.path == "/metrics":
                 self._send(200, generate_latest(worker.metrics.registry), CONTENT_TYPE_LATEST)
             else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -68,10 +69,16 @@ class Inputs:
     """Turns input URIs into local paths for processors. Thread-safe (no mutable state)."""
 
     def __init__(
-        self, media: MediaStore, storage: Storage, policy: FetchPolicy, max_bytes: int
+        self,
+        media: MediaStore,
+        data_root: Callable[[], Storage],
+        policy: FetchPolicy,
+        max_bytes: int,
     ) -> None:
         self.media = media
-        self.storage = storage
+        self.data_root = data_root
+        """The workers' data root, asked for only when a job names a file:// input outside a
+        file:// media store."""
         self.policy = policy
         self.max_bytes = max_bytes
 
@@ -103,7 +110,9 @@ class Inputs:
                 self.media.download(uri, dest, max_bytes=self.max_bytes)
                 return dest
         elif scheme in ("", "file"):
-            local = self.storage.resolve(uri)  # the workers' data root, as before object storage
+            local = self.data_root().resolve(
+                uri
+            )  # the workers' data root, as before object storage
         else:
             raise StorageError(
                 "media_outside_data_root",

@@ -35,6 +35,20 @@ class WorkerMetrics:
             buckets=(0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
             registry=self.registry,
         )
+        self.gpu_seconds = Counter(
+            "facefleet_gpu_seconds",
+            "Processing time of the jobs completed here (manifest timings_s.total), by tier and "
+            "API key id (empty: submitted without the gateway); what usage is billed by",
+            ["tier", "api_key_id"],
+            registry=self.registry,
+        )
+        self.key_jobs = Counter(
+            "facefleet_key_jobs",
+            "Jobs that ended here, by tier, API key id and outcome (completed, failed, "
+            "cancelled, dead_lettered)",
+            ["tier", "api_key_id", "outcome"],
+            registry=self.registry,
+        )
         self.ready = Gauge("facefleet_worker_ready", "1 when consuming", registry=self.registry)
         self.busy = Gauge(
             "facefleet_worker_busy_jobs",

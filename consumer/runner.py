@@ -54,7 +54,16 @@ from consumer.inputs import Inputs, Scratch, fetch_policy
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor, ProcessorOutput
 from facefleet.amqp import ThreadedPublisher
-from facefleet.jobstore import Claim, JobLog, JobStore
+from facefleet.jobstore import (
+    Claim,
+    JobLog,
+    JobStore,
+    attempts_since_replay,
+    gpu_seconds_of,
+    last_replay_seq,
+    replay_generation,
+    store_outage,
+)
 from facefleet.journal import FileJobStore
 from facefleet.media import FileMediaStore, MediaStore, Staged
 from facefleet.settings import WorkerSettings
@@ -228,7 +237,7 @@ class JobRunner:
         settings: WorkerSettings,
         tier: TierSpec,
         processor: Processor,
-        storage: Storage,
+        storage: Storage | None,
         metrics: WorkerMetrics,
         publisher: ThreadedPublisher,
         name: str,
@@ -239,14 +248,16 @@ class JobRunner:
         self.settings = settings
         self.tier = tier
         self.processor = processor
-        self.storage = storage
-        self.store: JobStore = store or FileJobStore(storage)
+        self._storage = storage
+        self.store: JobStore = store or FileJobStore(self.storage)
         """Job state (FACEFLEET_STORE_URL); the journals in the data root by default."""
-        self.media: MediaStore = media or FileMediaStore(storage)
+        self.media: MediaStore = media or FileMediaStore(self.storage)
         """Inputs and results (FACEFLEET_MEDIA_URL); the data root by default."""
         self._results_with_logs = False
         self._results_sync = self._how_to_sync_results()
-        self.inputs = Inputs(self.media, storage, fetch_policy(settings), settings.media_max_bytes)
+        self.inputs = Inputs(
+            self.media, lambda: self.storage, fetch_policy(settings), settings.media_max_bytes
+        )
         self.metrics = metrics
         self.publisher = publisher
         self.name = name
@@ -257,6 +268,16 @@ class JobRunner:
         self.cancelled: dict[str, str] = {}
         """Cancels received over AMQP for jobs running here (the durable marker covers the rest)."""
         self.claims: dict[str, Claim] = {}
+        self.on_store_outage: Callable[[BaseException], None] | None = None
+        """Told when the job store stopped answering (the worker pauses consuming)."""
+
+    @property
+    def storage(self) -> Storage:
+        """The workers' data root, made on first use: with a PostgreSQL job store and s3 media a
+        worker may have none (a read-only root filesystem, no volume)."""
+        if self._storage is None:
+            self._storage = Storage(self.settings.data_root)
+        return self._storage
 
     def _result_ref(self, job: JobRequest) -> ResultRef:
         """Where the job's result goes; StorageError if its prefix lies outside the store."""
@@ -277,7 +298,29 @@ class JobRunner:
         *,
         wait: bool = True,
     ) -> JobEvent | None:
-        return journal.append(event_type, payload, self.publisher.publish_event, wait=wait)
+        event = journal.append(event_type, payload, self.publisher.publish_event, wait=wait)
+        if event is not None and event.terminal:
+            self._count_ended(journal, event)
+        return event
+
+    def _count_ended(self, journal: JobLog, event: JobEvent) -> None:
+        """Per-key usage counters for a job that just ended here (its owner from its
+        `queued` event); never fails the job."""
+        try:
+            events = journal.events()
+            key = events[0].payload.api_key_id if events else None
+        except Exception as exc:
+            log.debug("job %s: usage not counted (%r)", event.job_id, exc)
+            return
+        self._count_usage(
+            key, event.type, gpu_seconds_of(event) if event.type == "completed" else None
+        )
+
+    def _count_usage(self, api_key_id: str | None, outcome: str, gpu_seconds: float | None) -> None:
+        key = api_key_id or ""
+        self.metrics.key_jobs.labels(self.tier.name, key, outcome).inc()
+        if gpu_seconds:
+            self.metrics.gpu_seconds.labels(self.tier.name, key).inc(gpu_seconds)
 
     def cancel_reason(self, job_id: str) -> str | None:
         return self.cancelled.get(job_id) or self.store.cancel_reason(job_id)
@@ -286,7 +329,23 @@ class JobRunner:
         """Process one delivery; returns what to do with it: 'ack' or 'give_back'.
 
         on_job is told the job id as soon as the body is decoded (the worker's bookkeeping).
+        If the job store stops answering, the job is given back (a fresh copy, so the delivery
+        limit is not spent) and the worker is told, to pause until the store answers.
         """
+        try:
+            return self._handle(delivery, on_job)
+        except Exception as exc:
+            if not store_outage(exc):
+                raise
+            self._store_outage(exc)
+            return "give_back"
+
+    def _store_outage(self, exc: BaseException) -> None:
+        log.warning("job store unavailable (%s: %s); giving jobs back", type(exc).__name__, exc)
+        if self.on_store_outage is not None:
+            self.on_store_outage(exc)
+
+    def _handle(self, delivery: Delivery, on_job: Callable[[str], None] | None) -> Action:
         try:
             job = JobRequest.decode(delivery.body)
         except DecodeError as exc:
@@ -344,7 +403,15 @@ class JobRunner:
                 continue  # one by one below, which fails the job with the reason
             journal = self._journal(job)
             claim = self.store.claim(job.job_id)
-            if not claim.try_acquire():
+            try:
+                acquired = claim.try_acquire()
+            except Exception as exc:
+                if not store_outage(exc):
+                    raise
+                self._store_outage(exc)
+                actions[i] = "give_back"
+                continue
+            if not acquired:
                 continue  # one by one below, after this batch let go of its claims
             # A finished job (a redelivery) is found by _precheck under the lock.
             self.claims[job.job_id] = claim
@@ -352,12 +419,17 @@ class JobRunner:
         retries: list[tuple[Batched, TransientJobError]] = []
         if batch:
             self.metrics.busy.inc(len(batch))
+            outage = False
             try:
                 self._run_batch(batch)
-            except Exception:
-                log.exception(
-                    "batch of %d job(s) failed; requeueing what did not finish", len(batch)
-                )
+            except Exception as exc:
+                if store_outage(exc):
+                    outage = True
+                    self._store_outage(exc)
+                else:
+                    log.exception(
+                        "batch of %d job(s) failed; requeueing what did not finish", len(batch)
+                    )
             finally:
                 for b in batch:
                     b.journal.unlock()
@@ -370,10 +442,15 @@ class JobRunner:
                     b.action = self._after_attempt(
                         b.job, b.journal, b.delivery, b.ref, b.attempt, err
                     )
+                except Exception as exc:
+                    if not store_outage(exc):
+                        raise
+                    outage = True
+                    self._store_outage(exc)
                 finally:
                     self._release(b.claim)
             for b in batch:
-                actions[b.index] = b.action or "requeue"
+                actions[b.index] = b.action or ("give_back" if outage else "requeue")
         out: list[Action] = []
         for i, action in enumerate(actions):
             if action is None:
@@ -483,6 +560,9 @@ class JobRunner:
         for b in placed:
             self.metrics.duration.labels(tier).observe(time.monotonic() - b.t0)
             self.metrics.jobs.labels(tier, "completed").inc()
+            assert b.produced is not None
+            total = b.produced.manifest.get("timings_s", {}).get("total")
+            self._count_usage(b.job.api_key_id, "completed", total)
             b.action = "ack"
 
     def _wait_for_claim(self, claim: Claim, delivery: Delivery) -> bool:
@@ -504,8 +584,9 @@ class JobRunner:
             time.sleep(CLAIM_POLL_S)
 
     def attempts_so_far(self, journal: JobLog) -> int:
-        """Failed attempts of a job: its `retrying` events (on any worker, any delivery)."""
-        return sum(1 for e in journal.events() if e.type == "retrying")
+        """Failed attempts of a job: its `retrying` events (on any worker, any delivery) since
+        its last `replayed` (a replayed dead letter starts with a fresh attempt budget)."""
+        return attempts_since_replay(journal.events())
 
     def give_back(self, delivery: Delivery) -> Action:
         """Return a job on purpose without spending its delivery limit: publish a fresh copy
@@ -719,7 +800,11 @@ class JobRunner:
     def _classified(
         self, journal: JobLog, job: JobRequest, exc: Exception
     ) -> Action | TransientJobError:
-        """A job's exception, mapped to what happens next: `failed` now, or a retry."""
+        """A job's exception, mapped to what happens next: `failed` now, or a retry. The job
+        store being down is no failure of the job: it propagates to `handle`, which gives the
+        job back."""
+        if store_outage(exc):
+            raise exc
         err = classify(exc)
         if isinstance(err, PermanentJobError):
             return self._fail(journal, err)
@@ -802,9 +887,25 @@ class JobRunner:
         )
         journal = self._journal(job)
         payload = EventPayload(code=code, message=message, retryable=False)
+        generation = replay_generation(headers)
 
         def task() -> None:
-            self.emit(journal, "dead_lettered", payload)
+            journal.lock()  # the check and the event under one lock: a replay cannot slip in
+            try:
+                replayed = last_replay_seq(journal.events())
+                if generation < replayed:
+                    # A copy sent before the job's last replay (e.g. this notification came
+                    # again after its `dead_lettered` was recorded): the replayed job lives on.
+                    log.info(
+                        "job %s: stale dead letter (replay %d < %d); ignoring it",
+                        job.job_id,
+                        generation,
+                        replayed,
+                    )
+                    return
+                self.emit(journal, "dead_lettered", payload)
+            finally:
+                journal.unlock()
 
         return task
 
@@ -822,6 +923,11 @@ class JobRunner:
             log.warning("ignoring cancel of %r: %s", req.job_id, exc)
         except OSError as exc:
             log.warning("could not persist cancel of %s: %s", req.job_id, exc)
+            return False
+        except Exception as exc:
+            if not store_outage(exc):
+                raise
+            self._store_outage(exc)
             return False
         return True
 

@@ -46,7 +46,7 @@ from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor
 from consumer.runner import JobRunner
 from facefleet.amqp import ThreadedPublisher, connect, declare_topology
-from facefleet.jobstore import JobStore
+from facefleet.jobstore import JobStore, store_outage
 from facefleet.media import MediaStore
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage
@@ -62,6 +62,10 @@ from facefleet.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+STORE_PROBE_S = 2.0
+"""How often a paused worker asks whether the job store answers again."""
+PROBE_JOB_ID = "00000000-0000-0000-0000-000000000000"
 
 
 class WorkerState(enum.Enum):
@@ -94,7 +98,7 @@ class Worker:
         self.settings = settings
         self.tier = settings.tier_spec(settings.tier)
         self.processor = processor
-        self.storage = storage or Storage(settings.data_root)
+
         self.metrics = metrics or WorkerMetrics()
         self.on_busy = on_busy
         self.name = f"{socket.gethostname()}-{os.getpid()}"
@@ -113,18 +117,25 @@ class Worker:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
+        self._pending: BlockingChannel | None = None
+        self._pending_tag: str | None = None
         self.publisher = ThreadedPublisher(settings.amqp_url, f"facefleet-worker-{self.name}")
         self.runner = JobRunner(
             settings,
             self.tier,
             processor,
-            self.storage,
+            storage,
             self.metrics,
             self.publisher,
             self.name,
             media=media or settings.media_store(),
             store=store or settings.job_store(),
         )
+        self.runner.on_store_outage = self._on_store_outage
+        self._store_down = threading.Event()
+        """Set by job threads when the job store stopped answering: the main loop pauses."""
+        self.paused: str | None = None
+        """Why the worker takes no jobs now although it runs (shown by /readyz), or None."""
         self._draining = self.runner.draining
         self.stop_jobs = self.runner.stop_jobs
         self.last_tick = time.monotonic()
@@ -197,11 +208,16 @@ class Worker:
         control.queue_bind(ctl.method.queue, CONTROL_EXCHANGE, CANCEL_BINDING)
         control.basic_consume(ctl.method.queue, self._on_control, auto_ack=True)
         pending = conn.channel()
-        self._record_pending_cancels(pending)
         pending.basic_qos(prefetch_count=50)
-        pending.basic_consume(control_pending_queue(self.tier.name), self._on_pending_cancel)
-        if self.settings.max_jobs is None or self.received < self.settings.max_jobs:
-            self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
+        self._pending = pending
+        if self._record_pending_cancels(pending):
+            self._pending_tag = pending.basic_consume(
+                control_pending_queue(self.tier.name), self._on_pending_cancel
+            )
+            if self.settings.max_jobs is None or self.received < self.settings.max_jobs:
+                self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
+        else:
+            self._store_down.set()  # the loop below pauses, probes, records them, then consumes
         # Broker-side dead letters (delivery limit after crashes) get their event here.
         notify = conn.channel()
         notify.basic_qos(prefetch_count=10)
@@ -213,6 +229,60 @@ class Worker:
             conn.process_data_events(time_limit=0.25)
             self.last_tick = time.monotonic()
             self._check_exit_conditions()
+            if self._store_down.is_set():
+                self._pause_for_store(conn, ch)
+
+    def _on_store_outage(self, _exc: BaseException) -> None:
+        self._store_down.set()
+
+    def _pause_for_store(self, conn: pika.BlockingConnection, ch: BlockingChannel) -> None:
+        """The job store stopped answering: take no more jobs (deliveries still held are given
+        back by the runner), keep the connection's heartbeats and acks going, probe the store
+        every STORE_PROBE_S in a thread, and consume again once it answers. /readyz says why."""
+        if self._consumer_tag is not None:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                ch.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+        pending = self._pending
+        if pending is not None and self._pending_tag is not None:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                pending.basic_cancel(self._pending_tag)  # its cancels wait on the broker
+            self._pending_tag = None
+        self.paused = "job store unavailable"
+        self.metrics.ready.set(0)
+        log.warning("worker %s paused: the job store does not answer", self.name)
+        answered = threading.Event()
+
+        def probe() -> None:
+            while not answered.is_set() and not self._draining.is_set():
+                try:
+                    self.runner.store.get_job(PROBE_JOB_ID)
+                    answered.set()
+                    return
+                except Exception as exc:
+                    log.info("job store still unavailable: %s", exc)
+                    self._draining.wait(STORE_PROBE_S)
+
+        threading.Thread(target=probe, name="store-probe", daemon=True).start()
+        while not answered.is_set() and not self._draining.is_set():
+            conn.process_data_events(time_limit=0.5)
+            self.last_tick = time.monotonic()
+        answered.set()  # stops the probe when draining
+        self._store_down.clear()
+        if self._draining.is_set():
+            return
+        if pending is not None and pending.is_open and not self._record_pending_cancels(pending):
+            self._store_down.set()  # still failing: pause again
+            return
+        self.paused = None
+        if pending is not None and pending.is_open:
+            self._pending_tag = pending.basic_consume(
+                control_pending_queue(self.tier.name), self._on_pending_cancel
+            )
+        if self.settings.max_jobs is None or self.received < self.settings.max_jobs:
+            self._consumer_tag = ch.basic_consume(job_queue(self.tier.name), self._on_job)
+        self.metrics.ready.set(1 if self.state == WorkerState.READY else 0)
+        log.info("worker %s resumed: the job store answers again", self.name)
 
     def _check_exit_conditions(self) -> None:
         """ScaledJob mode: leave after max_jobs deliveries, or when idle for idle_exit_s."""
@@ -314,14 +384,17 @@ class Worker:
             return
         self.runner.note_cancel(req)
 
-    def _record_pending_cancels(self, ch: BlockingChannel, limit: int = 100_000) -> None:
+    def _record_pending_cancels(self, ch: BlockingChannel, limit: int = 100_000) -> bool:
         """Before taking jobs: record every waiting cancel request in the job state, so a job
-        cancelled while queued (perhaps while its tier had no worker) is cancelled when taken."""
+        cancelled while queued (perhaps while its tier had no worker) is cancelled when taken.
+        False if the job store could not record one (it stays on the broker)."""
         for _ in range(limit):
             method, props, body = ch.basic_get(control_pending_queue(self.tier.name))
             if method is None:
-                return
-            self._on_pending_cancel(ch, method, props, body)
+                return True
+            if not self._on_pending_cancel(ch, method, props, body):
+                return False
+        return True
 
     def _on_pending_cancel(
         self,
@@ -329,17 +402,18 @@ class Worker:
         method: Basic.Deliver | Basic.GetOk,
         _p: pika.BasicProperties,
         body: bytes,
-    ) -> None:
+    ) -> bool:
         try:
             req = CancelRequest.decode(body)
         except DecodeError as exc:
             log.warning("dropping malformed cancel request: %s", exc.reason)
             ch.basic_ack(method.delivery_tag)
-            return
+            return True
         if self.runner.note_cancel(req):
             ch.basic_ack(method.delivery_tag)
-        else:
-            ch.basic_nack(method.delivery_tag, requeue=True)
+            return True
+        ch.basic_nack(method.delivery_tag, requeue=True)
+        return False
 
     def _on_dead_letter(
         self, ch: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties, body: bytes
@@ -359,6 +433,8 @@ class Worker:
                 self._threadsafe(lambda: ch.basic_ack(tag))
             except Exception as exc:
                 log.error("dead-letter notification failed: %s", exc)
+                if store_outage(exc):
+                    self._store_down.set()
                 self._threadsafe(lambda: ch.basic_nack(tag, requeue=True))
 
         threading.Thread(target=task, daemon=True).start()

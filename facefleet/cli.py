@@ -23,8 +23,10 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("models", "models.cli", "pull, verify and generate model weights"),
     ("simulate", "keda.cli", "simulate KEDA/HPA scaling for a tier and plan thresholds"),
     ("gateway", "producer.gateway.cli", "run the HTTP/WebSocket progress gateway"),
+    ("webhooks", "facefleet.webhooks", "POST job events to their webhook URLs (signed, retried)"),
     ("store", "facefleet.storecli", "job store administration (migrate, check)"),
     ("jobs", "facefleet.storecli", "list and inspect jobs in the job store"),
+    ("dead", "facefleet.storecli", "list and replay dead-lettered jobs"),
     ("demo", "facefleet.demo", "run one job end to end on a local broker"),
 )
 

@@ -20,7 +20,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 
-from facefleet.jobstore import Claim, JobPage, JobState, JobSummary, page_of, summarize
+from facefleet.jobstore import (
+    ACTIVE_STATES,
+    Claim,
+    JobPage,
+    JobState,
+    JobSummary,
+    Usage,
+    ended,
+    may_write,
+    page_of,
+    replay_log,
+    summarize,
+    usage_of,
+)
 from facefleet.storage import (
     CLAIM_BYTE,
     JOB_LOCK_BYTE,
@@ -29,7 +42,7 @@ from facefleet.storage import (
     lock_byte,
     unlock_byte,
 )
-from facefleet.wire import EventPayload, EventType, JobEvent, utcnow
+from facefleet.wire import EventPayload, EventType, JobEvent, JobRequest, queued_event, utcnow
 
 Publish = Callable[[JobEvent], "Future[None] | None"]
 """Publishes one event; returns None once confirmed, or a Future that resolves on the confirm."""
@@ -113,10 +126,8 @@ class JobJournal:
         return list(self._cache)
 
     def terminal(self) -> JobEvent | None:
-        for event in reversed(self.events()):
-            if event.terminal:
-                return event
-        return None
+        """The event that ended the job; None while open (a `replayed` reopens a dead letter)."""
+        return ended(self.events())
 
     # --- the job lock ---------------------------------------------------------------------------
 
@@ -179,12 +190,13 @@ class JobJournal:
         self, event_type: EventType, payload: EventPayload | None, publish: Publish
     ) -> JobEvent | None:
         """Under the held lock: append the job's next event, not yet synced nor published (the
-        caller syncs, then `publish_written`). None if the job already ended. Events an earlier
-        writer left unconfirmed are republished first, so the stream keeps seq order."""
+        caller syncs, then `publish_written`). None if the job already ended (`replayed`: unless
+        jobstore.may_write allows it). Events an earlier writer left unconfirmed are
+        republished first, so the stream keeps seq order."""
         assert self._fd is not None, "write() needs the job lock"
         events = self.events()
         self._flush_outbox(events, publish)
-        if any(e.terminal for e in events):
+        if not may_write(events, event_type):
             return None
         if not events and event_type != "queued":
             # seq 1 is the producer's `queued`, already in the stream: record it (and publish it
@@ -211,6 +223,10 @@ class JobJournal:
         self._cache_size = max(self._cache_size, 0) + len(line)
         self._written.append(event)
         return event
+
+    def replay(self, replayed_by: str, publish: Publish) -> JobEvent:
+        """Open a dead-lettered job again (see jobstore.JobLog.replay)."""
+        return replay_log(self, replayed_by, publish)
 
     def publish_written(self, publish: Publish) -> None:
         """Hand every event `write` made to the publisher, in seq order (once they are durable)."""
@@ -247,6 +263,22 @@ class JobJournal:
         os.write(self._fd, line)
         self._cache_size = max(self._cache_size, 0) + len(line)
         self._mark = seq
+
+    def record_confirmed(self, event: JobEvent) -> bool:
+        """Under the held lock: record seq 1, an event someone else already published with a
+        confirm (the gateway's copy of its producer's `queued`), if the journal is empty: the
+        line made durable, then the watermark. False (nothing written) if it is not empty."""
+        assert self._fd is not None, "record_confirmed() needs the job lock"
+        if event.seq != 1:
+            raise ValueError("only a job's first event can be recorded this way")
+        if self.events():
+            return False
+        self._add(event)
+        self._written.pop()  # published already: nothing for publish_written to send
+        if self.fsync:
+            os.fdatasync(self._fd)
+        self._write_mark(event.seq)
+        return True
 
     def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
         """Republish events a crashed or failed writer left unconfirmed (not ours in flight)."""
@@ -342,7 +374,20 @@ class FileJobStore:
         since: datetime | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        api_key_id: str | None = None,
     ) -> JobPage:
+        return page_of(
+            self._summaries(),
+            state=state,
+            tier=tier,
+            since=since,
+            limit=limit,
+            cursor=cursor,
+            api_key_id=api_key_id,
+        )
+
+    def _summaries(self) -> list[JobSummary]:
+        """Every job's row, from a scan of the journals (one machine: fine)."""
         rows = []
         jobs_dir = self.storage.root / "jobs"
         try:
@@ -357,11 +402,33 @@ class FileJobStore:
             events = JobJournal(self.storage, job_id).events()
             if events:
                 rows.append(summarize(job_id, events))
-        return page_of(rows, state=state, tier=tier, since=since, limit=limit, cursor=cursor)
+        return rows
 
     def get_job(self, job_id: str) -> JobSummary | None:
         events = JobJournal(self.storage, job_id).events()
         return summarize(job_id, events) if events else None
+
+    # --- per API key: the gateway's listing, usage and limits ------------------------------------
+
+    def record_submitted(self, job: JobRequest) -> bool:
+        """The job's `queued` event (its producer published it and the broker confirmed it)
+        as seq 1, under the job lock, if the journal is empty; made durable, then the
+        watermark says it is published, so the next writer does not publish it again (if the
+        watermark line is lost, it republishes it once: watchers drop the duplicate seq)."""
+        journal = JobJournal(self.storage, job.job_id)
+        journal.lock()
+        try:
+            return journal.record_confirmed(queued_event(job))
+        finally:
+            journal.unlock()
+
+    def usage(self, api_key_id: str, *, since: datetime | None = None) -> Usage:
+        return usage_of(self._summaries(), api_key_id, since)
+
+    def active_count(self, api_key_id: str) -> int:
+        return sum(
+            1 for r in self._summaries() if r.api_key_id == api_key_id and r.state in ACTIVE_STATES
+        )
 
     def close(self) -> None:
         pass

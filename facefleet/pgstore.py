@@ -85,15 +85,31 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from facefleet.jobstore import (
+    ACTIVE_STATES,
     JobPage,
     JobState,
     JobSummary,
     Publish,
     StoreError,
+    Usage,
+    check_since,
     decode_cursor,
     encode_cursor,
+    ended,
+    may_write,
+    owner_and_gpu,
+    replay_log,
 )
-from facefleet.wire import TERMINAL_EVENTS, ErrorCode, EventPayload, EventType, JobEvent, utcnow
+from facefleet.wire import (
+    TERMINAL_EVENTS,
+    ErrorCode,
+    EventPayload,
+    EventType,
+    JobEvent,
+    JobRequest,
+    queued_event,
+    utcnow,
+)
 
 __all__ = [
     "Migration",
@@ -527,10 +543,8 @@ class PostgresJobLog:
         return [*self._events, *self._buffer]
 
     def terminal(self) -> JobEvent | None:
-        for event in reversed(self.events()):
-            if event.terminal:
-                return event
-        return None
+        """The event that ended the job; None while open (a `replayed` reopens a dead letter)."""
+        return ended(self.events())
 
     # --- the job lock ---------------------------------------------------------------------------
 
@@ -596,12 +610,13 @@ class PostgresJobLog:
         self, event_type: EventType, payload: EventPayload | None, publish: Publish
     ) -> JobEvent | None:
         """Under the held lock: buffer the job's next event (its seq is provisional until
-        `store.sync`). None if the job already ended. Events an earlier writer left unconfirmed
-        are republished first, so the stream keeps seq order."""
+        `store.sync`). None if the job already ended (`replayed`: unless jobstore.may_write
+        allows it). Events an earlier writer left unconfirmed are republished first, so the
+        stream keeps seq order."""
         assert self._locked, "write() needs the job lock"
         events = self.events()
         self._flush_outbox(events, publish)
-        if any(e.terminal for e in events):
+        if not may_write(events, event_type):
             return None
         if not events and event_type != "queued":
             # seq 1 is the producer's `queued`, already in the stream: record it (and publish it
@@ -626,9 +641,13 @@ class PostgresJobLog:
         _, last_seq, state, tier, created, started, finished, code = row
         known = self._events[-1].seq if self._events else 0
         buffered = list(self._buffer)
-        if state in TERMINAL_EVENTS:
-            return _Planned([], stale=True, row=None)  # nothing after the end
         stale = last_seq != known
+        reopens = bool(buffered) and buffered[0].type == "replayed"
+        if state in TERMINAL_EVENTS and not (reopens and state == "dead_lettered" and not stale):
+            return _Planned([], stale=True, row=None)  # nothing after the end (but a replay)
+        if stale and any(e.type == "replayed" for e in buffered):
+            # A replay was checked against the events it follows; someone wrote meanwhile.
+            return _Planned([], stale=True, row=None)
         if stale:
             # Another writer got in since this log was loaded: nothing buffered was published,
             # so renumber after its events; its `queued` already stands first.
@@ -644,6 +663,8 @@ class PostgresJobLog:
                 tier, created = event.payload.tier, event.ts
             elif event.type == "started" and state == "queued":
                 state = "running"
+            elif event.type == "replayed":  # open again (summarize's rule)
+                state, finished, code = "queued", None, None
             if event.type == "started" and started is None:
                 started = event.ts
             if event.terminal:
@@ -653,7 +674,17 @@ class PostgresJobLog:
         return _Planned(
             buffered,
             stale=stale,
-            row=(self._uuid, state, tier, created, started, finished, code, buffered[-1].seq),
+            row=(
+                self._uuid,
+                state,
+                tier,
+                created,
+                started,
+                finished,
+                code,
+                buffered[-1].seq,
+                *_owner_and_gpu(buffered),
+            ),
         )
 
     def _synced(self, planned: _Planned) -> None:
@@ -665,6 +696,11 @@ class PostgresJobLog:
             self._events.extend(planned.final)
         self._written.extend(planned.final)
         self._last_synced = planned.final
+
+    def replay(self, replayed_by: str, publish: Publish) -> JobEvent:
+        """Open a dead-lettered job again (see jobstore.JobLog.replay); the jobs row goes back
+        to `queued` (finished_at and error_code cleared) in the same transaction."""
+        return replay_log(self, replayed_by, publish)
 
     def publish_written(self, publish: Publish) -> None:
         """Hand every synced event to the publisher, in seq order. Events written but not
@@ -728,7 +764,9 @@ class PostgresJobLog:
 
 # --- the store ------------------------------------------------------------------------------
 
-_SUMMARY = "job_id, state, tier, created_at, finished_at, error_code, last_seq"
+_SUMMARY = (
+    "job_id, state, tier, created_at, finished_at, error_code, last_seq, api_key_id, gpu_seconds"
+)
 
 
 class PostgresJobStore:
@@ -774,7 +812,7 @@ class PostgresJobStore:
         application_name: str = "facefleet",
         prepare_threshold: int | None = 5,
         check_connections: bool = True,
-        pool_timeout_s: float = 30.0,
+        pool_timeout_s: float = 5.0,
     ) -> None:
         self.url = redact(url)
         """The URL without its password (safe to print)."""
@@ -967,11 +1005,14 @@ class PostgresJobStore:
                     "UPDATE jobs AS j SET state = v.state, tier = v.tier, "
                     "created_at = v.created_at, started_at = v.started_at, "
                     "finished_at = v.finished_at, error_code = v.error_code, "
-                    "last_seq = v.last_seq, updated_at = now() "
+                    "last_seq = v.last_seq, updated_at = now(), "
+                    "api_key_id = coalesce(v.api_key_id, j.api_key_id), "
+                    "gpu_seconds = coalesce(v.gpu_seconds, j.gpu_seconds) "
                     "FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::timestamptz[], "
-                    "%s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[]) "
+                    "%s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], %s::text[], "
+                    "%s::float8[]) "
                     "AS v(job_id, state, tier, created_at, started_at, finished_at, "
-                    "error_code, last_seq) WHERE j.job_id = v.job_id",
+                    "error_code, last_seq, api_key_id, gpu_seconds) WHERE j.job_id = v.job_id",
                     tuple(columns),
                 )
         for lg, plan in zip(batch, plans, strict=True):
@@ -1010,6 +1051,7 @@ class PostgresJobStore:
         since: datetime | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        api_key_id: str | None = None,
     ) -> JobPage:
         """jobstore.page_of in SQL (keyset pagination): newest created_at first, then job id;
         the same rows, order and cursors as the file backend."""
@@ -1017,6 +1059,9 @@ class PostgresJobStore:
             raise ValueError("limit must be 1..1000")
         where = ["last_seq > 0"]
         params: list[Any] = []
+        if api_key_id is not None:
+            where.append("api_key_id = %s")
+            params.append(api_key_id)
         if state is not None:
             where.append("state = %s")
             params.append(state)
@@ -1059,6 +1104,71 @@ class PostgresJobStore:
             ).fetchone()
         return _summary(row) if row else None
 
+    # --- per API key: the gateway's listing, usage and limits ------------------------------------
+
+    def record_submitted(self, job: JobRequest) -> bool:
+        """The job's `queued` event (published and confirmed by its producer) as seq 1 with
+        published=true, and its jobs row, in one transaction, if the job has no events yet.
+
+        No job lock is needed: the row is locked FOR UPDATE, as every sync locks it, so this
+        and a worker's first write are ordered; a worker that loaded the empty log before
+        finds last_seq moved at its sync and drops its own copy of the `queued` event (the
+        stale-log renumbering in `_plan`). The event is already in the stream, so marking it
+        published keeps the outbox from sending it again."""
+        event = queued_event(job)
+        job_uuid = uuid.UUID(job.job_id)
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO jobs (job_id) VALUES (%s) ON CONFLICT DO NOTHING", (job_uuid,)
+            )
+            row = conn.execute(
+                "SELECT last_seq FROM jobs WHERE job_id = %s FOR UPDATE", (job_uuid,)
+            ).fetchone()
+            if row is None or int(row[0]) > 0:
+                return False
+            conn.execute(
+                "INSERT INTO job_events (job_id, seq, type, ts, body, published) "
+                "VALUES (%s, 1, 'queued', %s, %s::jsonb, true)",
+                (job_uuid, event.ts, event.encode().decode()),
+            )
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', tier = %s, created_at = %s, last_seq = 1, "
+                "api_key_id = %s, updated_at = now() WHERE job_id = %s",
+                (event.payload.tier, event.ts, job.api_key_id, job_uuid),
+            )
+        return True
+
+    def usage(self, api_key_id: str, *, since: datetime | None = None) -> Usage:
+        """jobstore.usage_of in SQL (index jobs_key_created_idx)."""
+        check_since(since)
+        where = "api_key_id = %s AND last_seq > 0"
+        params: list[Any] = [api_key_id]
+        if since is not None:
+            where += " AND created_at >= %s"
+            params.append(since)
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                cast(
+                    Any,
+                    "SELECT state, count(*), coalesce(sum(gpu_seconds), 0) "
+                    f"FROM jobs WHERE {where} GROUP BY state",
+                ),
+                params,
+            ).fetchall()
+        jobs = {str(state): int(n) for state, n, _ in rows}
+        gpu = sum(float(g) for _, _, g in rows)
+        return Usage(api_key_id, since, jobs, round(gpu, 6))
+
+    def active_count(self, api_key_id: str) -> int:
+        """The key's queued and running jobs (partial index jobs_key_active_idx)."""
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                f"SELECT count(*) FROM jobs WHERE api_key_id = %s AND last_seq > 0 "
+                f"AND state IN ({_ACTIVE_SQL})",
+                (api_key_id,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def close(self) -> None:
         if self._closed:
             return
@@ -1070,7 +1180,7 @@ class PostgresJobStore:
 
 
 def _summary(row: tuple[Any, ...]) -> JobSummary:
-    job_id, state, tier, created, finished, code, last_seq = row
+    job_id, state, tier, created, finished, code, last_seq, key, gpu = row
     return JobSummary(
         job_id=str(job_id),
         state=str(state),
@@ -1079,4 +1189,16 @@ def _summary(row: tuple[Any, ...]) -> JobSummary:
         finished_at=finished,
         error_code=cast("ErrorCode | None", code),
         last_seq=int(last_seq),
+        api_key_id=key,
+        gpu_seconds=None if gpu is None else float(gpu),
     )
+
+
+_ACTIVE_SQL = ", ".join(f"'{state}'" for state in ACTIVE_STATES)
+"""Literal, so the planner can use the partial index jobs_key_active_idx (same states)."""
+
+
+def _owner_and_gpu(events: Sequence[JobEvent]) -> tuple[str | None, float | None]:
+    """The jobs row's api_key_id and gpu_seconds from events being added (None: unchanged)."""
+    found = owner_and_gpu(events)
+    return found["api_key_id"], found["gpu_seconds"]

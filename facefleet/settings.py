@@ -227,6 +227,44 @@ class GatewaySettings(ProducerSettings):
     (used only when the shared consumer has not yet fixed the end offset)."""
     replay_timeout_s: float = Field(default=60.0, gt=0)
     """Upper bound of one per-job stream replay; beyond it the client is closed with 1011."""
+    key_max_active: int | None = Field(default=None, ge=1)
+    """Default limit of one API key's jobs queued or running at once (429 beyond it); none by
+    default. Counted in the job store, so it holds across replicas."""
+    key_max_per_minute: int | None = Field(default=None, ge=1)
+    """Default limit of one API key's submissions in the last 60 s (429 beyond it); none by
+    default. Counted in the job store (the key's jobs created in the last minute)."""
+    key_limits_json: str | None = Field(default=None, validation_alias="FACEFLEET_KEY_LIMITS")
+    """Per-key limits over the defaults: JSON {"<api key id>": {"active": N, "per_minute": M}};
+    a missing field takes the default, null means no limit for that key. Key ids are the
+    gateway's (the first 16 hex digits of the key's SHA-256), never the keys."""
+
+    @field_validator("key_limits_json")
+    @classmethod
+    def _key_limits(cls, v: str | None) -> str | None:
+        if v:
+            _parse_key_limits(v)
+        return v
+
+    def key_limits(self, api_key_id: str) -> tuple[int | None, int | None]:
+        """(jobs at once, submissions per minute) allowed to one key; None: no limit."""
+        active, per_minute = self.key_max_active, self.key_max_per_minute
+        own = _parse_key_limits(self.key_limits_json).get(api_key_id, {})
+        return own.get("active", active), own.get("per_minute", per_minute)
+
+    def key_limit_ids(self) -> tuple[str, ...]:
+        """The key ids FACEFLEET_KEY_LIMITS names."""
+        return tuple(_parse_key_limits(self.key_limits_json))
+
+    @property
+    def key_limits_set(self) -> bool:
+        """Is any per-key limit configured (the gateway then needs a job store)?"""
+        if self.key_max_active is not None or self.key_max_per_minute is not None:
+            return True
+        return any(
+            n is not None
+            for own in _parse_key_limits(self.key_limits_json).values()
+            for n in own.values()
+        )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -260,6 +298,30 @@ class GatewaySettings(ProducerSettings):
     @classmethod
     def _tier(cls, v: str) -> str:
         return check_tier(v)
+
+
+def _parse_key_limits(text: str | None) -> dict[str, dict[str, int | None]]:
+    """FACEFLEET_KEY_LIMITS: {"<key id>": {"active": N|null, "per_minute": M|null}}."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ValueError('use a JSON object {"<key id>": {"active": N, "per_minute": M}}')
+    out: dict[str, dict[str, int | None]] = {}
+    for key_id, limits in raw.items():
+        if not isinstance(limits, dict):
+            raise ValueError(f"{key_id}: use an object with active and/or per_minute")
+        unknown = set(limits) - {"active", "per_minute"}
+        if unknown:
+            raise ValueError(f"{key_id}: unknown fields {sorted(unknown)} (active, per_minute)")
+        for name, n in limits.items():
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{key_id}.{name}: a whole number >= 1, or null for no limit")
+        out[str(key_id)] = dict(limits)
+    return out
 
 
 class GatewayClientSettings(ProducerSettings):
@@ -363,6 +425,103 @@ class WorkerSettings(CommonSettings):
         if "CPUExecutionProvider" not in out:
             out.append("CPUExecutionProvider")
         return out
+
+
+WEBHOOK_RETRY_SCHEDULE = "5s,30s,2m,10m,30m,1h,2h,5h,10h,10h"
+"""Delays before the 2nd, 3rd... POST of a webhook delivery: 11 attempts over 28.7 hours."""
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration_s(text: str) -> float:
+    """`250ms`, `5s`, `2m`, `10h`, `1d`, or plain seconds (`0.5`)."""
+    value = text.strip().lower()
+    for unit in ("ms", "s", "m", "h", "d"):
+        if value.endswith(unit) and value[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(value[: -len(unit)]) * _DURATION_UNITS[unit]
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (250ms, 5s, 2m, 10h, 1d)") from None
+
+
+def parse_webhook_secrets(text: str) -> tuple[bytes, ...]:
+    """The HMAC keys of FACEFLEET_WEBHOOK_SECRET: one or more `whsec_<base64>` secrets separated
+    by spaces or commas (several during a rotation: every POST is signed with each). Each key
+    must decode to 24-64 bytes, the Standard Webhooks range."""
+    import base64
+    import binascii
+
+    entries = [e for e in text.replace(",", " ").split() if e]
+    if not entries:
+        raise ValueError("required: one or more whsec_<base64> secrets (space-separated)")
+    keys = []
+    for n, entry in enumerate(entries, 1):
+        if not entry.startswith("whsec_"):
+            raise ValueError(f"secret #{n} does not start with whsec_ (use whsec_<base64 key>)")
+        raw = entry[len("whsec_") :]
+        try:
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"secret #{n}: the part after whsec_ is not base64") from None
+        if not 24 <= len(key) <= 64:
+            raise ValueError(
+                f"secret #{n} decodes to {len(key)} bytes; use 24-64 random bytes, e.g. "
+                "whsec_$(openssl rand -base64 32)"
+            )
+        keys.append(key)
+    return tuple(keys)
+
+
+class WebhookSettings(CommonSettings):
+    """Settings of `facefleet webhooks`, the process that POSTs job events to webhook URLs."""
+
+    webhook_secret: SecretStr
+    """Required: `whsec_<base64>` (Standard Webhooks); several separated by spaces or commas
+    during a rotation (each POST then carries one signature per secret)."""
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+    """POSTs at once; the AMQP prefetch is 4x this. One job's events go one at a time, in seq
+    order, so a slow receiver holds up only its own jobs."""
+    webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    """Longest wait for a receiver's answer (connect, then status line), per attempt."""
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=WEBHOOK_RETRY_SCHEDULE, validate_default=True
+    )
+    """Comma-separated delays before each further attempt (`5s,30s,2m,...`); after the last one
+    fails, the delivery is parked in `<queue>.failed`. Default: 11 attempts over 28.7 h."""
+    webhook_queue: str = Field(default="facefleet.webhooks", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")
+    """Name of the sender's queue (its retry and failed queues are named after it)."""
+    webhook_allow_http: bool = False
+    """Also POST to plain http:// URLs on public addresses (allow-listed targets may always)."""
+    webhook_cache_size: int = Field(default=10_000, ge=1)
+    """Jobs whose webhook settings are kept in memory (otherwise read from the job store)."""
+    webhook_drain_timeout_s: float = Field(default=30.0, ge=0)
+    """After SIGTERM, how long POSTs already taken may finish; the rest go back to the queue."""
+    fetch_allow: str = ""
+    """Comma-separated CIDRs or host:port webhook URLs may reach although private, loopback or
+    link-local (FACEFLEET_FETCH_ALLOW, the same list as the workers' https:// inputs)."""
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=9465, ge=0, le=65535)
+    """HTTP port for /healthz, /readyz and /metrics; 0 disables it."""
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, v: SecretStr) -> SecretStr:
+        parse_webhook_secrets(v.get_secret_value())
+        return v
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        items = _comma_list(v) if isinstance(v, str) else v
+        delays = tuple(parse_duration_s(i) if isinstance(i, str) else float(i) for i in items)
+        if not delays:
+            raise ValueError("at least one delay is needed")
+        if any(not 0.001 <= d <= 24 * 86400 for d in delays):
+            raise ValueError("each delay must be between 1ms and 24 days (the broker's TTL)")
+        return delays
+
+    def webhook_keys(self) -> tuple[bytes, ...]:
+        return parse_webhook_secrets(self.webhook_secret.get_secret_value())
 
 
 def die(error: SettingsError) -> None:

@@ -13,6 +13,11 @@ Topology (see README "Wire contract"):
                                                      -> facefleet.control.pending.<tier> (quorum;
                                                         the tier's workers record it in the job
                                                         state before they take jobs)
+    facefleet.events    topic    job.#               -> facefleet.webhooks     (quorum; consumed
+                                                        by `facefleet webhooks`)
+    facefleet.webhooks  direct   routing key = queue -> facefleet.webhooks, facefleet.webhooks.
+                                                        retry.<delay> (TTL, dead-lettered back),
+                                                        facefleet.webhooks.failed (parked)
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ HEADER_JOB_ID = "x-facefleet-job-id"
 HEADER_DEAD_REASON = "x-facefleet-dead-reason"
 HEADER_DEAD_CODE = "x-facefleet-dead-code"
 HEADER_ATTEMPT = "x-facefleet-attempt"
+HEADER_REPLAY_SEQ = "x-facefleet-replay-seq"
+"""On a job message re-queued by `facefleet dead replay`: the seq of its `replayed` event. A
+broker dead letter of a copy from before the last replay is ignored."""
 HEADER_STREAM_FILTER = "x-stream-filter-value"
 """RabbitMQ 3.13+ stream filtering; older brokers ignore the header."""
 
@@ -103,6 +111,72 @@ def control_pending_queue(tier: str) -> str:
 
 def control_pending_binding(tier: str) -> str:
     return f"cancel.{check_tier(tier)}.*"
+
+
+# --- webhooks ---------------------------------------------------------------------------------
+
+WEBHOOKS_EXCHANGE = "facefleet.webhooks"
+"""Direct exchange of the webhook sender's own queues: each of them is bound with its own name
+as the routing key (retry copies, delay queues dead-lettering back, parked deliveries)."""
+WEBHOOKS_QUEUE = "facefleet.webhooks"
+"""Quorum queue bound to EVENTS_EXCHANGE with WEBHOOKS_BINDING: every event, for `facefleet
+webhooks` to POST to its job's webhook_url. The name is the default of FACEFLEET_WEBHOOK_QUEUE;
+the retry and failed queues are named after whatever that is."""
+WEBHOOKS_BINDING = "job.#"
+HEADER_WEBHOOK_ATTEMPT = "x-facefleet-webhook-attempt"
+"""Which POST attempt of a webhook delivery this message is (1 = the first); on retry copies."""
+HEADER_WEBHOOK_REASON = "x-facefleet-webhook-reason"
+"""Why the last attempt failed (retry copies) or why the delivery was parked (failed queue)."""
+HEADER_WEBHOOK_URL = "x-facefleet-webhook-url"
+"""On parked deliveries: where it was going, redacted (no userinfo, query or fragment)."""
+WEBHOOK_URL_MAX = 2048
+
+
+def webhook_retry_queue(delay_ms: int, queue: str = WEBHOOKS_QUEUE) -> str:
+    """Delay queue of one backoff step: `<queue>.retry.<delay>` (`5s`, `2m`, `10h`, `250ms`).
+    Named by its delay, not its step number, so a changed schedule never meets an existing
+    queue with another x-message-ttl; steps with equal delays share one queue."""
+    if delay_ms <= 0:
+        raise ValueError("a retry delay must be positive")
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if delay_ms % size == 0:
+            return f"{queue}.retry.{delay_ms // size}{unit}"
+    return f"{queue}.retry.{delay_ms}ms"
+
+
+def webhook_failed_queue(queue: str = WEBHOOKS_QUEUE) -> str:
+    """Parked webhook deliveries (refused target, retries exhausted, undecodable), with
+    HEADER_WEBHOOK_REASON; for people, never consumed by FaceFleet."""
+    return f"{queue}.failed"
+
+
+def webhook_id(job_id: str, seq: int) -> str:
+    """The Standard Webhooks `webhook-id` of one event: `<job_id>.<seq>`, the same on every
+    attempt and from every sender replica, so receivers dedupe on it."""
+    return f"{job_id}.{seq}"
+
+
+def check_webhook_url(url: str) -> str:
+    """Syntax and scheme of a job's webhook_url (http or https, a host, no fragment); whether
+    the target may be reached (the fetch SSRF rules) is decided at delivery."""
+    from urllib.parse import urlsplit
+
+    if len(url) > WEBHOOK_URL_MAX:
+        raise ValueError(f"webhook URL longer than {WEBHOOK_URL_MAX} characters")
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ValueError("webhook URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"invalid webhook URL: {exc}") from None
+    if parts.scheme not in ("https", "http"):
+        raise ValueError("webhook URL must start with https:// (or http://)")
+    if not parts.hostname:
+        raise ValueError("webhook URL names no host")
+    if parts.fragment:
+        raise ValueError("webhook URL must not carry a #fragment")
+    return url
 
 
 # --- tiers ------------------------------------------------------------------------------------

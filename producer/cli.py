@@ -17,6 +17,7 @@ import pika.exceptions
 
 from facefleet.settings import ProducerSettings, SettingsError, die
 from facefleet.wire import (
+    EVENT_TYPES,
     DecodeError,
     JobEvent,
     JobOptionValue,
@@ -55,6 +56,19 @@ def register(sub: Any, name: str) -> None:
         )
         p.add_argument("--idempotency-key", help="same key => same job, run once")
         p.add_argument("--processor", help="pin the job to a processor (sleep, noop, faceswap)")
+        p.add_argument(
+            "--webhook",
+            metavar="URL",
+            help="POST the job's events here (https://; signed, see `facefleet webhooks`)",
+        )
+        p.add_argument(
+            "--webhook-event",
+            action="append",
+            choices=EVENT_TYPES,
+            metavar="TYPE",
+            help="repeatable: only these event types (default: all but progress); one of "
+            + ", ".join(EVENT_TYPES),
+        )
         p.add_argument("--wait", action="store_true", help="follow events until the job ends")
         p.add_argument("--timeout", type=float, default=None, help="seconds to wait (--wait)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -178,6 +192,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             options=options,
             idempotency_key=args.idempotency_key,
             processor=args.processor,
+            webhook_url=args.webhook,
+            webhook_events=args.webhook_event,
         )
     if args.json:
         print(

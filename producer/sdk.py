@@ -47,10 +47,12 @@ from facefleet.wire import (
     JOBS_EXCHANGE,
     SCHEMA_VERSION,
     CancelRequest,
+    EventType,
     JobOptionValue,
     JobRequest,
     cancel_routing_key,
     check_tier,
+    check_webhook_url,
     job_id_for_key,
     job_queue,
     queued_event,
@@ -120,6 +122,10 @@ class JobFields(TypedDict, total=False):
     deadline: datetime | None
     output_uri_prefix: str | None
     processor: str | None
+    webhook_url: str | None
+    """Where `facefleet webhooks` POSTs the job's events (http(s); signed, Standard Webhooks)."""
+    webhook_events: Sequence[EventType] | None
+    """Which event types to POST; None (the default) = every one but progress."""
 
 
 def build_request(
@@ -128,8 +134,14 @@ def build_request(
     options = fields.get("options")
     idempotency_key = fields.get("idempotency_key")
     output_uri_prefix = fields.get("output_uri_prefix")
+    webhook_url = fields.get("webhook_url")
+    webhook_events = fields.get("webhook_events")
     try:
         check_tier(tier)
+        if webhook_url is not None:
+            check_webhook_url(webhook_url)
+        elif webhook_events is not None:
+            raise ValueError("webhook_events without a webhook_url")
         if output_uri_prefix:
             media.check_output_prefix(output_uri_prefix)  # results land in the store too
         key = idempotency_key or str(uuid.uuid4())
@@ -144,6 +156,8 @@ def build_request(
             target_uri=media_uri(media, target),
             output_uri_prefix=output_uri_prefix or media.default_output_prefix(),
             options=dict(options or {}),
+            webhook_url=webhook_url,
+            webhook_events=None if webhook_events is None else tuple(webhook_events),
         )
     except StorageError as exc:
         raise InvalidJobError(exc.message) from exc

@@ -28,7 +28,13 @@ import pytest
 
 from facefleet.broker import Broker, NoBrokerError, discover
 from facefleet.jobstore import JobStore
-from facefleet.wire import DEAD_EXCHANGE, JobEvent, dead_notify_queue, job_queue
+from facefleet.wire import (
+    DEAD_EXCHANGE,
+    JobEvent,
+    control_pending_queue,
+    dead_notify_queue,
+    job_queue,
+)
 from tests.pg import create_database, drop_database, server_problem
 from tests.s3server import AMBIENT_AWS, MotoMissing, aws_test_env, start_moto
 
@@ -261,6 +267,13 @@ class Worker:
         return self.proc.wait(timeout_s)
 
 
+def delete_tier_queues(amqp_url: str, tier: str) -> None:
+    """Every queue topology apply declares for a tier: a test tier leaves none behind (hundreds
+    of leaked quorum queues slow a small broker to a halt)."""
+    for name in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
+        delete_queue(amqp_url, name)
+
+
 def delete_queue(amqp_url: str, name: str) -> None:
     try:
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
@@ -288,8 +301,7 @@ def make_env(amqp_url: str, tmp_path: Path) -> Iterator[Callable[..., Env]]:
     yield factory
     for env in envs:
         env.stop_all()
-        delete_queue(amqp_url, job_queue(env.tier))
-        delete_queue(amqp_url, dead_notify_queue(env.tier))
+        delete_tier_queues(amqp_url, env.tier)
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 It writes a small JSON result so the whole result path (temp dir, manifest, rename) is exercised.
 Options: sleep_s (float, default 1), steps (int, default 10), fail (str: "permanent" or
-"transient", to test error paths), chaos_kill (bool: SIGKILL the worker half-way, to test crash
-redelivery; honoured only when the worker runs with FACEFLEET_ALLOW_CHAOS=true).
+"transient", to test error paths), fail_until (ISO 8601 time with zone: a transient failure on
+every attempt before it, then success, e.g. to dead-letter a job and replay it), chaos_kill
+(bool: SIGKILL the worker half-way, to test crash redelivery; honoured only when the worker runs
+with FACEFLEET_ALLOW_CHAOS=true).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from consumer.errors import PermanentJobError, TransientJobError
 from consumer.processors.base import JobContext, ProcessorOutput
@@ -43,6 +46,18 @@ class SleepProcessor:
             raise PermanentJobError("invalid_request", "failure requested by options.fail")
         if fail == "transient":
             raise TransientJobError("internal_error", "transient failure requested by options.fail")
+        until = opts.get("fail_until")
+        if until is not None:
+            try:
+                when = datetime.fromisoformat(str(until))
+                if when.tzinfo is None:
+                    raise ValueError("no time zone")
+            except ValueError as exc:
+                raise PermanentJobError("invalid_option", f"fail_until: {exc}") from exc
+            if datetime.now(UTC) < when:
+                raise TransientJobError(
+                    "internal_error", f"transient failure requested until {when.isoformat()}"
+                )
         chaos = bool(opts.get("chaos_kill")) and self.allow_chaos
         start = time.monotonic()
         for i in range(steps):

@@ -8,19 +8,22 @@ keys, the media store and metrics. Broker connections open in the lifespan; if t
 down the process still serves /healthz and answers /readyz with 503 until it is back.
 
 The gateway needs no shared volume: media goes through the media store (FACEFLEET_MEDIA_URL;
-file:// or s3://), job history and state come from the durable events stream, and
-FACEFLEET_DATA_ROOT (the workers' job state) is never read. Only a file:// media store that
-defaults to the data root puts media there.
+file:// or s3://), job history and state come from the durable events stream. Only a file://
+media store that defaults to the data root puts media there. Per-key listing, usage and limits
+come from the job store (open_gateway_store): FACEFLEET_STORE_URL (PostgreSQL, no volume), or
+the workers' journals when FACEFLEET_DATA_ROOT names an existing directory (never created).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import aio_pika.exceptions
 import aiormq.exceptions
@@ -29,8 +32,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from facefleet.jobstore import JobStore
 from facefleet.media import MediaStore
-from facefleet.settings import GatewaySettings
+from facefleet.settings import GatewaySettings, SettingsError
 from producer.aio import AsyncJobClient
 from producer.gateway.auth import ApiKeys, TokenSigner
 from producer.gateway.fanout import Fanout
@@ -53,6 +57,12 @@ class Gateway:
     http: httpx.AsyncClient
     uploads_in_flight: int = 0
     """Streaming uploads (multipart submits and PUTs) now running; bounded by MAX_UPLOADS."""
+    store: JobStore | None = None
+    """The job store (see open_gateway_store): per-key listing, usage and limits; None when
+    the gateway has none (those answer 503; everything else works from the stream)."""
+    key_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    """Per API key, held from a limit check to the job's record in the store (a key with
+    limits only), so this replica's own concurrent submits cannot all pass one check."""
 
 
 MAX_UPLOADS = 64
@@ -61,10 +71,47 @@ threads, a PUT one, and for s3 each upload about 20 MiB; past it the request is 
 with Retry-After at once (no queueing: a waiting upload would hold its client's socket)."""
 
 
-def build_gateway(settings: GatewaySettings, media: MediaStore | None = None) -> Gateway:
+def open_gateway_store(settings: GatewaySettings) -> JobStore | None:
+    """The job store the gateway records its submissions in and answers `GET /v1/jobs`,
+    `GET /v1/usage` and the per-key limits from: FACEFLEET_STORE_URL when set (PostgreSQL: no
+    volume needed); else the journals in FACEFLEET_DATA_ROOT if that directory exists (the
+    workers' volume, mounted; with the default file:// media store the data root is the media
+    store too); else none. The gateway never creates a data root for job state. Journals in a
+    directory the workers do not share would never see a job end: point the gateway at theirs.
+    Per-key limits need a store: without one they stop the gateway (SettingsError) instead of
+    going unenforced.
+    """
+    if settings.store_url.strip():
+        return settings.job_store()
+    if settings.data_root.is_dir():
+        return settings.job_store()
+    if settings.key_limits_set:
+        raise SettingsError(
+            "per-key limits (FACEFLEET_KEY_MAX_ACTIVE, FACEFLEET_KEY_MAX_PER_MINUTE, "
+            "FACEFLEET_KEY_LIMITS) need the job store: set FACEFLEET_STORE_URL, or point "
+            f"FACEFLEET_DATA_ROOT at the workers' data root ({settings.data_root} does not exist)"
+        )
+    log.info(
+        "no job store (FACEFLEET_STORE_URL unset, no data root at %s): GET /v1/jobs and "
+        "/v1/usage answer 503",
+        settings.data_root,
+    )
+    return None
+
+
+def build_gateway(
+    settings: GatewaySettings,
+    media: MediaStore | None = None,
+    store: JobStore | Literal["settings"] | None = "settings",
+) -> Gateway:
     """The gateway's parts; `media` defaults to the store FACEFLEET_MEDIA_URL names (a bad URL
-    raises SettingsError)."""
+    raises SettingsError), `store` to open_gateway_store's."""
     media = media if media is not None else settings.media_store()
+    job_store = open_gateway_store(settings) if store == "settings" else store
+    keys = ApiKeys(k.get_secret_value() for k in settings.api_keys)
+    unknown = sorted(set(settings.key_limit_ids()) - set(keys.ids))
+    if unknown:
+        log.warning("FACEFLEET_KEY_LIMITS names key ids of no configured API key: %s", unknown)
     metrics = GatewayMetrics()
     if settings.token_secret is not None:
         signer = TokenSigner(settings.token_secret.get_secret_value(), settings.token_ttl_s)
@@ -82,9 +129,10 @@ def build_gateway(settings: GatewaySettings, media: MediaStore | None = None) ->
             replay_timeout_s=settings.replay_timeout_s,
         ),
         signer=signer,
-        keys=ApiKeys(k.get_secret_value() for k in settings.api_keys),
+        keys=keys,
         metrics=metrics,
         http=httpx.AsyncClient(timeout=3.0),
+        store=job_store,
     )
 
 
@@ -163,7 +211,7 @@ def create_app(
 ) -> FastAPI:
     """The gateway app. `apply_topology` declares exchanges/queues at start (idempotent);
     `media` overrides the store FACEFLEET_MEDIA_URL names (tests)."""
-    from producer.gateway.routes import jobs, status, uploads, ws
+    from producer.gateway.routes import jobs, keys, status, uploads, ws
 
     gateway = build_gateway(settings, media)
 
@@ -186,6 +234,9 @@ def create_app(
             with contextlib.suppress(Exception):
                 await gateway.client.close()
             await gateway.http.aclose()
+            if gateway.store is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(gateway.store.close)
 
     app = FastAPI(
         title="FaceFleet gateway",
@@ -196,6 +247,7 @@ def create_app(
     )
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + (1 << 20))
+    app.include_router(keys.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     app.include_router(ws.router)

@@ -156,6 +156,13 @@ class TokenSigner:
         return claims
 
 
+def key_id(key: str) -> str:
+    """An API key's public id: the first 16 hex digits of its SHA-256. Jobs, usage, limits and
+    metrics name keys by it; it reveals nothing usable of a random key, and the key itself is
+    never stored or sent anywhere."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 class ApiKeys:
     """The set of valid API keys, compared in constant time (digests of equal length)."""
 
@@ -165,14 +172,24 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._digests)
 
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The key ids (key_id) of the configured keys."""
+        return tuple(d.hex()[:16] for d in self._digests)
+
     def valid(self, presented: str | None) -> bool:
+        return self.identify(presented) is not None
+
+    def identify(self, presented: str | None) -> str | None:
+        """The key id of a valid key, or None."""
         if not presented:
-            return False
+            return None
         digest = hashlib.sha256(presented.encode()).digest()
-        found = False
+        found = None
         for known in self._digests:  # no early exit: time does not depend on which key matched
-            found |= hmac.compare_digest(digest, known)
-        return found
+            if hmac.compare_digest(digest, known):
+                found = known
+        return None if found is None else found.hex()[:16]
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -51,5 +51,14 @@ class GatewayMetrics:
             registry=r,
         )
         self.submits = Counter(
-            "facefleet_gateway_submits", "Job submissions, by outcome", ["outcome"], registry=r
+            "facefleet_gateway_submits",
+            "Job submissions, by API key id and outcome (queued, duplicate, tier_full, "
+            "limit_active, limit_per_minute, invalid, unroutable, broker_error)",
+            ["api_key_id", "outcome"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "facefleet_gateway_store_errors",
+            "Queued jobs the gateway could not record in the job store (the worker records them)",
+            registry=r,
         )

@@ -35,8 +35,7 @@ from websockets.sync.client import connect
 from facefleet.broker import Broker
 from facefleet.journal import JobJournal
 from facefleet.storage import Storage
-from facefleet.wire import dead_notify_queue, job_queue
-from tests.conftest import Env, delete_queue, free_port
+from tests.conftest import Env, delete_tier_queues, free_port
 from tests.s3server import aws_test_env
 
 API_KEY = "test-key-" + uuid.uuid4().hex
@@ -281,8 +280,7 @@ def new_world(
             gw.stop()
         env.stop_all()
         for name in (tier, full, idle):
-            delete_queue(broker.url, job_queue(name))
-            delete_queue(broker.url, dead_notify_queue(name))
+            delete_tier_queues(broker.url, name)
 
 
 @pytest.fixture(scope="module")

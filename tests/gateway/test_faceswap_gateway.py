@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from facefleet.broker import Broker
-from facefleet.wire import dead_notify_queue, job_queue
-from tests.conftest import Env, delete_queue
+from tests.conftest import Env, delete_tier_queues
 from tests.gateway.conftest import API_KEY, Gateway, GatewayWorld, read_events, seqs
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -39,8 +38,7 @@ def faceswap_world(
     for gw in world.gateways:
         gw.stop()
     env.stop_all()
-    delete_queue(broker.url, job_queue(tier))
-    delete_queue(broker.url, dead_notify_queue(tier))
+    delete_tier_queues(broker.url, tier)
 
 
 def test_upload_follow_and_download_a_face_swap(faceswap_world: GatewayWorld) -> None:

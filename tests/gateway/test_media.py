@@ -48,6 +48,15 @@ def media(request: pytest.FixtureRequest) -> tuple[GatewayWorld, Gateway]:
     return request.getfixturevalue("s3_world"), request.getfixturevalue("s3_gateway")
 
 
+def follow_first(gw: Gateway, job: dict[str, Any]) -> dict[str, Any]:
+    """The job's first event (its `queued`), as the events endpoint serves it."""
+    with gw.http() as client:
+        state = client.get(f"/v1/jobs/{job['job_id']}", headers=KEY)
+    assert state.status_code == 200, state.text
+    frames, _code, _ = read_events(gw.ws_url(job["job_id"], token=job["token"]), limit=1)
+    return frames[0]
+
+
 def follow(gw: Gateway, job: dict[str, Any]) -> list[dict[str, Any]]:
     frames, code, _ = read_events(gw.ws_url(job["job_id"], token=job["token"]))
     assert code == 1000
@@ -209,6 +218,9 @@ def test_json_submits_accept_store_uris_and_https_and_refuse_the_rest(
         ({"target_uri": "ftp://example.com/t.png"}, 400, "outside the media store"),
         ({"target_uri": "relative/path.png"}, 400, "outside the media store"),
         ({"target_uri": None}, 400, "target_uri: required"),
+        ({"webhook_url": "ftp://hooks.example/x"}, 400, "webhook URL must start with https://"),
+        ({"webhook_events": ["completed", "exploded"]}, 400, "unknown event types ['exploded']"),
+        ({"webhook_events": ["completed"]}, 400, "webhook_events without a webhook_url"),
     ]
     with gw.http() as client:
         for override, status, reason in cases:
@@ -225,9 +237,15 @@ def test_json_submits_accept_store_uris_and_https_and_refuse_the_rest(
                 "source_uri": "https://unreachable.invalid/face.jpg",
                 "target_uri": f"{base}/clip.mp4",
                 "tier": world.idle_tier,
+                "webhook_url": "https://hooks.example/facefleet",
+                "webhook_events": ["completed", "failed"],
             },
         )
     assert resp.status_code == 202, resp.text
+    # the webhook rides in the job's queued event, where `facefleet webhooks` finds it
+    queued = follow_first(gw, resp.json())
+    assert queued["payload"]["webhook_url"] == "https://hooks.example/facefleet"
+    assert queued["payload"]["webhook_events"] == ["completed", "failed"]
 
 
 def test_refused_submits_leave_nothing_in_the_store(media: tuple[GatewayWorld, Gateway]) -> None:

@@ -54,6 +54,9 @@ def test_submit_through_the_page_and_see_the_result(
     assert job_id in result.text  # the sleep processor's result.json names the job
     log = browser.find_element(By.ID, "events").get_attribute("textContent")
     assert "progress" in log and "completed" in log
+    # the key's recent jobs (GET /v1/jobs) list it, completed, within a refresh or two
+    wait.until(ec.text_to_be_present_in_element((By.ID, "recent-jobs"), job_id[:8]))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "recent-jobs"), "completed"))
     assert world.journal(job_id)[-1]["type"] == "completed"
     assert browser.execute_script("return sessionStorage.getItem('facefleet.apiKey')") == API_KEY
     assert API_KEY not in browser.page_source  # in sessionStorage, never in the document

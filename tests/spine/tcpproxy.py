@@ -21,6 +21,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.cuts = 0
+        self._down = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -32,6 +33,10 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            if self._down.is_set():  # the server is "down": connections are reset at once
+                with contextlib.suppress(OSError):
+                    client.close()
+                continue
             upstream = socket.create_connection(self.target)
             with self._lock:
                 self._pairs.append((client, upstream))
@@ -67,6 +72,14 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                     s.close()
         self.cuts += 1
+
+    def down(self) -> None:
+        """The server goes away: every connection is dropped and new ones are reset until up()."""
+        self._down.set()
+        self.cut()
+
+    def up(self) -> None:
+        self._down.clear()
 
     def close(self) -> None:
         self._stop.set()

@@ -2,24 +2,28 @@
 
 Every refusal is decided before anything is queued and carries a reason:
 400 bad input, 401 no credential, 403 wrong credential, 413 too large, 415 unknown media,
-429 tier full (Retry-After), 503 broker or media store unavailable.
+429 tier full or the API key over one of its limits (Retry-After; limits.py), 503 broker,
+media store or (for a key with limits) job store unavailable.
 
-Nothing here reads the data root: uploads stream into the media store (forms.py, uploads.py),
-a job's state is derived from its events in the durable stream, and its result is served from
-the media store (a redirect to a presigned URL for s3, streamed for file://).
+Uploads stream into the media store (forms.py, uploads.py), a job's state is derived from its
+events in the durable stream, and its result is served from the media store (a redirect to a
+presigned URL for s3, streamed for file://). A queued job carries its API key's id and is
+recorded in the job store when the gateway has one (routes/keys.py reads it back).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import logging
 import mimetypes
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import aio_pika.exceptions
@@ -27,15 +31,30 @@ import aiormq.exceptions
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
+from facefleet.jobstore import StoreError, store_outage
 from facefleet.media import MediaStore
 from facefleet.storage import StorageError
-from facefleet.wire import DecodeError, JobEvent, JobOptionValue, JobRequest, check_tier
+from facefleet.wire import (
+    EVENT_TYPES,
+    DecodeError,
+    EventType,
+    JobEvent,
+    JobOptionValue,
+    JobRequest,
+    check_tier,
+    job_id_for_key,
+    utcnow,
+)
 from producer.errors import InvalidJobError, SubmitError, TierFullError, UnroutableJobError
 from producer.gateway.app import MAX_UPLOADS, Gateway
 from producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
 from producer.gateway.fanout import HistoryUnavailable
 from producer.gateway.forms import parse_submit_form
+from producer.gateway.limits import LimitExceeded, check_limits, has_limits
 from producer.gateway.uploads import UploadRejected, check_uri
+from producer.sdk import build_request
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1")
 
@@ -54,15 +73,18 @@ def gateway(request: Request) -> Gateway:
 # --- credentials -------------------------------------------------------------------------------
 
 
-def require_api_key(request: Request) -> None:
+def require_api_key(request: Request) -> str:
+    """The caller's API key id (auth.key_id); raises 401/403 otherwise."""
     gw = gateway(request)
     cred = bearer(request.headers.get("authorization"))
     if cred is None:
         gw.metrics.auth_refused.labels("missing").inc()
         raise HTTPException(401, "API key required", headers={"WWW-Authenticate": "Bearer"})
-    if not gw.keys.valid(cred):
+    key_id = gw.keys.identify(cred)
+    if key_id is None:
         gw.metrics.auth_refused.labels("api_key").inc()
         raise HTTPException(403, "invalid API key")
+    return key_id
 
 
 def authorize_job(request: Request, job_id: str) -> JobClaims | None:
@@ -148,6 +170,21 @@ class SubmitFields:
     options: dict[str, JobOptionValue]
     idempotency_key: str | None
     processor: str | None
+    webhook_url: str | None = None
+    webhook_events: tuple[EventType, ...] | None = None
+
+
+def parse_webhook_events(raw: Any) -> tuple[EventType, ...] | None:
+    """`webhook_events`: a JSON list (JSON submits) or a comma-separated string (forms)."""
+    if raw is None or raw == "":
+        return None
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise HTTPException(400, "webhook_events: a list of event types")
+    unknown = [i.strip() for i in items if i.strip() not in EVENT_TYPES]
+    if unknown:
+        raise HTTPException(400, f"webhook_events: unknown event types {unknown}")
+    return tuple(cast(EventType, i.strip()) for i in items)
 
 
 def submit_fields(gw: Gateway, request: Request, fields: dict[str, Any]) -> SubmitFields:
@@ -159,6 +196,8 @@ def submit_fields(gw: Gateway, request: Request, fields: dict[str, Any]) -> Subm
             "idempotency_key",
         ),
         processor=optional_text(fields.get("processor"), "processor", 40),
+        webhook_url=optional_text(fields.get("webhook_url"), "webhook_url", 2048),
+        webhook_events=parse_webhook_events(fields.get("webhook_events")),
     )
 
 
@@ -241,9 +280,13 @@ async def submit_job(request: Request) -> JSONResponse:
     `processor` fields) or JSON (`source_uri`, `target_uri`: URIs of the media store, e.g. from
     POST /v1/uploads, or https:// URLs; same fields)."""
     gw = gateway(request)
-    require_api_key(request)
+    key_id = require_api_key(request)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
+        # Refuse a key over its limits before its uploads stream in (checked again below).
+        refused = await over_limits(gw, key_id, request.headers.get("idempotency-key"))
+        if refused is not None:
+            return refused
         fields, src, tgt = await _media_from_form(gw, request)
     elif ctype.startswith("application/json"):
         body, src, tgt = await _media_from_json(gw, request)
@@ -251,32 +294,46 @@ async def submit_job(request: Request) -> JSONResponse:
     else:
         raise HTTPException(415, "use multipart/form-data (uploads) or application/json (URIs)")
     tier = fields.tier
-    try:
-        result = await gw.client.submit(
-            tier,
-            src,
-            tgt,
-            options=fields.options,
-            idempotency_key=fields.idempotency_key,
-            processor=fields.processor,
-        )
-    except TierFullError as exc:
-        gw.metrics.submits.labels("tier_full").inc()
-        return JSONResponse(
-            {"detail": str(exc), "tier": tier},
-            status_code=429,
-            headers={"Retry-After": str(gw.settings.retry_after_s)},
-        )
-    except InvalidJobError as exc:
-        gw.metrics.submits.labels("invalid").inc()
-        raise HTTPException(400, str(exc)) from exc
-    except UnroutableJobError as exc:
-        gw.metrics.submits.labels("unroutable").inc()
-        raise HTTPException(503, str(exc)) from exc
-    except (SubmitError, *BROKER_ERRORS) as exc:
-        gw.metrics.submits.labels("broker_error").inc()
-        raise HTTPException(503, f"the job could not be queued: {exc!r}") from exc
-    gw.metrics.submits.labels("duplicate" if result.duplicate else "queued").inc()
+    async with key_guard(gw, key_id):
+        refused = await over_limits(gw, key_id, fields.idempotency_key)
+        if refused is not None:
+            return refused
+        try:
+            job = await asyncio.to_thread(
+                functools.partial(
+                    build_request,
+                    gw.media,
+                    tier,
+                    src,
+                    tgt,
+                    options=fields.options,
+                    idempotency_key=fields.idempotency_key,
+                    processor=fields.processor,
+                    webhook_url=fields.webhook_url,
+                    webhook_events=fields.webhook_events,
+                )
+            )
+            # the owner rides in the request and its queued event: every store learns it
+            result = await gw.client.submit_request(job.model_copy(update={"api_key_id": key_id}))
+        except TierFullError as exc:
+            gw.metrics.submits.labels(key_id, "tier_full").inc()
+            return JSONResponse(
+                {"detail": str(exc), "tier": tier},
+                status_code=429,
+                headers={"Retry-After": str(gw.settings.retry_after_s)},
+            )
+        except InvalidJobError as exc:
+            gw.metrics.submits.labels(key_id, "invalid").inc()
+            raise HTTPException(400, str(exc)) from exc
+        except UnroutableJobError as exc:
+            gw.metrics.submits.labels(key_id, "unroutable").inc()
+            raise HTTPException(503, str(exc)) from exc
+        except (SubmitError, *BROKER_ERRORS) as exc:
+            gw.metrics.submits.labels(key_id, "broker_error").inc()
+            raise HTTPException(503, f"the job could not be queued: {exc!r}") from exc
+        if result.request is not None:
+            await record_submitted(gw, result.request)
+    gw.metrics.submits.labels(key_id, "duplicate" if result.duplicate else "queued").inc()
     if result.request is not None:
         created = int(result.request.created_at.timestamp())
     else:
@@ -284,6 +341,59 @@ async def submit_job(request: Request) -> JSONResponse:
     body = job_links(request, gw, result.job_id, created)
     body.update(duplicate=result.duplicate, tier=tier)
     return JSONResponse(body, status_code=200 if result.duplicate else 202)
+
+
+@contextlib.asynccontextmanager
+async def key_guard(gw: Gateway, key_id: str) -> AsyncIterator[None]:
+    """Hold the key's lock from its limit check to its job's record in the store (keys with
+    limits only: the others never wait on each other)."""
+    if gw.store is None or not has_limits(gw.settings, key_id):
+        yield
+        return
+    lock = gw.key_locks.setdefault(key_id, asyncio.Lock())
+    async with lock:
+        yield
+
+
+async def over_limits(gw: Gateway, key_id: str, idempotency_key: str | None) -> JSONResponse | None:
+    """429 + Retry-After naming the limit when one more job would pass one of the key's
+    limits; None to go on. A resubmission of an existing job (its idempotency key was seen)
+    queues nothing and is never refused."""
+    store = gw.store
+    if store is None or not has_limits(gw.settings, key_id):
+        return None
+    if idempotency_key:
+        job_id = job_id_for_key(idempotency_key)
+        with contextlib.suppress(StorageError, ValueError):
+            if await asyncio.to_thread(gw.media.submitted, job_id):
+                return None
+    try:
+        await asyncio.to_thread(check_limits, store, gw.settings, key_id, utcnow())
+    except LimitExceeded as exc:
+        gw.metrics.submits.labels(key_id, f"limit_{exc.limit}").inc()
+        return JSONResponse(
+            exc.body(), status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    except Exception as exc:
+        if isinstance(exc, StoreError) or store_outage(exc):
+            raise HTTPException(
+                503, f"the job store did not answer, so the key's limits cannot be checked: {exc}"
+            ) from exc
+        raise
+    return None
+
+
+async def record_submitted(gw: Gateway, job: JobRequest) -> None:
+    """Record a job just queued in the job store (its `queued` event as seq 1, published), so
+    listings and limits see it before a worker takes it. A failure only delays that: the first
+    worker to take the job records the same event."""
+    if gw.store is None:
+        return
+    try:
+        await asyncio.to_thread(gw.store.record_submitted, job)
+    except Exception as exc:
+        gw.metrics.store_errors.inc()
+        log.warning("job %s: not recorded in the job store (%r)", job.job_id, exc)
 
 
 def job_links(request: Request, gw: Gateway, job_id: str, created: int) -> dict[str, Any]:
@@ -336,9 +446,13 @@ async def submitted_at(media: MediaStore, job_id: str) -> datetime | None:
 # --- state and result --------------------------------------------------------------------------
 
 
-async def job_events(gw: Gateway, job_id: str, claims: JobClaims | None) -> list[JobEvent]:
+async def job_events(
+    gw: Gateway, job_id: str, claims: JobClaims | None, caller: str | None = None
+) -> list[JobEvent]:
     """The job's events from the durable stream, read from its creation time (the token's, or
-    the submission record's for an API key); 404 when there are none."""
+    the submission record's for an API key); 404 when there are none, and for an API key
+    (`caller`, its id) other than the one that submitted the job (its `queued` names the owner;
+    jobs queued by AMQP producers without an owner are visible to every key)."""
     if claims is not None:
         since: datetime | None = datetime.fromtimestamp(claims.iat, UTC)
     else:
@@ -349,7 +463,19 @@ async def job_events(gw: Gateway, job_id: str, claims: JobClaims | None) -> list
         raise HTTPException(503, str(exc)) from exc
     if not frames:
         raise HTTPException(404, "no such job")
-    return [JobEvent.decode(f.text.encode()) for f in frames]
+    events = [JobEvent.decode(f.text.encode()) for f in frames]
+    owner = events[0].payload.api_key_id if events[0].type == "queued" else None
+    if claims is None and owner is not None and caller != owner:
+        raise HTTPException(404, "no such job")  # not yours: nothing about it is revealed
+    return events
+
+
+def api_caller(request: Request, claims: JobClaims | None) -> str | None:
+    """The API key id of a caller that authorized with a key (None for a job token)."""
+    if claims is not None:
+        return None
+    cred = bearer(request.headers.get("authorization"))
+    return None if cred is None else gateway(request).keys.identify(cred)
 
 
 STATE_OF = {"progress": "running", "started": "running"}
@@ -384,7 +510,7 @@ def job_state(events: list[JobEvent]) -> dict[str, Any]:
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     gw = gateway(request)
     claims = authorize_job(request, job_id)
-    state = job_state(await job_events(gw, job_id, claims))
+    state = job_state(await job_events(gw, job_id, claims, api_caller(request, claims)))
     if state["state"] == "completed":
         state["result_url"] = str(request.url_for("get_result", job_id=job_id))
     return state
@@ -398,7 +524,7 @@ async def get_result(request: Request, job_id: str) -> Response:
     status page's fetch() may not follow a redirect to another origin (its CSP allows 'self')."""
     gw = gateway(request)
     claims = authorize_job(request, job_id)
-    events = await job_events(gw, job_id, claims)
+    events = await job_events(gw, job_id, claims, api_caller(request, claims))
     last = events[-1]
     uri = last.payload.result_uri
     if last.type != "completed" or not uri:
@@ -438,9 +564,9 @@ def attachment(name: str) -> str:
 async def new_token(request: Request, job_id: str) -> dict[str, Any]:
     """A fresh job token for an API-key holder (the CLI's `watch` uses this)."""
     gw = gateway(request)
-    require_api_key(request)
+    caller = require_api_key(request)
     check_job_id(job_id)
-    events = await job_events(gw, job_id, None)
+    events = await job_events(gw, job_id, None, caller)
     return job_links(request, gw, job_id, int(events[0].ts.timestamp()))
 
 
@@ -448,7 +574,7 @@ async def new_token(request: Request, job_id: str) -> dict[str, Any]:
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     gw = gateway(request)
     claims = authorize_job(request, job_id)
-    events = await job_events(gw, job_id, claims)
+    events = await job_events(gw, job_id, claims, api_caller(request, claims))
     if events[-1].terminal:
         raise HTTPException(409, f"job already {events[-1].type}")
     try:

@@ -51,6 +51,56 @@ async function refreshQueues() {
   }
 }
 
+// --- recent jobs of this API key (GET /v1/jobs: only the key's own) ---------------------------
+
+async function refreshJobs() {
+  if (!apiKey()) return;
+  const resp = await api("/v1/jobs?limit=10").catch(() => null);
+  if (!resp) return;
+  const body = $("recent-jobs");
+  if (!resp.ok) {
+    const td = document.createElement("td");
+    td.colSpan = 5;
+    td.className = "muted";
+    td.textContent = "jobs not available: " + (await errorText(resp));
+    const tr = document.createElement("tr");
+    tr.appendChild(td);
+    body.replaceChildren(tr);
+    return;
+  }
+  const data = await resp.json();
+  body.replaceChildren();
+  for (const j of data.jobs) {
+    const tr = document.createElement("tr");
+    const created = j.created_at ? new Date(j.created_at).toLocaleTimeString() : "–";
+    const gpu = j.gpu_seconds === null || j.gpu_seconds === undefined ? "–" : j.gpu_seconds.toFixed(2);
+    const cells = [j.job_id.slice(0, 8), j.state.replace("_", " "), j.tier || "–", created, gpu];
+    cells.forEach((v, i) => {
+      const td = document.createElement("td");
+      td.textContent = v;
+      if (i === 0) td.title = j.job_id;
+      if (i === 1) td.className = "state " + j.state;
+      if (i === 4) td.className = "num";
+      tr.appendChild(td);
+    });
+    body.appendChild(tr);
+  }
+  if (!data.jobs.length) {
+    const td = document.createElement("td");
+    td.colSpan = 5;
+    td.className = "muted";
+    td.textContent = "no jobs yet";
+    const tr = document.createElement("tr");
+    tr.appendChild(td);
+    body.appendChild(tr);
+  }
+}
+
+function refreshAll() {
+  refreshQueues();
+  refreshJobs();
+}
+
 // --- one job -----------------------------------------------------------------------------------
 
 class JobView {
@@ -136,12 +186,14 @@ class JobView {
         $("stage").textContent = p.timings_s ? `done in ${Math.max(...Object.values(p.timings_s)).toFixed(1)} s` : "done";
         $("eta").textContent = "";
         this.showResult();
+        refreshJobs();
         break;
       default:  // failed, dead_lettered, cancelled
         this.done = true;
         this.setState(ev.type);
         $("stage").textContent = [p.code, p.message].filter(Boolean).join(": ");
         $("eta").textContent = "";
+        refreshJobs();
     }
   }
 
@@ -199,7 +251,7 @@ async function submit(event) {
       return;
     }
     new JobView(await resp.json()).connect();
-    refreshQueues();
+    refreshAll();
   } catch (exc) {
     error.textContent = String(exc);
     error.hidden = false;
@@ -212,9 +264,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
   $("api-key").addEventListener("change", () => {
     sessionStorage.setItem(KEY_STORE, apiKey());
-    refreshQueues();
+    refreshAll();
   });
   $("submit-form").addEventListener("submit", submit);
-  refreshQueues();
-  setInterval(refreshQueues, 5000);
+  refreshAll();
+  setInterval(refreshAll, 5000);
 });
