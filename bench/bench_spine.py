@@ -10,7 +10,11 @@ throughput is tasks / (first publish .. last marker file written by a task).
 Both get the same number of worker processes. Runs are interleaved (FaceFleet, Celery, ...) and
 the medians are compared, because this 2-core machine's run-to-run spread is about ±30%.
 
-    python -m bench.bench_spine --jobs 2000 --rounds 3
+    python -m bench.bench_spine --jobs 2000 --rounds 3 [--store postgres]
+
+`--store postgres` keeps FaceFleet's job state in a fresh PostgreSQL database (created on
+FACEFLEET_BENCH_PG_URL, default the local server, migrated, dropped at the end) instead of the
+journals in the data root.
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ import pika
 from bench import floor
 from facefleet.broker import discover
 from facefleet.settings import ProducerSettings
-from facefleet.wire import EVENTS_EXCHANGE, job_queue
+from facefleet.wire import (
+    EVENTS_EXCHANGE,
+    control_pending_queue,
+    dead_notify_queue,
+    job_queue,
+)
 from producer.sdk import JobClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,7 +198,13 @@ class Run:
 
 
 def run_facefleet(
-    amqp_url: str, jobs: int, workers: int, concurrency: int, window: int = 1, batch: int = 1
+    amqp_url: str,
+    jobs: int,
+    workers: int,
+    concurrency: int,
+    window: int = 1,
+    batch: int = 1,
+    store_url: str = "",
 ) -> Run:
     tier = "bench" + uuid.uuid4().hex[:8]
     data_root = Path(tempfile.mkdtemp(prefix="ff-bench-"))
@@ -199,6 +214,7 @@ def run_facefleet(
         tier,
         FACEFLEET_CONCURRENCY=str(concurrency),
         FACEFLEET_BATCH=str(batch),
+        **({"FACEFLEET_STORE_URL": store_url} if store_url else {}),
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith(("FACEFLEET_", "AMQP_URL"))})
     src = data_root / "in.txt"
@@ -241,7 +257,9 @@ def run_facefleet(
         p.terminate()
     for p in procs:
         p.wait(30)
-    client._ch().queue_delete(job_queue(tier))
+    ch = client._ch()
+    for queue in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
+        ch.queue_delete(queue)
     client.close()
     LEFTOVERS.append(data_root)
     if done < jobs:
@@ -362,17 +380,63 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the one-by-one FaceFleet run (submit() per job, no batch lane)",
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--store",
+        choices=["file", "postgres"],
+        default="file",
+        help="FaceFleet's job store: journals in the data root, or a fresh PostgreSQL database",
+    )
     args = parser.parse_args(argv)
     url = discover().url
+    store_url, drop = _store(args.store)
+    try:
+        return _main(args, url, store_url)
+    finally:
+        drop()
+
+
+def _store(kind: str) -> tuple[str, Any]:
+    """The job store URL for the workers, and how to remove it afterwards."""
+    if kind == "file":
+        return "", lambda: None
+    import psycopg
+
+    from facefleet.pgstore import migrate
+
+    admin = os.environ.get(
+        "FACEFLEET_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    name = "ff_bench_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    store_url = admin.rsplit("/", 1)[0] + "/" + name
+    migrate(store_url)
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return store_url, drop
+
+
+def _main(args: argparse.Namespace, url: str, store_url: str) -> int:
     batched: list[Run] = []
     single: list[Run] = []
     cel: list[Run] = []
     for r in range(args.rounds):
         batched.append(
-            run_facefleet(url, args.jobs, args.workers, args.concurrency, args.window, args.batch)
+            run_facefleet(
+                url,
+                args.jobs,
+                args.workers,
+                args.concurrency,
+                args.window,
+                args.batch,
+                store_url,
+            )
         )
         if not args.no_one_by_one:
-            single.append(run_facefleet(url, args.jobs, args.workers, 1, 1, 1))
+            single.append(run_facefleet(url, args.jobs, args.workers, 1, 1, 1, store_url))
         cel.append(run_celery(url, args.jobs, args.workers))
         one = f"one by one {single[-1].jobs_per_s:8.1f}   " if single else ""
         print(
@@ -385,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     celery_cpu = sum(_median_run(cel).cpu_ms_per_job.values())
     lines = [
         f"\nno-op jobs end to end, {args.jobs} jobs, {args.workers} worker processes, "
+        f"job store: {args.store}, "
         f"median of {args.rounds} rounds (FaceFleet: confirmed publish, queued/started/"
         "completed events journaled and in the stream, durable result; Celery: acks_late, "
         "prefetch 1, quorum queue, confirms, no events):",

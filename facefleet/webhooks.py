@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Literal
 
 import pika
@@ -71,14 +71,13 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
 
+from facefleet import health
 from facefleet.amqp import PublishLost, ThreadedPublisher, _declare_queue, connect, features
 from facefleet.fetch import FetchError, FetchPolicy, Reply, parse_allow, redact
 from facefleet.fetch import request as http_request
@@ -429,39 +428,15 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-STALE_AFTER_S = 30.0
-
-
 def serve_health(sender: WebhookSender, host: str, port: int) -> ThreadingHTTPServer:
     """/healthz (the consume loop ticks), /readyz (consuming), /metrics (Prometheus)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                alive = time.monotonic() - sender.last_tick < STALE_AFTER_S
-                self._send(200 if alive else 503, b"ok\n" if alive else b"loop stalled\n")
-            elif self.path == "/readyz":
-                ready = sender.state == State.READY and sender.connected
-                self._send(200 if ready else 503, f"{sender.state.value}\n".encode())
-            elif self.path == "/metrics":
-                self._send(200, generate_latest(sender.metrics.registry), CONTENT_TYPE_LATEST)
-            else:
-                self._send(404, b"not found\n")
-
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return None
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
-    return server
+    return health.serve_health(
+        host,
+        port,
+        last_tick=lambda: sender.last_tick,
+        readiness=lambda: (sender.state == State.READY and sender.connected, sender.state.value),
+        registry=sender.metrics.registry,
+    )
 
 
 # --- the sender ---------------------------------------------------------------------------------
