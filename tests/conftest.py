@@ -236,9 +236,15 @@ class Env:
 
 @dataclass
 class Worker:
+    """A FaceFleet process started by a test, with its health endpoints on `port`."""
+
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -251,14 +257,14 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited early:\n{self.log.read_text()}")
+                raise AssertionError(f"{self.name} exited early:\n{self.log.read_text()}")
             try:
                 if self.get("/readyz")[0] == 200:
                     return
             except OSError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"worker not ready in {timeout_s}s:\n{self.log.read_text()}")
+        raise AssertionError(f"{self.name} not ready in {timeout_s}s:\n{self.log.read_text()}")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)

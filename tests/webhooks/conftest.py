@@ -14,19 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
 
 from facefleet.wire import webhook_failed_queue, webhook_retry_queue
-from tests.conftest import Env, delete_queue, free_port
+from tests.conftest import Env, Worker, delete_queue, free_port
 
 
 def new_secret(nbytes: int = 32) -> str:
@@ -129,35 +127,12 @@ def receiver() -> Iterator[Receiver]:
 
 
 @dataclass
-class Webhooks:
-    """A running `facefleet webhooks` subprocess."""
+class Webhooks(Worker):
+    """A running `facefleet webhooks` subprocess (health endpoints as a worker's)."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
     queue: str
     secret: str
     schedule_ms: list[int] = field(default_factory=list)
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def wait_ready(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"webhooks exited early:\n{self.log.read_text()}")
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"webhooks not ready in {timeout_s}s:\n{self.log.read_text()}")
 
     def metric(self, name: str, **labels: str) -> float:
         want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}")
