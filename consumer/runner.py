@@ -1,46 +1,54 @@
-"""What happens to one delivery: decode, claim, process, commit the result, emit the events.
+"""What happens to deliveries: decode, claim, process, commit the results, emit the events.
 
-The worker (consumer/worker.py) owns the connection and the life cycle; the runner owns the job:
-it never touches AMQP except through the confirming publisher, so it runs on job threads.
+The worker (consumer/worker.py) owns the connection, the life cycle and the shutdown flags; the
+runner owns the jobs: it never touches AMQP except through the confirming publisher, so it runs
+on job threads. There is one path: `handle_batch` takes a slot's deliveries (up to `--batch N`;
+`handle` is a batch of one), and every job takes the same steps whatever the batch size:
 
     delivery ─ decode ──(bad)──▶ dead letter with reason, `dead_lettered` if a job id is readable
                  │
-                 ├─ journal already ended ─▶ ack (a redelivery never completes twice)
-                 ├─ claim (wait while another live worker holds the job)
+                 ├─ claim; a job claimed elsewhere waits until the rest of the batch is done
+                 │  (its log already ended ─▶ ack; draining, or waited too long ─▶ give back)
+                 │  ── job locks, in job-id order ──
+                 ├─ log already ended ─▶ ack (a redelivery never completes twice)
                  ├─ result already committed ─▶ `completed`, ack (crash after commit)
-                 ├─ cancelled / deadline passed / wrong processor ─▶ terminal event, ack
-                 └─ `started`, run the processor; transient errors retry with backoff, then
-                    dead-letter; permanent ones fail; success commits the result, `completed`, ack
+                 ├─ result prefix refused / cancelled / deadline passed / wrong processor
+                 │  ─▶ terminal event, ack
+                 └─ `started` written for the batch ─ sync ─ published (watchers see the start at
+                    once, not after a GPU job of minutes); the processors, one after the other
+                    (progress events as they go), each result staged ─ sync ─ results placed ─
+                    sync ─ `completed` written ─ sync ─ published, every confirm awaited; locks
+                    let go; ack.
+                    Permanent errors ─▶ `failed` with a code. Transient ones ─▶ `retrying`,
+                    backoff, the next attempt through the same steps (consumer/retry.py), or the
+                    job is given back, or dead-lettered after max attempts (consumer/deadletter.py)
 
-The batch lane (`handle_batch`, `--batch N`) takes the same steps for many short jobs at once,
-with one filesystem sync per step for the whole batch instead of an fsync per file and event.
+Group commit: each of the four sync points is one `JobStore.sync(logs)` or one media sync for
+the whole batch (file: one syncfs; postgres: one transaction) instead of an fsync per file and
+event, so a batch costs a constant number of syncs however many jobs it has; events are
+published pipelined. A job's lock is held from its start to its commit (its progress events are
+written under it); a job that fails, is cancelled or will be retried lets go at once, and no
+lock is held through a backoff.
 
-Giving a job back on purpose (SIGTERM drain, shutdown, claim still busy, a retry that would
-outlast the consumer timeout) is "give_back": the worker publishes a fresh confirmed copy to the
-jobs exchange and acks the original only after the confirm (falling back to nack-requeue). Up to
-RabbitMQ 4.2 every requeue counts towards x-delivery-limit (anchors.md B7), so requeueing on
-purpose would spend the limit that exists to stop crash loops. Attempts are counted from the
-journal's `retrying` events for the same reason, not from x-delivery-count.
+A store outage (the job store's driver errors, `store_outage`) gives back every job of the
+batch that has no outcome yet and tells the worker, which pauses until the store answers.
+Giving a job back (consumer/giveback.py) is done by the worker once the runner says so.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pika
-
+from consumer.deadletter import DeadLetters
 from consumer.delivery import Action, Delivery
 from consumer.errors import (
     JobCancelled,
@@ -53,30 +61,16 @@ from consumer.errors import (
 from consumer.inputs import Inputs, Scratch, fetch_policy
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor, ProcessorOutput
+from consumer.retry import RetryPolicy, attempts_so_far
 from facefleet.amqp import ThreadedPublisher
-from facefleet.jobstore import (
-    Claim,
-    JobLog,
-    JobStore,
-    attempts_since_replay,
-    gpu_seconds_of,
-    last_replay_seq,
-    replay_generation,
-    store_outage,
-)
+from facefleet.jobstore import Claim, JobLog, JobStore, gpu_seconds_of, store_outage
 from facefleet.journal import FileJobStore
 from facefleet.media import FileMediaStore, MediaStore, Staged
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage, StorageError
 from facefleet.wire import (
-    CONTENT_TYPE,
-    DEAD_EXCHANGE,
-    HEADER_DEAD_CODE,
-    HEADER_DEAD_REASON,
-    JOBS_EXCHANGE,
     CancelRequest,
     DecodeError,
-    ErrorCode,
     EventPayload,
     EventType,
     JobEvent,
@@ -88,20 +82,6 @@ from facefleet.wire import (
 
 log = logging.getLogger(__name__)
 
-BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-")
-"""Headers (or prefixes) the broker sets on a delivery; a given-back copy starts without them."""
-
-
-def retry_in_process(tier: TierSpec, held_s: float, delay_s: float) -> bool:
-    """May the next attempt run on this delivery? Only if the backoff plus one more full-length
-    attempt still ends inside the tier's hold budget (its consumer timeout less a minute);
-    otherwise the job is given back, so no delivery is held into the consumer timeout."""
-    return held_s + delay_s + tier.max_job_s <= tier.hold_budget_s()
-
-
-CLAIM_POLL_S = 0.25
-"""How often a delivery waiting for another worker's claim tries again (a non-blocking flock)."""
-
 
 @dataclass
 class Produced:
@@ -109,24 +89,6 @@ class Produced:
 
     work_dir: Path
     manifest: dict[str, Any]
-
-
-@dataclass
-class Batched:
-    """One job of a batch, from its claim to its outcome."""
-
-    index: int
-    delivery: Delivery
-    job: JobRequest
-    journal: JobLog
-    claim: Claim
-    ref: ResultRef
-    attempt: int = 1
-    staged: Staged | None = None
-    t0: float = 0.0
-    produced: Produced | None = None
-    action: Action | None = None
-    retry: TransientJobError | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +99,44 @@ class ResultRef:
     job_id: str
 
 
+@dataclass
+class JobRun:
+    """One delivery's job in a batch, from its claim to its outcome."""
+
+    delivery: Delivery
+    job: JobRequest
+    journal: JobLog
+    claim: Claim
+    ref: ResultRef | StorageError
+    """Where its result goes, or why its output prefix is refused (the job then fails)."""
+    attempt: int = 1
+    t0: float = 0.0
+    """When this attempt's processor started (the duration metric)."""
+    staged: Staged | None = None
+    manifest: dict[str, Any] | None = None
+    action: Action | None = None
+    """The outcome, once known."""
+    retry: TransientJobError | None = None
+    """This attempt failed with a transient error: retry, give back or dead-letter."""
+    released: bool = False
+    """Its claim was let go."""
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def result(self) -> ResultRef:
+        assert isinstance(self.ref, ResultRef), "only jobs with a usable result prefix run"
+        return self.ref
+
+    def discard_staged(self) -> None:
+        """Drop a staged result that will not be placed (its work dir)."""
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            shutil.rmtree(staged.work_dir, ignore_errors=True)
+
+
 def completed_payload(media: MediaStore, ref: ResultRef, manifest: dict[str, Any]) -> EventPayload:
     result_file = str(manifest.get("result_file", ""))
     timings = {k: float(v) for k, v in dict(manifest.get("timings_s", {})).items()}
@@ -144,28 +144,6 @@ def completed_payload(media: MediaStore, ref: ResultRef, manifest: dict[str, Any
         result_uri=media.result_uri(ref.prefix, ref.job_id, result_file),
         manifest_uri=media.result_uri(ref.prefix, ref.job_id, "manifest.json"),
         timings_s=timings,
-    )
-
-
-def claim_wait_s(tier: TierSpec) -> float:
-    """Longest wait for another worker's claim on a job: whatever of the hold budget one
-    full-length attempt after the wait leaves."""
-    return max(0.0, tier.hold_budget_s() - tier.max_job_s)
-
-
-def fresh_properties(props: pika.BasicProperties) -> pika.BasicProperties:
-    """The properties of a given-back copy: the job's own, without the broker's headers."""
-    headers = {
-        k: v
-        for k, v in (props.headers or {}).items()
-        if not any(k == h or (h.endswith("-") and k.startswith(h)) for h in BROKER_HEADERS)
-    }
-    return pika.BasicProperties(
-        content_type=props.content_type or CONTENT_TYPE,
-        delivery_mode=props.delivery_mode or pika.DeliveryMode.Persistent,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        headers=headers,
     )
 
 
@@ -244,6 +222,9 @@ class JobRunner:
         *,
         media: MediaStore | None = None,
         store: JobStore | None = None,
+        draining: threading.Event | None = None,
+        stop_jobs: threading.Event | None = None,
+        on_store_outage: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.settings = settings
         self.tier = tier
@@ -261,15 +242,28 @@ class JobRunner:
         self.metrics = metrics
         self.publisher = publisher
         self.name = name
-        self.draining = threading.Event()
-        """Set on SIGTERM: no new claims, backoff sleeps end and the job is given back."""
-        self.stop_jobs = threading.Event()
-        """Set when the drain deadline passed: running jobs stop at their next checkpoint."""
+        self.draining = draining if draining is not None else threading.Event()
+        """The worker's: set on SIGTERM; no claim waits, backoff sleeps end, the job is given
+        back. (A runner without a worker, in tests, has one of its own.)"""
+        self.stop_jobs = stop_jobs if stop_jobs is not None else threading.Event()
+        """The worker's: set when the drain deadline passed; running jobs stop at their next
+        checkpoint and are given back."""
+        self.on_store_outage = on_store_outage
+        """Told when the job store stopped answering (the worker pauses consuming)."""
+        self.retries = RetryPolicy(settings, tier)
+        self.dead_letters = DeadLetters(
+            tier,
+            name,
+            publisher,
+            metrics,
+            self.store,
+            journal=self._journal,
+            emit=self.emit,
+            fsync=settings.journal_fsync,
+        )
         self.cancelled: dict[str, str] = {}
         """Cancels received over AMQP for jobs running here (the durable marker covers the rest)."""
         self.claims: dict[str, Claim] = {}
-        self.on_store_outage: Callable[[BaseException], None] | None = None
-        """Told when the job store stopped answering (the worker pauses consuming)."""
 
     @property
     def storage(self) -> Storage:
@@ -289,6 +283,8 @@ class JobRunner:
         return self.store.log(
             job.job_id, fsync=self.settings.journal_fsync, queued=queued_event(job)
         )
+
+    # --- events and usage ------------------------------------------------------------------------
 
     def emit(
         self,
@@ -325,308 +321,200 @@ class JobRunner:
     def cancel_reason(self, job_id: str) -> str | None:
         return self.cancelled.get(job_id) or self.store.cancel_reason(job_id)
 
+    # --- the one path ----------------------------------------------------------------------------
+
     def handle(self, delivery: Delivery, on_job: Callable[[str], None] | None = None) -> Action:
-        """Process one delivery; returns what to do with it: 'ack' or 'give_back'.
+        """One delivery: a batch of one (see `handle_batch`). Returns 'ack', 'give_back' or
+        'requeue'; on_job is told the job id as soon as the body is decoded."""
+        if on_job is None:
+            return self.handle_batch([delivery])[0]
+        tell = on_job
 
-        on_job is told the job id as soon as the body is decoded (the worker's bookkeeping).
-        If the job store stops answering, the job is given back (a fresh copy, so the delivery
-        limit is not spent) and the worker is told, to pause until the store answers.
-        """
-        try:
-            return self._handle(delivery, on_job)
-        except Exception as exc:
-            if not store_outage(exc):
-                raise
-            self._store_outage(exc)
-            return "give_back"
+        def told(_delivery: Delivery, job_id: str) -> None:
+            tell(job_id)
 
-    def _store_outage(self, exc: BaseException) -> None:
-        log.warning("job store unavailable (%s: %s); giving jobs back", type(exc).__name__, exc)
-        if self.on_store_outage is not None:
-            self.on_store_outage(exc)
-
-    def _handle(self, delivery: Delivery, on_job: Callable[[str], None] | None) -> Action:
-        try:
-            job = JobRequest.decode(delivery.body)
-        except DecodeError as exc:
-            self._dead_letter_malformed(delivery, exc)
-            return "ack"
-        if on_job is not None:
-            on_job(job.job_id)
-        journal = self._journal(job)
-        tier = self.tier.name
-        done = journal.terminal()
-        if done is not None:
-            log.info("job %s already ended (%s); acking duplicate delivery", job.job_id, done.type)
-            self.metrics.duplicates.labels(tier).inc()
-            return "ack"
-        claim = self.store.claim(job.job_id)
-        if not self._wait_for_claim(claim, delivery):
-            return "give_back"
-        self.claims[job.job_id] = claim
-        self.metrics.busy.inc()
-        try:
-            return self._run_claimed(job, journal, delivery)
-        finally:
-            self._release(claim)
+        return self.handle_batch([delivery], told)[0]
 
     def handle_batch(
         self,
         deliveries: Sequence[Delivery],
         on_job: Callable[[Delivery, str], None] | None = None,
     ) -> list[Action]:
-        """The batch lane (`--batch N`, for short jobs): each delivery gets the same steps and
-        outcome as in `handle`, but each durability point is one `store.sync(logs)` for the whole
-        batch instead of an fsync per file and event, and events are published pipelined.
+        """Run deliveries (a slot's batch; one with `--batch 1`) through the steps of the module
+        docstring; returns what to do with each: 'ack', 'give_back' (a fresh copy, then ack:
+        the delivery limit is not spent) or 'requeue' (an unexpected error).
 
-        Order per batch: claims; journal locks (in job-id order, on the claims' descriptors);
-        `started` written for all; the processors run one after the other and their results
-        are staged; sync; `started` published; results renamed into place; sync; `completed`
-        written; sync; published; all confirms awaited; locks released. A delivery off the
-        common path (its claim held elsewhere, a retry after a transient error, a result
-        directory it may not use) finishes through the one-by-one path after the batch.
+        on_job is told each delivery's job id as soon as its body is decoded (the worker's
+        bookkeeping). Deliveries whose claim another delivery holds run after the others, each
+        once its claim is free (or are given back), so they never hold up the batch. If the job
+        store stops answering, every job without an outcome yet is given back and the worker is
+        told, to pause until the store answers.
         """
         actions: list[Action | None] = [None] * len(deliveries)
-        batch: list[Batched] = []
+        runs: list[tuple[int, JobRun]] = []
         for i, delivery in enumerate(deliveries):
             try:
-                job = JobRequest.decode(delivery.body)
-            except DecodeError as exc:
-                self._dead_letter_malformed(delivery, exc)
-                actions[i] = "ack"
-                continue
-            if on_job is not None:
-                on_job(delivery, job.job_id)
-            try:
-                ref = self._result_ref(job)
-            except StorageError:
-                continue  # one by one below, which fails the job with the reason
-            journal = self._journal(job)
-            claim = self.store.claim(job.job_id)
-            try:
-                acquired = claim.try_acquire()
+                run = self._open(delivery, on_job)
             except Exception as exc:
-                if not store_outage(exc):
-                    raise
-                self._store_outage(exc)
-                actions[i] = "give_back"
+                actions[i] = self._unexpected(exc)
                 continue
-            if not acquired:
-                continue  # one by one below, after this batch let go of its claims
-            # A finished job (a redelivery) is found by _precheck under the lock.
-            self.claims[job.job_id] = claim
-            batch.append(Batched(i, delivery, job, journal, claim, ref))
-        retries: list[tuple[Batched, TransientJobError]] = []
-        if batch:
-            self.metrics.busy.inc(len(batch))
-            outage = False
+            if run is None:
+                actions[i] = "ack"  # malformed: dead-lettered with its reason
+            else:
+                runs.append((i, run))
+        ready: list[JobRun] = []
+        waiting: list[JobRun] = []
+        for i, run in runs:
             try:
-                self._run_batch(batch)
+                acquired = run.claim.try_acquire()
             except Exception as exc:
-                if store_outage(exc):
-                    outage = True
-                    self._store_outage(exc)
-                else:
-                    log.exception(
-                        "batch of %d job(s) failed; requeueing what did not finish", len(batch)
-                    )
-            finally:
-                for b in batch:
-                    b.journal.unlock()
-                    if b.retry is not None and b.action is None:
-                        retries.append((b, b.retry))
-                    else:
-                        self._release(b.claim)
-            for b, err in retries:
-                try:
-                    b.action = self._after_attempt(
-                        b.job, b.journal, b.delivery, b.ref, b.attempt, err
-                    )
-                except Exception as exc:
-                    if not store_outage(exc):
-                        raise
-                    outage = True
-                    self._store_outage(exc)
-                finally:
-                    self._release(b.claim)
-            for b in batch:
-                actions[b.index] = b.action or ("give_back" if outage else "requeue")
-        out: list[Action] = []
-        for i, action in enumerate(actions):
-            if action is None:
-                delivery = deliveries[i]
-                cb = None if on_job is None else (lambda job_id, d=delivery: on_job(d, job_id))
-                try:
-                    action = self.handle(delivery, cb)
-                except Exception:
-                    log.exception("unexpected error handling a delivery; requeueing it")
-                    action = "requeue"
-            out.append(action)
-        return out
+                actions[i] = self._unexpected(exc)
+                continue
+            (ready if acquired else waiting).append(run)
+        self._run(ready)
+        for run in waiting:
+            self._run_when_claimed(run)
+        for i, run in runs:
+            if actions[i] is None:
+                actions[i] = run.action
+        return [action or "requeue" for action in actions]
 
-    def _release(self, claim: Claim) -> None:
-        """A claimed job is done here (acked, given back or failed): forget it, let go."""
+    def _open(
+        self, delivery: Delivery, on_job: Callable[[Delivery, str], None] | None
+    ) -> JobRun | None:
+        """Decode a delivery into its job (None: malformed, dead-lettered)."""
+        try:
+            job = JobRequest.decode(delivery.body)
+        except DecodeError as exc:
+            self.dead_letters.dead_letter_malformed(delivery, exc)
+            return None
+        if on_job is not None:
+            on_job(delivery, job.job_id)
+        ref: ResultRef | StorageError
+        try:
+            ref = self._result_ref(job)
+        except StorageError as exc:  # e.g. an output prefix outside the media store: bad input
+            ref = exc
+        return JobRun(delivery, job, self._journal(job), self.store.claim(job.job_id), ref)
+
+    def _unexpected(self, exc: Exception) -> Action:
+        """What an exception outside any job's own failure handling means for the deliveries it
+        hit: the job store gone away gives them back (and pauses the worker); anything else
+        requeues them."""
+        if store_outage(exc):
+            self._store_outage(exc)
+            return "give_back"
+        log.error("unexpected error handling a delivery; requeueing it", exc_info=exc)
+        return "requeue"
+
+    def _store_outage(self, exc: BaseException) -> None:
+        log.warning("job store unavailable (%s: %s); giving jobs back", type(exc).__name__, exc)
+        if self.on_store_outage is not None:
+            self.on_store_outage(exc)
+
+    def _run_when_claimed(self, run: JobRun) -> None:
+        """A job another delivery holds the claim of (another worker runs it, or it came twice
+        in this batch): done already ─▶ ack; else wait for the claim (bounded, see
+        RetryPolicy.wait_for_claim) and run it as a batch of one, or give it back."""
+        try:
+            done = run.journal.terminal()
+            if done is not None:
+                log.info(
+                    "job %s already ended (%s); acking duplicate delivery", run.job_id, done.type
+                )
+                self.metrics.duplicates.labels(self.tier.name).inc()
+                run.action = "ack"
+                return
+            if not self.retries.wait_for_claim(run.claim, run.delivery, self.draining):
+                run.action = "give_back"
+                return
+        except Exception as exc:
+            run.action = self._unexpected(exc)
+            return
+        self._run([run])
+
+    def _run(self, batch: list[JobRun]) -> None:
+        """Claimed jobs, from start to outcome: the start step, one attempt each, their retries.
+        Sets every job's action; lets go of every claim."""
+        if not batch:
+            return
+        for run in batch:
+            self.claims[run.job_id] = run.claim
+        self.metrics.busy.inc(len(batch))
+        try:
+            running = self._start(batch)
+            self._attempt(running)
+            for run in batch:
+                if run.action is not None:
+                    self._release(run)  # done: not held while others back off and retry
+            for run in running:
+                self._retry(run)
+                self._release(run)
+        except Exception as exc:
+            action = self._unexpected(exc)
+            for run in batch:
+                if run.action is None:
+                    run.discard_staged()
+                    run.action = action
+        finally:
+            for run in batch:
+                run.journal.unlock()
+                self._release(run)
+
+    def _release(self, run: JobRun) -> None:
+        """A claimed job is done here (acked, given back or failed): forget it, let go (once)."""
+        if run.released:
+            return
+        run.released = True
+        claim = run.claim
         self.metrics.busy.dec()
         self.claims.pop(claim.job_id, None)
         self.cancelled.pop(claim.job_id, None)
         claim.release()
 
-    def _how_to_sync_results(self) -> Callable[[], None] | None:
-        """What makes staged or placed results durable: nothing for s3 (a finished PUT is),
-        the journals' syncfs when a file:// media store shares their filesystem (`_sync` then
-        skips it when the logs' sync ran anyway), else the media store's own sync."""
-        if not isinstance(self.media, FileMediaStore):
-            return None
-        if (
-            isinstance(self.store, FileJobStore)
-            and os.stat(self.media.root).st_dev == os.stat(self.store.storage.root).st_dev
-        ):
-            self._results_with_logs = True
-            return self.store.storage.sync
-        return self.media.sync
+    # --- the steps ---------------------------------------------------------------------------
 
-    def _sync(self, logs: Sequence[JobLog], *, results: bool) -> None:
-        """One sync point of the batch lane: the logs' written events (file: one syncfs;
-        postgres: one transaction) and, with results, what the media store staged or placed."""
-        if logs:
-            self.store.sync(logs)  # always: on postgres this is where the events are stored
-        if not (results and self.settings.journal_fsync) or self._results_sync is None:
-            return
-        if logs and self._results_with_logs:
-            return  # the logs' syncfs covered the results' volume
-        self._results_sync()
-
-    def _run_batch(self, batch: list[Batched]) -> None:
-        """The steps of `handle_batch` for claimed jobs; sets each one's action (or retry)."""
-        tier = self.tier.name
+    def _start(self, batch: list[JobRun]) -> list[JobRun]:
+        """Take the job locks; whatever ends a job before it runs (see `_precheck`); `started`
+        written for the rest, ONE sync, published. Returns the jobs to run, still locked (the
+        others are let go)."""
         publish = self.publisher.publish_event
-        batch.sort(key=lambda b: b.job.job_id)  # lock order: no two batches wait on each other
-        for b in batch:
-            b.journal.lock(b.claim)
-        running: list[Batched] = []
-        for b in batch:
-            b.action = self._precheck(b.job, b.journal, b.ref)
-            if b.action is None:
-                b.attempt, started = self._started(b.job, b.journal)
-                b.journal.write("started", started, publish)
-                running.append(b)
-        staged: list[Batched] = []
-        for b in running:
-            b.t0 = time.monotonic()
-            out = self._produce(b.job, b.journal, b.ref)
-            if isinstance(out, Produced):
-                try:
-                    b.staged = self.media.stage_result(
-                        out.work_dir, b.ref.prefix, b.ref.job_id, out.manifest, sync=False
-                    )
-                    b.produced = out
-                    staged.append(b)
-                    continue
-                except Exception as exc:
-                    shutil.rmtree(out.work_dir, ignore_errors=True)
-                    out = self._classified(b.journal, b.job, exc)
-            self.metrics.duration.labels(tier).observe(time.monotonic() - b.t0)
-            if isinstance(out, TransientJobError):
-                b.retry = out
-            else:
-                b.action = out
-        # One sync for the `started` lines and the staged results. `started` goes out only now;
-        # a job that appended an event meanwhile (progress, failed) synced its journal and
-        # published its `started` first, so every job's events still leave in seq order.
-        self._sync([b.journal for b in running], results=True)
-        with self.publisher.burst():
-            for b in running:
-                b.journal.publish_written(publish)
-        placed: list[Batched] = []
-        for b in staged:
-            assert b.produced is not None
-            assert b.staged is not None
-            if self.media.place_result(b.staged):
-                placed.append(b)
-            else:
-                b.action = self._lost_commit(b.job, b.journal, b.ref)
-        self._sync([], results=True)
-        for b in placed:
-            assert b.produced is not None
-            b.journal.write(
-                "completed", completed_payload(self.media, b.ref, b.produced.manifest), publish
-            )
-        self._sync([b.journal for b in placed], results=False)
-        with self.publisher.burst():
-            for b in placed:
-                b.journal.publish_written(publish)
-        for b in batch:
-            b.journal.settle(publish)
-        for b in placed:
-            self.metrics.duration.labels(tier).observe(time.monotonic() - b.t0)
-            self.metrics.jobs.labels(tier, "completed").inc()
-            assert b.produced is not None
-            total = b.produced.manifest.get("timings_s", {}).get("total")
-            self._count_usage(b.job.api_key_id, "completed", total)
-            b.action = "ack"
-
-    def _wait_for_claim(self, claim: Claim, delivery: Delivery) -> bool:
-        """Another live worker runs this job (a duplicate submit/delivery): wait for it, while
-        not draining and while a full-length run after the wait still fits the hold budget."""
-        limit = claim_wait_s(self.tier)
-        while True:
-            if claim.try_acquire():
-                return True
-            if self.draining.is_set():
-                return False
-            if time.monotonic() - delivery.received_at > limit:
-                log.info(
-                    "job %s: still claimed elsewhere after %.0f s; giving it back",
-                    claim.job_id,
-                    limit,
-                )
-                return False
-            time.sleep(CLAIM_POLL_S)
-
-    def attempts_so_far(self, journal: JobLog) -> int:
-        """Failed attempts of a job: its `retrying` events (on any worker, any delivery) since
-        its last `replayed` (a replayed dead letter starts with a fresh attempt budget)."""
-        return attempts_since_replay(journal.events())
-
-    def give_back(self, delivery: Delivery) -> Action:
-        """Return a job on purpose without spending its delivery limit: publish a fresh copy
-        (same body and properties) with confirm, then the original is acked; if the copy is not
-        confirmed, nack-requeue the original instead (that one counts towards the limit)."""
+        ordered = sorted(batch, key=lambda r: r.job_id)  # lock order: no two batches deadlock
+        locked: list[JobRun] = []
         try:
-            self.publisher.publish(
-                JOBS_EXCHANGE, self.tier.name, delivery.body, fresh_properties(delivery.properties)
-            )
-        except Exception as exc:
-            log.warning(
-                "could not republish a given-back job (%s: %s); requeueing the delivery instead",
-                type(exc).__name__,
-                exc,
-            )
-            return "requeue"
-        self.metrics.jobs.labels(self.tier.name, "given_back").inc()
-        return "ack"
+            for run in ordered:
+                run.journal.lock(run.claim)
+                locked.append(run)
+            running: list[JobRun] = []
+            for run in ordered:
+                run.action = self._precheck(run)
+                if run.action is None:
+                    run.attempt, started = self._started(run.job, run.journal)
+                    run.journal.write("started", started, publish)
+                    running.append(run)
+            self._sync([r.journal for r in running], results=False)
+            with self.publisher.burst():
+                for run in running:
+                    run.journal.publish_written(publish)
+        except BaseException:
+            for run in locked:
+                run.journal.unlock()
+            raise
+        for run in ordered:
+            if run.action is not None:
+                run.journal.unlock()
+        return running
 
-    def _run_claimed(self, job: JobRequest, journal: JobLog, delivery: Delivery) -> Action:
-        try:
-            ref = self._result_ref(job)
-        except StorageError as exc:  # e.g. an output prefix outside the media store: bad input
-            return self._fail(journal, PermanentJobError(exc.code, exc.message))
-        done = self._precheck(job, journal, ref)
-        if done is not None:
-            return done
-        attempt, started = self._started(job, journal)
-        self.emit(journal, "started", started, wait=False)
-        t0 = time.monotonic()
-        outcome = self._attempt(job, journal, ref)
-        self.metrics.duration.labels(self.tier.name).observe(time.monotonic() - t0)
-        return self._after_attempt(job, journal, delivery, ref, attempt, outcome)
-
-    def _precheck(self, job: JobRequest, journal: JobLog, ref: ResultRef) -> Action | None:
-        """What to do instead of running a claimed job, or None to run it."""
+    def _precheck(self, run: JobRun) -> Action | None:
+        """What to do instead of running a claimed job, or None to run it (under its lock)."""
         tier = self.tier.name
+        job, journal = run.job, run.journal
         if journal.terminal() is not None:
             self.metrics.duplicates.labels(tier).inc()
             return "ack"
+        if isinstance(run.ref, StorageError):
+            return self._fail(journal, PermanentJobError(run.ref.code, run.ref.message))
+        ref = run.ref
         # A result exists only if some delivery started the job (`started` is durable first).
         started = any(e.type == "started" for e in journal.events())
         manifest = self.media.read_manifest(ref.prefix, ref.job_id) if started else None
@@ -659,41 +547,116 @@ class JobRunner:
 
     def _started(self, job: JobRequest, journal: JobLog) -> tuple[int, EventPayload]:
         """This run's attempt number and its `started` payload (records the queue wait)."""
-        attempt = self.attempts_so_far(journal) + 1
+        attempt = attempts_so_far(journal) + 1
         wait_s = max(0.0, (utcnow() - job.created_at).total_seconds())
         self.metrics.queue_wait.labels(self.tier.name).observe(wait_s)
         return attempt, EventPayload(
             worker=self.name, attempt=attempt, queue_wait_s=round(wait_s, 3)
         )
 
-    def _after_attempt(
-        self,
-        job: JobRequest,
-        journal: JobLog,
-        delivery: Delivery,
-        ref: ResultRef,
-        attempt: int,
-        outcome: Action | TransientJobError,
-    ) -> Action:
-        """Retry transient failures with backoff (or give the job back, or dead-letter it)."""
+    def _attempt(self, runs: list[JobRun]) -> None:
+        """One attempt of each job: the processors one after the other, each result staged,
+        then one commit for all (`_commit`). Sets each job's action, or its retry; a job whose
+        attempt ends without a result lets go of its lock at once."""
+        staged: list[JobRun] = []
+        for run in runs:
+            run.t0 = time.monotonic()
+            out = self._produce(run)
+            if isinstance(out, Produced):
+                ref = run.result
+                try:
+                    run.staged = self.media.stage_result(
+                        out.work_dir, ref.prefix, ref.job_id, out.manifest, sync=False
+                    )
+                    run.manifest = out.manifest
+                    staged.append(run)
+                    continue
+                except Exception as exc:
+                    shutil.rmtree(out.work_dir, ignore_errors=True)
+                    out = self._classified(run, exc)
+            self._outcome(run, out)
+            run.journal.unlock()
+        self._commit(staged)
+
+    def _outcome(self, run: JobRun, out: Action | TransientJobError) -> None:
+        """An attempt that did not complete the job: its duration, then its action or retry."""
+        self.metrics.duration.labels(self.tier.name).observe(time.monotonic() - run.t0)
+        if isinstance(out, TransientJobError):
+            run.retry = out
+        else:
+            run.action = out
+
+    def _commit(self, staged: list[JobRun]) -> None:
+        """Staged results: sync; under the job locks (taken for a retry's attempt, held since
+        `_start` otherwise) placed (renamed into place / manifest created), sync; `completed`
+        written, sync, published, every confirm awaited; the locks let go."""
+        if not staged:
+            return
         tier = self.tier.name
-        while True:
-            if isinstance(outcome, str):
-                return outcome
-            err = outcome
-            if attempt >= self.settings.max_attempts:
-                return self._dead_letter_job(job, journal, err, attempt)
-            delay = min(
-                self.settings.retry_max_s,
-                err.delay_s
-                if err.delay_s is not None
-                else self.settings.retry_base_s * 2 ** (attempt - 1),
-            ) * random.uniform(0.8, 1.2)
+        publish = self.publisher.publish_event
+        self._sync([], results=True)  # every staged result is durable before any is placed
+        ordered = sorted(staged, key=lambda r: r.job_id)
+        placed: list[JobRun] = []
+        locked: list[JobRun] = []
+        try:
+            for run in ordered:
+                run.journal.lock(run.claim)
+                locked.append(run)
+            for run in ordered:
+                assert run.staged is not None
+                try:
+                    ok = self.media.place_result(run.staged)
+                except Exception as exc:
+                    run.discard_staged()
+                    self._outcome(run, self._classified(run, exc))
+                    continue
+                run.staged = None
+                if ok:
+                    placed.append(run)
+                else:
+                    run.action = self._lost_commit(run)
+                    self.metrics.duration.labels(tier).observe(time.monotonic() - run.t0)
+            if placed:
+                self._sync([], results=True)  # results in place before `completed` says so
+            for run in placed:
+                assert run.manifest is not None
+                payload = completed_payload(self.media, run.result, run.manifest)
+                run.journal.write("completed", payload, publish)
+            self._sync([r.journal for r in placed], results=False)
+            with self.publisher.burst():
+                for run in placed:
+                    run.journal.publish_written(publish)
+            for run in placed:
+                run.journal.settle(publish)
+        finally:
+            for run in locked:
+                run.journal.unlock()
+        for run in placed:
+            self.metrics.duration.labels(tier).observe(time.monotonic() - run.t0)
+            self.metrics.jobs.labels(tier, "completed").inc()
+            assert run.manifest is not None
+            total = run.manifest.get("timings_s", {}).get("total")
+            self._count_usage(run.job.api_key_id, "completed", total)
+            run.action = "ack"
+
+    def _retry(self, run: JobRun) -> None:
+        """A transient failure: `retrying`, back off, and run the next attempt through the same
+        steps while the retry policy lets it run on this delivery; else give the job back, or
+        dead-letter it once its attempts are spent."""
+        tier = self.tier.name
+        while run.retry is not None and run.action is None:
+            err, run.retry = run.retry, None
+            if self.retries.exhausted(run.attempt):
+                run.action = self.dead_letters.dead_letter_job(
+                    run.job, run.journal, err, run.attempt
+                )
+                return
+            delay = self.retries.backoff_s(err, run.attempt)
             self.emit(
-                journal,
+                run.journal,
                 "retrying",
                 EventPayload(
-                    attempt=attempt,
+                    attempt=run.attempt,
                     delay_s=round(delay, 2),
                     code=err.code,
                     message=err.message,
@@ -701,59 +664,42 @@ class JobRunner:
                 ),
             )
             self.metrics.jobs.labels(tier, "retried").inc()
-            held = time.monotonic() - delivery.received_at
-            if not retry_in_process(self.tier, held, delay):
+            held = time.monotonic() - run.delivery.received_at
+            if not self.retries.in_process(held, delay):
                 # One more attempt on this delivery could outlast the consumer timeout: wait out
                 # the backoff if that still fits, then give the job back as a fresh delivery.
                 log.info(
                     "job %s: attempt %d would not fit the %.0f s hold budget; giving it back",
-                    job.job_id,
-                    attempt + 1,
+                    run.job_id,
+                    run.attempt + 1,
                     self.tier.hold_budget_s(),
                 )
-                if held + delay <= self.tier.hold_budget_s():
-                    self.draining.wait(delay)
-                return "give_back"
+                wait = self.retries.wait_before_give_back_s(held, delay)
+                if wait > 0:
+                    self.draining.wait(wait)
+                run.action = "give_back"
+                return
             if self.draining.wait(delay):
-                return "give_back"
-            attempt += 1
-            t0 = time.monotonic()
-            outcome = self._attempt(job, journal, ref)
-            self.metrics.duration.labels(tier).observe(time.monotonic() - t0)
+                run.action = "give_back"
+                return
+            run.attempt += 1
+            self._attempt([run])
 
-    def _attempt(
-        self, job: JobRequest, journal: JobLog, ref: ResultRef
-    ) -> Action | TransientJobError:
-        produced = self._produce(job, journal, ref)
-        if not isinstance(produced, Produced):
-            return produced
-        try:
-            committed = self.media.commit_result(
-                produced.work_dir, ref.prefix, ref.job_id, produced.manifest
-            )
-            if not committed:
-                return self._lost_commit(job, journal, ref)
-            self._emit_completed(journal, ref, produced.manifest)
-            return "ack"
-        except Exception as exc:
-            shutil.rmtree(produced.work_dir, ignore_errors=True)
-            return self._classified(journal, job, exc)
-
-    def _lost_commit(self, job: JobRequest, journal: JobLog, ref: ResultRef) -> Action:
+    def _lost_commit(self, run: JobRun) -> Action:
         """Another delivery's result is in place: ours is dropped. If the journal has not
         ended (that delivery crashed after its commit), its result completes the job."""
-        log.info("job %s: another delivery committed first; not completing twice", job.job_id)
+        log.info("job %s: another delivery committed first; not completing twice", run.job_id)
         self.metrics.duplicates.labels(self.tier.name).inc()
+        ref = run.result
         manifest = self.media.read_manifest(ref.prefix, ref.job_id)
-        if manifest is not None and journal.terminal() is None:
-            self._emit_completed(journal, ref, manifest)
+        if manifest is not None and run.journal.terminal() is None:
+            self._emit_completed(run.journal, ref, manifest)
         return "ack"
 
-    def _produce(
-        self, job: JobRequest, journal: JobLog, ref: ResultRef
-    ) -> Produced | Action | TransientJobError:
+    def _produce(self, run: JobRun) -> Produced | Action | TransientJobError:
         """Run the processor into a fresh work dir; the result is not committed yet."""
         tier = self.tier.name
+        job, journal, ref = run.job, run.journal, run.result
         work_dir: Path | None = None
         scratch = Scratch(self.settings.scratch_dir, job.job_id)
         try:
@@ -791,28 +737,26 @@ class JobRunner:
             self.metrics.jobs.labels(tier, "requeued").inc()
             return "give_back"
         except Exception as exc:  # mapped at this boundary
-            return self._classified(journal, job, exc)
+            return self._classified(run, exc)
         finally:
             scratch.cleanup()
             if work_dir is not None:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _classified(
-        self, journal: JobLog, job: JobRequest, exc: Exception
-    ) -> Action | TransientJobError:
+    def _classified(self, run: JobRun, exc: Exception) -> Action | TransientJobError:
         """A job's exception, mapped to what happens next: `failed` now, or a retry. The job
-        store being down is no failure of the job: it propagates to `handle`, which gives the
-        job back."""
+        store being down is no failure of the job: it propagates to `_run`, which gives the
+        batch's unfinished jobs back."""
         if store_outage(exc):
             raise exc
         err = classify(exc)
         if isinstance(err, PermanentJobError):
-            return self._fail(journal, err)
+            return self._fail(run.journal, err)
         if isinstance(err, TransientJobError):
-            log.warning("job %s transient error: %s", job.job_id, err)
+            log.warning("job %s transient error: %s", run.job_id, err)
             return err
         if isinstance(err, JobError):
-            return self._fail(journal, PermanentJobError(err.code, err.message))
+            return self._fail(run.journal, PermanentJobError(err.code, err.message))
         raise exc
 
     def _emit_completed(self, journal: JobLog, ref: ResultRef, manifest: dict[str, Any]) -> None:
@@ -826,88 +770,38 @@ class JobRunner:
         self.metrics.jobs.labels(self.tier.name, "failed").inc()
         return "ack"
 
-    def _dead_letter_job(
-        self, job: JobRequest, journal: JobLog, err: JobError, attempts: int
-    ) -> Action:
-        message = f"gave up after {attempts} attempts: {err.message}"
-        self._publish_dead(job.encode(), err.code, message, job.job_id)
-        self.emit(
-            journal, "dead_lettered", EventPayload(code=err.code, message=message, retryable=False)
-        )
-        self.metrics.jobs.labels(self.tier.name, "dead_lettered").inc()
-        return "ack"
+    # --- sync points -------------------------------------------------------------------------
 
-    def _dead_letter_malformed(self, delivery: Delivery, exc: DecodeError) -> None:
-        """Park an unreadable message with its reason; emit an event if a job id is readable."""
-        job_id = _loose_job_id(delivery.body)
-        self._publish_dead(delivery.body, exc.code, exc.reason, job_id)
-        self.metrics.jobs.labels(self.tier.name, "malformed").inc()
-        log.warning("dead-lettered malformed message (job %s): %s", job_id, exc.reason)
-        if job_id is not None:
-            journal = self.store.log(job_id, fsync=self.settings.journal_fsync)
-            self.emit(
-                journal,
-                "dead_lettered",
-                EventPayload(code=exc.code, message=exc.reason, retryable=False),
-            )
+    def _how_to_sync_results(self) -> Callable[[], None] | None:
+        """What makes staged or placed results durable: nothing for s3 (a finished PUT is),
+        the journals' syncfs when a file:// media store shares their filesystem (`_sync` then
+        skips it when the logs' sync ran anyway), else the media store's own sync."""
+        if not isinstance(self.media, FileMediaStore):
+            return None
+        if (
+            isinstance(self.store, FileJobStore)
+            and os.stat(self.media.root).st_dev == os.stat(self.store.storage.root).st_dev
+        ):
+            self._results_with_logs = True
+            return self.store.storage.sync
+        return self.media.sync
 
-    def _publish_dead(self, body: bytes, code: str, reason: str, job_id: str | None) -> None:
-        self.publisher.publish(
-            DEAD_EXCHANGE,
-            self.tier.name,
-            body,
-            pika.BasicProperties(
-                content_type=CONTENT_TYPE,
-                delivery_mode=pika.DeliveryMode.Persistent,
-                message_id=job_id,
-                headers={
-                    HEADER_DEAD_REASON: reason[:1000],
-                    HEADER_DEAD_CODE: code,
-                    "x-facefleet-tier": self.tier.name,
-                    "x-facefleet-worker": self.name,
-                },
-            ),
-        )
+    def _sync(self, logs: Sequence[JobLog], *, results: bool) -> None:
+        """One sync point: the logs' written events (file: one syncfs; postgres: one
+        transaction) and, with results, what the media store staged or placed."""
+        if logs:
+            self.store.sync(logs)  # always: on postgres this is where the events are stored
+        if not (results and self.settings.journal_fsync) or self._results_sync is None:
+            return
+        if logs and self._results_with_logs:
+            return  # the logs' syncfs covered the results' volume
+        self._results_sync()
+
+    # --- dead letters and cancels --------------------------------------------------------------
 
     def broker_dead_letter(self, headers: dict[str, Any], body: bytes) -> Callable[[], None] | None:
-        """For a dead letter the broker made itself (delivery limit: workers kept dying on the
-        job), the task that emits the job's `dead_lettered` event; None when there is nothing to
-        tell (our own dead letters already emitted theirs, foreign messages have no job)."""
-        if HEADER_DEAD_REASON in headers:
-            return None
-        reason = _first_death_reason(headers)
-        try:
-            job = JobRequest.decode(body)
-        except DecodeError:
-            return None
-        code: ErrorCode = "delivery_limit" if reason == "delivery_limit" else "internal_error"
-        message = (
-            f"dead-lettered by the broker ({reason}): the job's deliveries failed "
-            f"{self.tier.delivery_limit} times, e.g. the worker crashed on it"
-        )
-        journal = self._journal(job)
-        payload = EventPayload(code=code, message=message, retryable=False)
-        generation = replay_generation(headers)
-
-        def task() -> None:
-            journal.lock()  # the check and the event under one lock: a replay cannot slip in
-            try:
-                replayed = last_replay_seq(journal.events())
-                if generation < replayed:
-                    # A copy sent before the job's last replay (e.g. this notification came
-                    # again after its `dead_lettered` was recorded): the replayed job lives on.
-                    log.info(
-                        "job %s: stale dead letter (replay %d < %d); ignoring it",
-                        job.job_id,
-                        generation,
-                        replayed,
-                    )
-                    return
-                self.emit(journal, "dead_lettered", payload)
-            finally:
-                journal.unlock()
-
-        return task
+        """See DeadLetters.broker_dead_letter (consumer/deadletter.py)."""
+        return self.dead_letters.broker_dead_letter(headers, body)
 
     def note_cancel(self, req: CancelRequest) -> bool:
         """A cancel request from the control exchange: make it durable for whichever worker
@@ -930,23 +824,3 @@ class JobRunner:
             self._store_outage(exc)
             return False
         return True
-
-
-def _first_death_reason(headers: dict[str, Any]) -> str:
-    reason = headers.get("x-first-death-reason")
-    if reason is None:
-        deaths = headers.get("x-death") or []
-        if deaths and isinstance(deaths[0], dict):
-            reason = deaths[0].get("reason")
-    if isinstance(reason, bytes):
-        reason = reason.decode()
-    return str(reason or "unknown")
-
-
-def _loose_job_id(body: bytes) -> str | None:
-    try:
-        raw = json.loads(body)
-        value = raw.get("job_id") if isinstance(raw, dict) else None
-        return str(uuid.UUID(str(value))) if value else None
-    except (ValueError, TypeError, AttributeError):
-        return None

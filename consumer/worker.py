@@ -13,7 +13,9 @@ Life cycle (WorkerState): STARTING -> READY -> DRAINING -> STOPPED. SIGTERM move
 the consumer is cancelled (no new jobs), running jobs get drain_timeout_s to finish, whatever is
 still running then stops at its next checkpoint and is given back for another worker (a fresh
 confirmed copy, then the original is acked, so drains never spend the delivery limit), and the
-process exits 0. This is what makes KEDA scale-in safe.
+process exits 0. This is what makes KEDA scale-in safe. The worker owns these shutdown flags
+(`_draining`, `stop_jobs`) and hands them to the runner, whose claim waits, backoff sleeps and
+processor checkpoints obey them; it also does the giving back (consumer/giveback.py).
 
 Ack discipline (at-least-once, completed once): a job is acked only after its result directory
 was renamed into place (fsynced) and `completed` is in the journal and the stream; a crash before
@@ -42,6 +44,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 
 from consumer.delivery import Action, Delivery
+from consumer.giveback import give_back
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor
 from consumer.runner import JobRunner
@@ -119,6 +122,16 @@ class Worker:
         self._consumer_tag: str | None = None
         self._pending: BlockingChannel | None = None
         self._pending_tag: str | None = None
+        self._draining = threading.Event()
+        """Set on SIGTERM (or FACEFLEET_MAX_JOBS / idle exit): the consumer is cancelled, no
+        claim waits or backoff sleeps go on (the runner gives those jobs back), drain begins."""
+        self.stop_jobs = threading.Event()
+        """Set when the drain deadline passed: running jobs stop at their next checkpoint and
+        are given back."""
+        self._store_down = threading.Event()
+        """Set by job threads when the job store stopped answering: the main loop pauses."""
+        self.paused: str | None = None
+        """Why the worker takes no jobs now although it runs (shown by /readyz), or None."""
         self.publisher = ThreadedPublisher(settings.amqp_url, f"facefleet-worker-{self.name}")
         self.runner = JobRunner(
             settings,
@@ -130,14 +143,10 @@ class Worker:
             self.name,
             media=media or settings.media_store(),
             store=store or settings.job_store(),
+            draining=self._draining,
+            stop_jobs=self.stop_jobs,
+            on_store_outage=self._on_store_outage,
         )
-        self.runner.on_store_outage = self._on_store_outage
-        self._store_down = threading.Event()
-        """Set by job threads when the job store stopped answering: the main loop pauses."""
-        self.paused: str | None = None
-        """Why the worker takes no jobs now although it runs (shown by /readyz), or None."""
-        self._draining = self.runner.draining
-        self.stop_jobs = self.runner.stop_jobs
         self.last_tick = time.monotonic()
         self.last_activity = time.monotonic()
         self.handled = 0
@@ -471,7 +480,11 @@ class Worker:
                 # On this job thread, the copy is confirmed before the original is acked. With
                 # the channel gone the broker has requeued the original already; a copy would be
                 # a duplicate.
-                action = self.runner.give_back(delivery) if ch.is_open else "requeue"
+                action = (
+                    give_back(self.publisher, self.tier.name, delivery, self.metrics)
+                    if ch.is_open
+                    else "requeue"
+                )
             if action == "ack":
                 settle.append((delivery.tag, True))
             elif action == "requeue":

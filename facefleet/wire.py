@@ -209,7 +209,7 @@ class TierSpec:
 
     def hold_budget_s(self) -> float:
         """How long a worker may keep one delivery unacked: the consumer timeout less a safety
-        minute. In-process retries and claim waits stay inside it (consumer/runner.py); beyond
+        minute. In-process retries and claim waits stay inside it (consumer/retry.py); beyond
         it the job is given back as a fresh copy instead of being held into the timeout."""
         return self.consumer_timeout_ms() / 1000 - HOLD_SAFETY_S
 

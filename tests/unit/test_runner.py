@@ -12,11 +12,13 @@ import pika
 import pytest
 
 from consumer.delivery import Delivery
+from consumer.giveback import give_back
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import JobContext, ProcessorOutput
 from consumer.processors.noop import NoopProcessor
 from consumer.processors.sleep import SleepProcessor
-from consumer.runner import JobRunner, claim_wait_s, retry_in_process
+from consumer.retry import claim_wait_s, retry_in_process
+from consumer.runner import JobRunner
 from facefleet.journal import JobClaim, JobJournal
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage
@@ -172,7 +174,7 @@ def test_give_back_republishes_a_fresh_copy_then_acks(tmp_path: Path) -> None:
             "x-first-death-queue": "q",
         },
     )
-    assert runner.give_back(delivery) == "ack"
+    assert give_back(runner.publisher, runner.tier.name, delivery, runner.metrics) == "ack"
     publisher: FakePublisher = runner.publisher  # type: ignore[assignment]
     [(exchange, key, body, props)] = publisher.published
     assert (exchange, key, body) == (JOBS_EXCHANGE, "standard", delivery.body)
@@ -184,7 +186,7 @@ def test_give_back_falls_back_to_requeue_when_the_copy_is_not_confirmed(tmp_path
     runner = make_runner(tmp_path)
     _, delivery = job_delivery(runner)
     runner.publisher.fail = TimeoutError("no confirm")  # type: ignore[attr-defined]
-    assert runner.give_back(delivery) == "requeue"
+    assert give_back(runner.publisher, runner.tier.name, delivery, runner.metrics) == "requeue"
 
 
 def test_a_job_claimed_elsewhere_is_given_back_when_draining(tmp_path: Path) -> None:
