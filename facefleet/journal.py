@@ -142,6 +142,17 @@ class JobJournal:
         else:
             self._fd, self._borrowed = self.storage.lock_job(self.job_id), False
 
+    def try_lock(self) -> bool:
+        """Take the job lock if nobody holds it; never waits."""
+        if self._fd is not None:
+            return True
+        fd = self.storage.open_job_file(self.job_id, JOURNAL, os.O_APPEND)
+        if not lock_byte(fd, JOB_LOCK_BYTE, wait=False):
+            os.close(fd)
+            return False
+        self._fd, self._borrowed = fd, False
+        return True
+
     def unlock(self) -> None:
         fd, self._fd = self._fd, None
         self._current = False
@@ -416,7 +427,10 @@ class FileJobStore:
         watermark says it is published, so the next writer does not publish it again (if the
         watermark line is lost, it republishes it once: watchers drop the duplicate seq)."""
         journal = JobJournal(self.storage, job.job_id)
-        journal.lock()
+        if not journal.try_lock():
+            # A writer holds the job (a worker runs it: it holds the lock through the job and
+            # recorded `queued` first). Waiting would block the submit until the job ends.
+            return False
         try:
             return journal.record_confirmed(queued_event(job))
         finally:

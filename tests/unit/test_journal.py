@@ -171,3 +171,32 @@ def test_the_claim_of_a_killed_holder_is_free_at_once(storage: Storage) -> None:
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_recording_a_submission_never_waits_for_a_running_job(storage: Storage) -> None:
+    """The gateway records a submitted job's `queued`; a worker that already took the job holds
+    its lock through the whole run. The record is skipped (the worker recorded it) at once."""
+    import time
+
+    from facefleet.journal import FileJobStore
+    from facefleet.wire import JobRequest, utcnow
+
+    request = JobRequest(
+        job_id=str(uuid.uuid4()),
+        idempotency_key="k",
+        tier="standard",
+        created_at=utcnow(),
+        source_uri="file:///a.jpg",
+        target_uri="file:///b.jpg",
+        output_uri_prefix="file:///out/",
+    )
+    worker = JobJournal(storage, request.job_id, fsync=False)
+    worker.lock()
+    try:
+        t0 = time.monotonic()
+        assert FileJobStore(storage).record_submitted(request) is False
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        worker.unlock()
+    assert FileJobStore(storage).record_submitted(request) is True
+    assert [e.type for e in JobJournal(storage, request.job_id).events()] == ["queued"]
