@@ -319,7 +319,7 @@ class JobRunner:
             self.metrics.gpu_seconds.labels(self.tier.name, key).inc(gpu_seconds)
 
     def cancel_reason(self, job_id: str) -> str | None:
-        return self.cancelled.get(job_id) or self.store.cancel_reason(job_id)
+        return self.cancelled.get(job_id) or self.store.cancel_reasons([job_id]).get(job_id)
 
     # --- the one path ----------------------------------------------------------------------------
 
@@ -364,13 +364,15 @@ class JobRunner:
                 runs.append((i, run))
         ready: list[JobRun] = []
         waiting: list[JobRun] = []
-        for i, run in runs:
-            try:
-                acquired = run.claim.try_acquire()
-            except Exception as exc:
-                actions[i] = self._unexpected(exc)
-                continue
-            (ready if acquired else waiting).append(run)
+        try:
+            acquired = self.store.acquire([run.claim for _, run in runs])
+        except Exception as exc:
+            action = self._unexpected(exc)
+            for i, _ in runs:
+                actions[i] = action
+            return [action or "requeue" for action in actions]
+        for (_, run), ok in zip(runs, acquired, strict=True):
+            (ready if ok else waiting).append(run)
         self._run(ready)
         for run in waiting:
             self._run_when_claimed(run)
@@ -444,12 +446,11 @@ class JobRunner:
         try:
             running = self._start(batch)
             self._attempt(running)
-            for run in batch:
-                if run.action is not None:
-                    self._release(run)  # done: not held while others back off and retry
+            # Done: not held while others back off and retry.
+            self._release([run for run in batch if run.action is not None])
             for run in running:
                 self._retry(run)
-                self._release(run)
+                self._release([run])
         except Exception as exc:
             action = self._unexpected(exc)
             for run in batch:
@@ -457,20 +458,22 @@ class JobRunner:
                     run.discard_staged()
                     run.action = action
         finally:
-            for run in batch:
-                run.journal.unlock()
-                self._release(run)
+            try:
+                self.store.unlock([run.journal for run in batch])
+            finally:
+                self._release(batch)
 
-    def _release(self, run: JobRun) -> None:
-        """A claimed job is done here (acked, given back or failed): forget it, let go (once)."""
-        if run.released:
+    def _release(self, runs: Sequence[JobRun]) -> None:
+        """Claimed jobs done here (acked, given back or failed): forget them, let go (once)."""
+        done = [run for run in runs if not run.released]
+        if not done:
             return
-        run.released = True
-        claim = run.claim
-        self.metrics.busy.dec()
-        self.claims.pop(claim.job_id, None)
-        self.cancelled.pop(claim.job_id, None)
-        claim.release()
+        for run in done:
+            run.released = True
+            self.metrics.busy.dec()
+            self.claims.pop(run.job_id, None)
+            self.cancelled.pop(run.job_id, None)
+        self.store.release([run.claim for run in done])
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -479,15 +482,15 @@ class JobRunner:
         written for the rest, ONE sync, published. Returns the jobs to run, still locked (the
         others are let go)."""
         publish = self.publisher.publish_event
-        ordered = sorted(batch, key=lambda r: r.job_id)  # lock order: no two batches deadlock
-        locked: list[JobRun] = []
+        ordered = sorted(batch, key=lambda r: r.job_id)
+        self.store.lock([r.journal for r in ordered], [r.claim for r in ordered])
         try:
-            for run in ordered:
-                run.journal.lock(run.claim)
-                locked.append(run)
             running: list[JobRun] = []
+            cancels = self.store.cancel_reasons([r.job_id for r in ordered])
             for run in ordered:
-                run.action = self._precheck(run)
+                run.action = self._precheck(
+                    run, self.cancelled.get(run.job_id) or cancels.get(run.job_id)
+                )
                 if run.action is None:
                     run.attempt, started = self._started(run.job, run.journal)
                     run.journal.write("started", started, publish)
@@ -497,16 +500,14 @@ class JobRunner:
                 for run in running:
                     run.journal.publish_written(publish)
         except BaseException:
-            for run in locked:
-                run.journal.unlock()
+            self.store.unlock([r.journal for r in ordered])
             raise
-        for run in ordered:
-            if run.action is not None:
-                run.journal.unlock()
+        self.store.unlock([r.journal for r in ordered if r.action is not None])
         return running
 
-    def _precheck(self, run: JobRun) -> Action | None:
-        """What to do instead of running a claimed job, or None to run it (under its lock)."""
+    def _precheck(self, run: JobRun, cancel: str | None) -> Action | None:
+        """What to do instead of running a claimed job, or None to run it (under its lock);
+        `cancel`: the job's cancel reason, if any (read for the whole batch at once)."""
         tier = self.tier.name
         job, journal = run.job, run.journal
         if journal.terminal() is not None:
@@ -522,9 +523,8 @@ class JobRunner:
             # Crashed after committing the result but before `completed`: finish the bookkeeping.
             self._emit_completed(journal, ref, manifest)
             return "ack"
-        reason = self.cancel_reason(job.job_id)
-        if reason is not None:
-            self.emit(journal, "cancelled", EventPayload(code=None, message=reason))
+        if cancel is not None:
+            self.emit(journal, "cancelled", EventPayload(code=None, message=cancel))
             self.metrics.jobs.labels(tier, "cancelled").inc()
             return "ack"
         if job.deadline is not None and job.deadline < utcnow():
@@ -597,11 +597,8 @@ class JobRunner:
         self._sync([], results=True)  # every staged result is durable before any is placed
         ordered = sorted(staged, key=lambda r: r.job_id)
         placed: list[JobRun] = []
-        locked: list[JobRun] = []
+        self.store.lock([r.journal for r in ordered], [r.claim for r in ordered])
         try:
-            for run in ordered:
-                run.journal.lock(run.claim)
-                locked.append(run)
             for run in ordered:
                 assert run.staged is not None
                 try:
@@ -626,11 +623,9 @@ class JobRunner:
             with self.publisher.burst():
                 for run in placed:
                     run.journal.publish_written(publish)
-            for run in placed:
-                run.journal.settle(publish)
+            self.store.settle([r.journal for r in placed], publish)
         finally:
-            for run in locked:
-                run.journal.unlock()
+            self.store.unlock([r.journal for r in ordered])
         for run in placed:
             self.metrics.duration.labels(tier).observe(time.monotonic() - run.t0)
             self.metrics.jobs.labels(tier, "completed").inc()
@@ -811,7 +806,7 @@ class JobRunner:
         if req.job_id in self.claims:
             self.cancelled[req.job_id] = req.reason
         try:
-            if self.store.cancel_reason(req.job_id) is None:
+            if req.job_id not in self.store.cancel_reasons([req.job_id]):
                 self.store.request_cancel(req.job_id, req.reason)
         except ValueError as exc:  # not a job id: nothing to record, ever
             log.warning("ignoring cancel of %r: %s", req.job_id, exc)

@@ -12,9 +12,14 @@ event to the broker, and the first writer of a job's log records that same event
 A job's log is written in two ways, with the same outcome on every backend:
 
 - `append`: one event made durable, then published and (unless wait=False) confirmed;
-- a batch: `lock` each log (several only in job-id order), `write` events, make all of them
-  durable with one `JobStore.sync(logs)` (file: one syncfs; postgres: one transaction), then
-  `publish_written` and `settle`, and `unlock`.
+- a batch: `JobStore.lock(logs)` (job-id order, all or none), `write` events, make all of
+  them durable with one `JobStore.sync(logs)` (file: one syncfs; postgres: one transaction),
+  then `publish_written`, `JobStore.settle(logs)` and `JobStore.unlock(logs)`.
+
+The batch operations (`acquire`/`release` for claims, `lock`/`settle`/`unlock` for logs) do
+for several jobs what the per-job methods do for one: postgres in one statement each (a batch
+of 32 jobs costs a handful of round trips, not a few hundred), the file store one job at a
+time (`OneByOne`: each is a local system call anyway).
 
 Events get seq 1, 2, 3... per job across every process, are published in seq order, and an
 event whose publish failed is published again by the next writer (the log is an outbox).
@@ -174,7 +179,31 @@ class JobStore(Protocol):
         is where written events are stored at all (fsync=False only relaxes durability)."""
         ...
 
-    def cancel_reason(self, job_id: str) -> str | None: ...
+    def acquire(self, claims: Sequence[Claim]) -> list[bool]:
+        """`Claim.try_acquire` of each claim, in order (two claims of one job: the first wins)."""
+        ...
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        """`Claim.release` of each claim."""
+        ...
+
+    def lock(self, logs: Sequence[JobLog], claims: Sequence[Claim | None] = ()) -> None:
+        """`JobLog.lock` of each log (with its claim, when given), in job-id order, events
+        loaded; all or none: on an error every lock taken here is let go again."""
+        ...
+
+    def unlock(self, logs: Sequence[JobLog]) -> None:
+        """`JobLog.unlock` of each log (logs not locked are skipped)."""
+        ...
+
+    def settle(self, logs: Sequence[JobLog], publish: Publish) -> None:
+        """`JobLog.settle` of each log: every confirm awaited, the publish marks recorded."""
+        ...
+
+    def cancel_reasons(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The cancel reasons recorded for these jobs (jobs without one are left out)."""
+        ...
+
     def request_cancel(self, job_id: str, reason: str) -> None:
         """Record a cancel request (the job may not exist yet); the first reason wins."""
         ...
@@ -206,6 +235,38 @@ class JobStore(Protocol):
 
 
 # --- shared by the backends -----------------------------------------------------------------
+
+
+class OneByOne:
+    """The JobStore batch operations done one job at a time (for a backend whose per-job
+    operations are local system calls, where a batch would save nothing)."""
+
+    def acquire(self, claims: Sequence[Claim]) -> list[bool]:
+        return [claim.try_acquire() for claim in claims]
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        for claim in claims:
+            claim.release()
+
+    def lock(self, logs: Sequence[JobLog], claims: Sequence[Claim | None] = ()) -> None:
+        pairs = list(zip(logs, claims or [None] * len(logs), strict=True))
+        pairs.sort(key=lambda pair: pair[0].job_id)
+        taken: list[JobLog] = []
+        try:
+            for log, claim in pairs:
+                log.lock(claim)
+                taken.append(log)
+        except BaseException:
+            self.unlock(taken)
+            raise
+
+    def unlock(self, logs: Sequence[JobLog]) -> None:
+        for log in logs:
+            log.unlock()
+
+    def settle(self, logs: Sequence[JobLog], publish: Publish) -> None:
+        for log in logs:
+            log.settle(publish)
 
 
 def summarize(job_id: str, events: Sequence[JobEvent]) -> JobSummary:

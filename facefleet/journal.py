@@ -26,6 +26,7 @@ from facefleet.jobstore import (
     JobPage,
     JobState,
     JobSummary,
+    OneByOne,
     Usage,
     ended,
     may_write,
@@ -349,7 +350,7 @@ class JobClaim:
             os.close(fd)  # closing the description drops its lock
 
 
-class FileJobStore:
+class FileJobStore(OneByOne):
     """Job state in journals under a data root (the embedded default): JobJournal logs,
     JobClaim claims (OFD byte locks the kernel drops when the holder dies), cancel marker files,
     one syncfs per batch step. Queries scan the journals: fine on one machine."""
@@ -371,8 +372,9 @@ class FileJobStore:
             return
         self.storage.sync()
 
-    def cancel_reason(self, job_id: str) -> str | None:
-        return self.storage.cancel_reason(job_id)
+    def cancel_reasons(self, job_ids: Sequence[str]) -> dict[str, str]:
+        reasons = {job_id: self.storage.cancel_reason(job_id) for job_id in job_ids}
+        return {job_id: reason for job_id, reason in reasons.items() if reason is not None}
 
     def request_cancel(self, job_id: str, reason: str) -> None:
         self.storage.request_cancel(job_id, reason)

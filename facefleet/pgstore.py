@@ -86,6 +86,8 @@ from psycopg_pool import ConnectionPool
 
 from facefleet.jobstore import (
     ACTIVE_STATES,
+    Claim,
+    JobLog,
     JobPage,
     JobState,
     JobSummary,
@@ -383,6 +385,12 @@ class _ClaimsSession:
                 conn.close()
 
 
+def _pg_log(item: object) -> PostgresJobLog:
+    if not isinstance(item, PostgresJobLog):
+        raise TypeError(f"not a PostgresJobLog: {type(item).__name__}")
+    return item
+
+
 def _dead(conn: Connection) -> bool:
     return bool(conn.closed or conn.broken)
 
@@ -516,14 +524,22 @@ class PostgresJobLog:
 
     def _refresh(self) -> None:
         """Load the events after the ones known, and the published mark, in one query."""
-        top = self._events[-1].seq if self._events else 0
         with self.store._pool.connection() as conn:
             rows = conn.execute(
                 "SELECT seq, published, CASE WHEN seq > %(top)s THEN body::text END "
                 "FROM job_events WHERE job_id = %(job)s AND (seq > %(top)s OR NOT published) "
                 "ORDER BY seq",
-                {"job": self._uuid, "top": top},
+                {"job": self._uuid, "top": self._top},
             ).fetchall()
+        self._apply(rows)
+
+    @property
+    def _top(self) -> int:
+        return self._events[-1].seq if self._events else 0
+
+    def _apply(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Take in a refresh's rows (seq, published, body if after `_top`), ordered by seq."""
+        top = self._top
         fresh = [r for r in rows if r[0] > top]
         if top and fresh and fresh[0][0] != top + 1:  # the log changed under us: start over
             self._events = []
@@ -532,8 +548,7 @@ class PostgresJobLog:
             return
         self._events.extend(JobEvent.model_validate_json(r[2]) for r in fresh)
         unpublished = [r[0] for r in rows if not r[1]]
-        top = self._events[-1].seq if self._events else 0
-        self._mark = min(unpublished) - 1 if unpublished else top
+        self._mark = min(unpublished) - 1 if unpublished else self._top
         self._stale = not self._locked
 
     def events(self) -> list[JobEvent]:
@@ -714,8 +729,11 @@ class PostgresJobLog:
     def settle(self, publish: Publish) -> None:
         """Wait for every in-flight publish; republish failures once; mark the confirmed
         events published."""
-        if not self._inflight:
-            return
+        self._write_mark(self._await(publish))
+
+    def _await(self, publish: Publish) -> int:
+        """Wait for every in-flight publish (republishing failures once); the highest seq
+        that is now confirmed, 0 if none was in flight."""
         top = 0
         for seq in sorted(self._inflight):
             event, fut = self._inflight.pop(seq)
@@ -728,24 +746,12 @@ class PostgresJobLog:
                 again = publish(event)
                 if again is not None:
                     again.result(timeout=60)
-        self._write_mark(top)
+        return top
 
     def _write_mark(self, seq: int) -> None:
         """A hint (one UPDATE): if it is lost, the next writer republishes and watchers drop
         the duplicate seq."""
-        if seq <= self._mark:
-            return
-        try:
-            with self.store._pool.connection() as conn:
-                conn.execute(
-                    "UPDATE job_events SET published = true "
-                    "WHERE job_id = %s AND seq <= %s AND NOT published",
-                    (self._uuid, seq),
-                )
-        except psycopg.Error as exc:
-            log.warning("job %s: could not record the publish mark %d: %s", self.job_id, seq, exc)
-            return
-        self._mark = seq
+        self.store._write_marks([(self, seq)])
 
     def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
         """Republish events a crashed or failed writer left unconfirmed (not ours in flight)."""
@@ -917,34 +923,228 @@ class PostgresJobStore:
     def _lock_job(self, job: uuid.UUID) -> int:
         """Take a job's write lock: first among this store's threads, then on the server
         (polled with a short backoff, so a wait never blocks the shared claims session)."""
-        with self._writers:
-            while job in self._writing:
-                self._writers.wait()
-            self._writing.add(job)
+        self._reserve(job)
         try:
-            delay = 0.001
-            while True:
-                ok, generation = self._session.call(
-                    "SELECT pg_try_advisory_lock(%s::int, %s::int)", _lock_key(job)
-                )
-                if ok:
-                    return int(generation)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.02)
+            return self._server_lock(job)
         except BaseException:
             self._unlock_job(job, None)
             raise
 
+    def _reserve(self, job: uuid.UUID) -> None:
+        """The job's write lock among this store's threads (they share one session, where an
+        advisory lock is re-entrant)."""
+        with self._writers:
+            while job in self._writing:
+                self._writers.wait()
+            self._writing.add(job)
+
+    def _server_lock(self, job: uuid.UUID) -> int:
+        delay = 0.001
+        while True:
+            ok, generation = self._session.call(
+                "SELECT pg_try_advisory_lock(%s::int, %s::int)", _lock_key(job)
+            )
+            if ok:
+                return int(generation)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
     def _unlock_job(self, job: uuid.UUID, generation: int | None) -> None:
+        self._unlock_jobs([(job, generation)])
+
+    def _unlock_jobs(self, jobs: Sequence[tuple[uuid.UUID, int | None]]) -> None:
+        """Let go of write locks (one statement per session generation; locks of an older
+        generation died with their session), then of the in-process reservations."""
         try:
-            if generation is not None:
+            by_generation: dict[int, list[uuid.UUID]] = {}
+            for job, generation in jobs:
+                if generation is not None:
+                    by_generation.setdefault(generation, []).append(job)
+            for generation, held in by_generation.items():
+                keys = [_lock_key(job) for job in held]
                 self._session.release(
-                    "SELECT pg_advisory_unlock(%s::int, %s::int)", _lock_key(job), generation
+                    "SELECT count(pg_advisory_unlock(a, b)) "
+                    "FROM unnest(%s::int[], %s::int[]) AS t(a, b)",
+                    ([a for a, _ in keys], [b for _, b in keys]),
+                    generation,
                 )
         finally:
             with self._writers:
-                self._writing.discard(job)
+                for job, _ in jobs:
+                    self._writing.discard(job)
                 self._writers.notify_all()
+
+    # --- batch operations (facefleet.jobstore: one statement each for a whole batch) ---------
+
+    def acquire(self, claims: Sequence[Claim]) -> list[bool]:
+        out = [False] * len(claims)
+        todo: list[tuple[int, PostgresClaim]] = []
+        for i, claim in enumerate(claims):
+            if not isinstance(claim, PostgresClaim):
+                raise TypeError(f"not a PostgresClaim: {type(claim).__name__}")
+            if claim.held:
+                if not claim.lost:
+                    out[i] = True
+                    continue
+                claim.release()
+            with self._registry:
+                other = self._claimed.get(claim._uuid)
+                if other is not None and other is not claim:
+                    continue  # held by another claim object of this store (or in this batch)
+                self._claimed[claim._uuid] = claim
+            todo.append((i, claim))
+        if not todo:
+            return out
+        try:
+            oks, generation = self._session.call(
+                "SELECT array_agg(pg_try_advisory_lock(k) ORDER BY n) "
+                "FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, n)",
+                ([claim._key for _, claim in todo],),
+            )
+        except BaseException:
+            for _, claim in todo:
+                self._forget_claim(claim)
+            raise
+        for (i, claim), ok in zip(todo, oks, strict=True):
+            if ok:
+                claim._generation = generation
+                out[i] = True
+            else:
+                self._forget_claim(claim)
+        return out
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        held: dict[int, list[PostgresClaim]] = {}
+        for claim in claims:
+            if not isinstance(claim, PostgresClaim):
+                raise TypeError(f"not a PostgresClaim: {type(claim).__name__}")
+            generation, claim._generation = claim._generation, None
+            if generation is not None:
+                held.setdefault(generation, []).append(claim)
+        try:
+            for generation, group in held.items():
+                self._session.release(
+                    "SELECT count(pg_advisory_unlock(k)) FROM unnest(%s::bigint[]) AS t(k)",
+                    ([claim._key for claim in group],),
+                    generation,
+                )
+        finally:
+            for group in held.values():
+                for claim in group:
+                    self._forget_claim(claim)
+
+    def lock(self, logs: Sequence[JobLog], claims: Sequence[Claim | None] = ()) -> None:
+        """Reserve each job in this process (job-id order), try every server lock in one
+        statement, poll for the ones another process holds (in order, after letting go of
+        the later ones, so two batches never wait on each other), load every log in one
+        query."""
+        todo = sorted(
+            {id(lg): lg for lg in map(_pg_log, logs) if not lg._locked}.values(),
+            key=lambda lg: lg._uuid,
+        )
+        if len({lg._uuid for lg in todo}) != len(todo):
+            raise ValueError("lock: two logs of one job")
+        reserved: list[PostgresJobLog] = []
+        locked: list[tuple[PostgresJobLog, int]] = []
+        try:
+            for lg in todo:
+                self._reserve(lg._uuid)
+                reserved.append(lg)
+            if todo:
+                keys = [_lock_key(lg._uuid) for lg in todo]
+                oks, generation = self._session.call(
+                    "SELECT array_agg(pg_try_advisory_lock(a, b) ORDER BY n) "
+                    "FROM unnest(%s::int[], %s::int[]) WITH ORDINALITY AS t(a, b, n)",
+                    ([a for a, _ in keys], [b for _, b in keys]),
+                )
+                first_miss = next((i for i, ok in enumerate(oks) if not ok), len(todo))
+                locked = [(lg, int(generation)) for lg in todo[:first_miss]]
+                later = [lg._uuid for lg, ok in zip(todo, oks, strict=True) if ok]
+                later = later[first_miss:]
+                if later:
+                    self._release_server_locks(later, int(generation))
+                for lg in todo[first_miss:]:
+                    locked.append((lg, self._server_lock(lg._uuid)))
+        except BaseException:
+            held = dict((lg._uuid, g) for lg, g in locked)
+            self._unlock_jobs([(lg._uuid, held.get(lg._uuid)) for lg in reserved])
+            raise
+        for lg, generation in locked:
+            lg._locked, lg._stale, lg._lock_generation = True, True, generation
+        try:
+            self._refresh_all(todo)
+        except BaseException:
+            self.unlock(todo)
+            raise
+
+    def _release_server_locks(self, jobs: Sequence[uuid.UUID], generation: int) -> None:
+        keys = [_lock_key(job) for job in jobs]
+        self._session.release(
+            "SELECT count(pg_advisory_unlock(a, b)) FROM unnest(%s::int[], %s::int[]) AS t(a, b)",
+            ([a for a, _ in keys], [b for _, b in keys]),
+            generation,
+        )
+
+    def _refresh_all(self, logs: Sequence[PostgresJobLog]) -> None:
+        """PostgresJobLog._refresh for several logs in one query."""
+        if not logs:
+            return
+        if len(logs) == 1:
+            logs[0]._refresh()
+            return
+        by_id = {lg._uuid: lg for lg in logs}
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT e.job_id, e.seq, e.published, "
+                "CASE WHEN e.seq > t.top THEN e.body::text END "
+                "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
+                "JOIN job_events e ON e.job_id = t.job_id AND (e.seq > t.top OR NOT e.published) "
+                "ORDER BY e.job_id, e.seq",
+                ([lg._uuid for lg in logs], [lg._top for lg in logs]),
+            ).fetchall()
+        grouped: dict[uuid.UUID, list[tuple[Any, ...]]] = {job: [] for job in by_id}
+        for row in rows:
+            grouped[row[0]].append(row[1:])
+        for job, lg in by_id.items():
+            lg._apply(grouped[job])
+
+    def unlock(self, logs: Sequence[JobLog]) -> None:
+        held: list[tuple[uuid.UUID, int | None]] = []
+        for lg in map(_pg_log, logs):
+            if not lg._locked:
+                continue
+            lg._buffer, lg._auto_queued = [], None
+            lg._locked, lg._stale = False, True
+            generation, lg._lock_generation = lg._lock_generation, None
+            held.append((lg._uuid, generation))
+        if held:
+            self._unlock_jobs(held)
+
+    def settle(self, logs: Sequence[JobLog], publish: Publish) -> None:
+        """Every log's confirms awaited, then one UPDATE for all their publish marks."""
+        marks = [(lg, lg._await(publish)) for lg in map(_pg_log, logs)]
+        self._write_marks(marks)
+
+    def _write_marks(self, marks: Sequence[tuple[PostgresJobLog, int]]) -> None:
+        """Record publish marks (events up to each seq confirmed): a hint; if it is lost, the
+        next writer republishes and watchers drop the duplicate seq."""
+        todo = [(lg, seq) for lg, seq in marks if seq > lg._mark]
+        if not todo:
+            return
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(
+                    "UPDATE job_events AS e SET published = true "
+                    "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
+                    "WHERE e.job_id = t.job_id AND e.seq <= t.top AND NOT e.published",
+                    ([lg._uuid for lg, _ in todo], [seq for _, seq in todo]),
+                )
+        except psycopg.Error as exc:
+            jobs = ", ".join(lg.job_id for lg, _ in todo[:3])
+            log.warning("could not record publish marks (jobs %s...): %s", jobs, exc)
+            return
+        for lg, seq in todo:
+            lg._mark = seq
 
     # --- logs -----------------------------------------------------------------------------------
 
@@ -1020,14 +1220,17 @@ class PostgresJobStore:
 
     # --- cancel markers -------------------------------------------------------------------------
 
-    def cancel_reason(self, job_id: str) -> str | None:
+    def cancel_reasons(self, job_ids: Sequence[str]) -> dict[str, str]:
+        if not job_ids:
+            return {}
+        ids = [uuid.UUID(job_id) for job_id in job_ids]
         with self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT cancel_reason FROM jobs WHERE job_id = %s", (uuid.UUID(job_id),)
-            ).fetchone()
-        if row is None or row[0] is None:
-            return None
-        return str(row[0]) or "cancelled"
+            rows = conn.execute(
+                "SELECT job_id, cancel_reason FROM jobs "
+                "WHERE job_id = ANY(%s::uuid[]) AND cancel_reason IS NOT NULL",
+                (ids,),
+            ).fetchall()
+        return {str(job): str(reason) or "cancelled" for job, reason in rows}
 
     def request_cancel(self, job_id: str, reason: str) -> None:
         """Record a cancel request; the first reason wins (a job may not exist yet)."""

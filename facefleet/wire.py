@@ -536,4 +536,11 @@ def job_id_for_key(idempotency_key: str) -> str:
     return str(uuid.uuid5(_JOB_NAMESPACE, idempotency_key))
 
 
+def scoped_idempotency_key(api_key_id: str, key: str) -> str:
+    """The idempotency key a job submitted through the gateway carries: the caller's key within
+    its API key, so two API keys that both say `order-1` get two jobs, and neither can reach
+    (or learn of) the other's job by guessing its key."""
+    return f"{api_key_id}:{key}"
+
+
 _JOB_NAMESPACE = uuid.UUID("6f1c1a52-3c55-4f43-8a51-0d1f4c6a9e21")

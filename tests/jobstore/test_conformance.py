@@ -373,6 +373,76 @@ def test_an_append_inside_a_batch_publishes_the_batchs_earlier_event_first(
     ]
 
 
+def test_the_batch_operations_do_what_the_per_job_ones_do(backend: Backend) -> None:
+    """acquire / lock / settle / unlock / release for a whole batch (postgres: one statement
+    each): the same claims, locks, events and publish marks as job by job."""
+    store, other = backend.open(), backend.open()
+    jobs = [new_job() for _ in range(6)]
+    taken_elsewhere = other.claim(jobs[2])
+    assert taken_elsewhere.try_acquire()
+    claims = [store.claim(job) for job in jobs]
+    twin = store.claim(jobs[0])  # a second delivery of jobs[0] in the same batch
+    assert store.acquire([*claims, twin]) == [True, True, False, True, True, True, False]
+    mine = [c for c, job in zip(claims, jobs, strict=True) if job != jobs[2]]
+    logs = [store.log(c.job_id) for c in mine]
+    published: list[JobEvent] = []
+    try:
+        store.lock(logs, mine)
+        for log in logs:
+            assert log.write("started", None, published.append) is not None
+        store.sync(logs)
+        for log in logs:
+            log.publish_written(published.append)
+        store.settle(logs, published.append)
+    finally:
+        store.unlock(logs)
+        store.release(mine)
+    assert sorted((e.job_id, e.seq) for e in published) == sorted(
+        (c.job_id, seq) for c in mine for seq in (1, 2)
+    )
+    again: list[JobEvent] = []  # the marks were recorded: nothing is published twice
+    for c in mine:
+        store.log(c.job_id).append("completed", None, again.append)
+    assert sorted((e.job_id, e.seq) for e in again) == sorted((c.job_id, 3) for c in mine)
+    # released: another store takes every claim; the one held elsewhere is still held
+    assert other.acquire([other.claim(c.job_id) for c in mine]) == [True] * len(mine)
+    assert store.acquire([store.claim(jobs[2])]) == [False]
+    taken_elsewhere.release()
+
+
+def test_a_batch_lock_waits_for_a_job_locked_elsewhere_without_holding_up_the_others(
+    backend: Backend,
+) -> None:
+    """One job of the batch is locked by another process: the batch lock waits for it (and
+    holds none of the jobs after it while it waits, so two batches never deadlock)."""
+    jobs = sorted(new_job() for _ in range(3))
+    holder = backend.open().log(jobs[1], fsync=False)
+    holder.lock()
+    store = backend.open()
+    logs = [store.log(job, fsync=False) for job in jobs]
+    done = threading.Event()
+
+    def batch() -> None:
+        store.lock(logs)
+        done.set()
+
+    thread = threading.Thread(target=batch)
+    thread.start()
+    try:
+        assert not done.wait(0.3)
+        late = backend.open().log(jobs[2], fsync=False)  # after the waited-for job: free
+        late.append("progress", None, lambda e: None)
+    finally:
+        holder.unlock()
+    thread.join(10)
+    assert done.is_set()
+    try:
+        assert seqs(logs[2].events()) == [(1, "queued"), (2, "progress")]
+        assert [log.events() for log in logs[:2]] == [[], []]
+    finally:
+        store.unlock(logs)
+
+
 def test_a_second_lock_of_a_job_waits_for_the_first(backend: Backend) -> None:
     job = new_job()
     holder = backend.open().log(job, fsync=False)
@@ -477,13 +547,21 @@ def test_the_claim_of_a_killed_holder_is_free_at_once(backend: Backend) -> None:
 
 
 def test_an_unknown_job_has_no_cancel_marker(store: JobStore) -> None:
-    assert store.cancel_reason(new_job()) is None
+    assert store.cancel_reasons([new_job()]) == {}
+
+
+def test_cancel_reasons_answers_for_several_jobs_at_once(store: JobStore) -> None:
+    jobs = [new_job() for _ in range(4)]
+    store.request_cancel(jobs[1], "one")
+    store.request_cancel(jobs[3], "three")
+    assert store.cancel_reasons(jobs) == {jobs[1]: "one", jobs[3]: "three"}
+    assert store.cancel_reasons([]) == {}
 
 
 def test_a_cancel_request_is_recorded(backend: Backend) -> None:
     job = new_job()
     backend.open().request_cancel(job, "user asked")
-    assert backend.open().cancel_reason(job) == "user asked"
+    assert backend.open().cancel_reasons([job]).get(job) == "user asked"
     # a job with only a cancel marker has no events and is not listed
     assert backend.open().log(job).events() == []
     assert backend.open().get_job(job) is None
@@ -501,7 +579,7 @@ def test_the_first_cancel_reason_wins(backend: Backend) -> None:
     job = new_job()
     backend.open().request_cancel(job, "first")
     backend.open().request_cancel(job, "second")
-    assert backend.open().cancel_reason(job) == "first"
+    assert backend.open().cancel_reasons([job]).get(job) == "first"
 
 
 # --- listing ----------------------------------------------------------------------------------

@@ -344,11 +344,16 @@ def test_heartbeats_keep_flowing_during_a_job_longer_than_the_heartbeat(
 def kill_workers_while_jobs_run(
     env: Env, jobs: list[str], *, every_s: float, kills: int = 4, **worker_env: str
 ) -> int:
-    """Two workers; kill -9 one of them every `every_s`, `kills` times, starting a new one each
-    time, until every job ended (at most 120 s). Returns the kills done."""
+    """Two workers; once a job has started, kill -9 one of them every `every_s`, `kills`
+    times, starting a new one each time, until every job ended (at most 120 s). Returns how
+    many jobs a kill interrupted (started more than once): at least one, or the test proved
+    nothing (on a loaded machine the jobs may all end before the last kills)."""
     workers = [env.start_worker(**worker_env), env.start_worker(**worker_env)]
     done = 0
     deadline = time.monotonic() + 120
+    while not any("started" in types(journal(env, j)) for j in jobs):
+        assert time.monotonic() < deadline, "no job started"
+        time.sleep(0.05)
     while time.monotonic() < deadline:
         if all((ev := journal(env, j)) and ev[-1].terminal for j in jobs):
             break
@@ -361,7 +366,8 @@ def kill_workers_while_jobs_run(
             workers[(done - 1) % 2] = env.start_worker(**worker_env)
         else:
             time.sleep(0.2)
-    return done
+    assert done >= 1
+    return sum(types(journal(env, j)).count("started") > 1 for j in jobs)
 
 
 def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
@@ -373,7 +379,7 @@ def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
         client.submit(env.tier, src, src, options={"sleep_s": 1.2, "steps": 6}).job_id
         for _ in range(6)
     ]
-    assert kill_workers_while_jobs_run(env, jobs, every_s=0.7) == 4
+    assert kill_workers_while_jobs_run(env, jobs, every_s=0.7) >= 1
     for job in jobs:
         events = journal(env, job)
         assert_gapless(events)
