@@ -59,7 +59,7 @@ from producer.sdk import (
     tier_max_length,
     unroutable_cancel,
 )
-from producer.watch import SeqOrderer, WatchTimeout, stream_arguments
+from producer.watch import EndOfWatch, SeqOrderer, WatchTimeout, stream_arguments
 
 
 def event_message(event: JobEvent) -> aio_pika.Message:
@@ -284,16 +284,21 @@ class AsyncJobClient:
             )
             loop = asyncio.get_running_loop()
             deadline = None if timeout_s is None else loop.time() + timeout_s
+            end = EndOfWatch()
             while True:
                 left = None if deadline is None else max(0.0, deadline - loop.time())
+                if end.pending:  # a dead letter read: wait for a `replayed` a little while
+                    left = end.grace_s if left is None else min(left, end.grace_s)
                 try:
                     event = await asyncio.wait_for(inbox.get(), left)
                 except TimeoutError:
+                    if end.idle(caught_up=True):
+                        return
                     raise WatchTimeout(
                         f"no terminal event for job {job_id} within {timeout_s} s"
                     ) from None
                 yield event
-                if event.terminal:
+                if end.saw(event):
                     return
         finally:
             with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):

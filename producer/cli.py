@@ -234,18 +234,18 @@ def follow(
 
     events = _event_source(settings, job_id, after_seq=after_seq, timeout_s=timeout_s, since=since)
     bar = ProgressBar(sys.stderr) if not json_lines else None
+    last: JobEvent | None = None
     try:
-        for event in events:
+        for event in events:  # ends after the terminal event (a replayed dead letter goes on)
+            last = event
             if json_lines:
                 print(event.model_dump_json(exclude_none=True), flush=True)
             elif bar is not None:
                 bar.show(event)
-            if event.terminal:
-                return EXIT_FOR_TERMINAL[event.type]
     except WatchTimeout as exc:
         print(f"facefleet: {exc}", file=sys.stderr)
         return 124
-    return 1
+    return EXIT_FOR_TERMINAL[last.type] if last is not None and last.terminal else 1
 
 
 def _event_source(

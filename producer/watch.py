@@ -26,8 +26,46 @@ STREAM_START_MARGIN = timedelta(minutes=1)
 """Start this long before `since`: stream timestamps are per chunk and clocks drift."""
 
 
+REPLAY_GRACE_S = 5.0
+"""After a `dead_lettered` read from history, how long to wait for a `replayed` right after it
+(see `EndOfWatch`) when the stream does not go quiet first."""
+
+
 class WatchTimeout(TimeoutError):
     pass
+
+
+class EndOfWatch:
+    """When a watch is over. A terminal event ends it, except `dead_lettered`:
+    `facefleet dead replay` may have opened the job again since, so the watcher keeps reading
+    until it has caught up with the stream (a poll that delivers nothing) or `grace_s` passes
+    without another event of the job, and only then ends; a `replayed` after it goes on.
+    Shared by the sync watcher and the async SDK so both end at the same event."""
+
+    def __init__(self, grace_s: float = REPLAY_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self._dead_at: float | None = None
+
+    def saw(self, event: JobEvent) -> bool:
+        """Told each event as it is yielded; True: the watch ends here."""
+        if not event.terminal:
+            self._dead_at = None
+            return False
+        if event.type != "dead_lettered":
+            return True
+        self._dead_at = time.monotonic()
+        return False
+
+    @property
+    def pending(self) -> bool:
+        """A dead letter was read and nothing after it yet."""
+        return self._dead_at is not None
+
+    def idle(self, *, caught_up: bool) -> bool:
+        """Told after each poll; True: the dead letter read last was the end."""
+        if self._dead_at is None:
+            return False
+        return caught_up or time.monotonic() - self._dead_at >= self.grace_s
 
 
 class HasSeq(Protocol):
@@ -109,7 +147,8 @@ def watch_events(
     timeout_s: float | None = None,
     idle_poll_s: float = 0.5,
 ) -> Iterator[JobEvent]:
-    """Yield the job's events with seq > after_seq in order; stops after the terminal event.
+    """Yield the job's events with seq > after_seq in order; stops after the terminal event
+    (after a `dead_lettered`, once no `replayed` follows: see `EndOfWatch`).
 
     `since` (e.g. the job's created_at) lets the stream start near the job instead of at its
     first retained chunk. Raises WatchTimeout if no terminal event arrives within timeout_s.
@@ -124,10 +163,13 @@ def watch_events(
         buffered: list[JobEvent] = []
         prefix = f"job.{job_id}."
         acks = BatchAcker(ch)
+        end = EndOfWatch()
+        delivered = [0]
 
         def on_message(
             channel: Any, method: Any, _props: pika.BasicProperties, body: bytes
         ) -> None:
+            delivered[0] += 1
             acks.took(method.delivery_tag)
             if not method.routing_key.startswith(prefix):
                 return
@@ -140,13 +182,16 @@ def watch_events(
         ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            before = delivered[0]
             connection.process_data_events(time_limit=idle_poll_s)
             acks.flush()
             while buffered:
                 event = buffered.pop(0)
                 yield event
-                if event.terminal:
+                if end.saw(event):
                     return
+            if end.idle(caught_up=delivered[0] == before):
+                return
             if deadline is not None and time.monotonic() > deadline:
                 raise WatchTimeout(f"no terminal event for job {job_id} within {timeout_s} s")
     finally:

@@ -183,6 +183,20 @@ def test_another_key_cannot_see_or_touch_a_job(
     assert mine.status_code == status_for_owner, mine.text
 
 
+def test_an_idempotency_key_is_scoped_to_its_api_key(
+    kworld: GatewayWorld, kgateway: Gateway
+) -> None:
+    """Two keys that both say `order-1` get two jobs (neither can reach the other's job by
+    guessing its idempotency key); the same key saying it again gets its own job back."""
+    idem = "order-" + uuid.uuid4().hex
+    mine = submit(kgateway, API_KEY, kworld.idle_tier, idempotency_key=idem).json()
+    theirs = submit(kgateway, OTHER_KEY, kworld.idle_tier, idempotency_key=idem).json()
+    assert (mine["duplicate"], theirs["duplicate"]) == (False, False)
+    assert mine["job_id"] != theirs["job_id"]
+    again = submit(kgateway, API_KEY, kworld.idle_tier, idempotency_key=idem, expect=200).json()
+    assert (again["job_id"], again["duplicate"]) == (mine["job_id"], True)
+
+
 def test_a_key_lists_its_own_jobs_only_and_sees_them_queued_at_once(
     kworld: GatewayWorld, kgateway: Gateway
 ) -> None:

@@ -137,6 +137,13 @@ def test_a_dead_letter_is_listed_replayed_and_completes(
     assert [(e.seq, e.type) for e in streamed] == [
         (e.seq, e.type) for e in events if e.seq >= replay.seq
     ]
+    # from the start: the old dead letter does not end the watch, the replay goes on to the end
+    whole = watch_events(env.amqp_url, job, since=events[0].ts, timeout_s=30)
+    assert [(e.seq, e.type) for e in whole] == [(e.seq, e.type) for e in events]
+    watched = env.cli("watch", job, "--json")
+    assert watched.returncode == 0, watched.stderr  # exit code of `completed`, not of the letter
+    shown = [json.loads(line)["type"] for line in watched.stdout.splitlines()]
+    assert [t for t in shown if t != "progress"] == types(events)
     again = env.cli("dead", "replay", job)
     assert again.returncode == 1 and "completed" in again.stderr
 

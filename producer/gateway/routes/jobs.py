@@ -43,6 +43,7 @@ from facefleet.wire import (
     JobRequest,
     check_tier,
     job_id_for_key,
+    scoped_idempotency_key,
     utcnow,
 )
 from producer.errors import InvalidJobError, SubmitError, TierFullError, UnroutableJobError
@@ -284,7 +285,9 @@ async def submit_job(request: Request) -> JSONResponse:
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         # Refuse a key over its limits before its uploads stream in (checked again below).
-        refused = await over_limits(gw, key_id, request.headers.get("idempotency-key"))
+        refused = await over_limits(
+            gw, key_id, scoped(key_id, request.headers.get("idempotency-key"))
+        )
         if refused is not None:
             return refused
         fields, src, tgt = await _media_from_form(gw, request)
@@ -295,7 +298,8 @@ async def submit_job(request: Request) -> JSONResponse:
         raise HTTPException(415, "use multipart/form-data (uploads) or application/json (URIs)")
     tier = fields.tier
     async with key_guard(gw, key_id):
-        refused = await over_limits(gw, key_id, fields.idempotency_key)
+        idempotency_key = scoped(key_id, fields.idempotency_key)
+        refused = await over_limits(gw, key_id, idempotency_key)
         if refused is not None:
             return refused
         try:
@@ -307,7 +311,7 @@ async def submit_job(request: Request) -> JSONResponse:
                     src,
                     tgt,
                     options=fields.options,
-                    idempotency_key=fields.idempotency_key,
+                    idempotency_key=idempotency_key,
                     processor=fields.processor,
                     webhook_url=fields.webhook_url,
                     webhook_events=fields.webhook_events,
@@ -341,6 +345,10 @@ async def submit_job(request: Request) -> JSONResponse:
     body = job_links(request, gw, result.job_id, created)
     body.update(duplicate=result.duplicate, tier=tier)
     return JSONResponse(body, status_code=200 if result.duplicate else 202)
+
+
+def scoped(key_id: str, idempotency_key: str | None) -> str | None:
+    return None if not idempotency_key else scoped_idempotency_key(key_id, idempotency_key)
 
 
 @contextlib.asynccontextmanager
