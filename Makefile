@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean bench browser torch-check
+.PHONY: demo test lint typecheck unit install clean bench browser promtool torch-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 ## Lint, type-check, check import contracts, then the whole test suite, then the GFPGAN
 ## .pth -> ONNX check in its own venv (the `torch` extra is ~6 GB and stays out of .venv).
-test: $(STAMP) browser lint typecheck torch-check
+test: $(STAMP) browser promtool lint typecheck torch-check
 	$(BIN)/pytest -p no:cacheprovider
 
 TORCH_VENV = .cache/torchvenv
@@ -43,6 +43,14 @@ browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
 		|| echo "note: could not install chromium; the browser test will skip (fail under CI=true)"; \
+	fi
+
+## Debian's promtool (package `prometheus`) for the alert rule tests (best effort, as `browser`:
+## without root the tests skip on a laptop; under CI=true a missing promtool fails them).
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) \
+		|| echo "note: could not install promtool; the monitoring tests will skip (fail under CI=true)"; \
 	fi
 
 lint: $(STAMP)

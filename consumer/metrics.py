@@ -28,6 +28,14 @@ class WorkerMetrics:
             buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
             registry=self.registry,
         )
+        self.stage_duration = Histogram(
+            "facefleet_stage_duration_seconds",
+            "Time in each processing stage of a completed job (its manifest's timings_s: decode, "
+            "detect, swap, encode, ..., and total), for the dashboard's per-stage quantiles",
+            ["tier", "stage"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "facefleet_queue_wait_seconds",
             "Time from submission to start",

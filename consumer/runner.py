@@ -630,8 +630,10 @@ class JobRunner:
             self.metrics.duration.labels(tier).observe(time.monotonic() - run.t0)
             self.metrics.jobs.labels(tier, "completed").inc()
             assert run.manifest is not None
-            total = run.manifest.get("timings_s", {}).get("total")
-            self._count_usage(run.job.api_key_id, "completed", total)
+            timings = run.manifest.get("timings_s", {})
+            for stage, seconds in timings.items():
+                self.metrics.stage_duration.labels(tier, stage).observe(float(seconds))
+            self._count_usage(run.job.api_key_id, "completed", timings.get("total"))
             run.action = "ack"
 
     def _retry(self, run: JobRun) -> None:

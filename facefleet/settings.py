@@ -176,13 +176,16 @@ UPLOAD_KINDS: tuple[str, ...] = (
     "png",
     "webp",
     "bmp",
+    "heic",
+    "avif",
     "mp4",
     "mov",
     "webm",
     "matroska",
     "avi",
 )
-"""Media kinds the gateway can recognise from content (magic bytes)."""
+"""Media kinds (facefleet.sniff formats) a gateway may accept: those a worker can decode. HEIC
+needs the `heif` extra on the workers; a worker without it refuses as unsupported_media."""
 
 
 def _comma_list(value: Any) -> Any:
@@ -393,7 +396,7 @@ class WorkerSettings(CommonSettings):
     """Most frames a video target may have (10 min at 30 fps)."""
     media_max_duration_s: float = Field(default=600.0, gt=0)
     """Longest video target, in seconds."""
-    media_image_formats: str = "jpeg,png,webp,bmp"
+    media_image_formats: str = "jpeg,png,webp,bmp,heic,avif"
     """Image formats accepted as source or target (sniffed from content, not the extension)."""
     media_video_formats: str = "mp4,mov,webm,matroska,avi"
     """Video containers accepted as target (sniffed from content, not the extension)."""

@@ -497,6 +497,39 @@ def build() -> Schema:
                         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                     }
                 ),
+                "monitoring": obj(
+                    {
+                        "dashboards": obj(
+                            {
+                                "enabled": boolean(),
+                                "labels": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "annotations": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                            }
+                        ),
+                        "prometheusRules": obj(
+                            {
+                                "enabled": boolean(),
+                                "labels": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                # keys are tier names; a tier not listed gets the default
+                                "waitObjectiveSeconds": {
+                                    "type": "object",
+                                    "propertyNames": {"pattern": tier_pattern},
+                                    "additionalProperties": integer(1),
+                                },
+                                "defaultWaitObjectiveSeconds": integer(1),
+                            }
+                        ),
+                    }
+                ),
                 "tests": obj(
                     {
                         # Empty: derived from the media store; inside it: _validate.tpl.

@@ -1,8 +1,8 @@
 """Uploads: checks done before anything is queued, and streaming into the media store.
 
-Checks: size (413), kind by content (415), emptiness (400). The kind is sniffed from magic bytes,
-never taken from the file name or the client's Content-Type, so a renamed executable is refused
-at the door rather than by a GPU worker.
+Checks: size (413), kind by content (415), emptiness (400). The kind is sniffed from magic bytes
+(facefleet.sniff, the sniffer the worker uses too), never taken from the file name or the
+client's Content-Type, so a renamed executable is refused at the door rather than by a GPU worker.
 
 Streaming: an upload's bytes go from the request body straight into `media.put_stream` (which
 hashes, content-addresses and, for s3, uploads in 5 MiB parts) through a bounded `Pipe` read by
@@ -30,21 +30,11 @@ from typing import BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 from facefleet.media import MediaStore, Stored, safe_name
+from facefleet.sniff import EXTENSIONS, HEAD_BYTES, sniff
 from facefleet.storage import StorageError
 
-IMAGE_KINDS = frozenset({"jpeg", "png", "webp", "bmp"})
-EXTENSIONS = {
-    "jpeg": "jpg",
-    "png": "png",
-    "webp": "webp",
-    "bmp": "bmp",
-    "mp4": "mp4",
-    "mov": "mov",
-    "webm": "webm",
-    "matroska": "mkv",
-    "avi": "avi",
-}
-SNIFF_BYTES = 64
+SNIFF_BYTES = HEAD_BYTES
+"""Bytes held back from an upload until its kind is known (the shared sniffer's need)."""
 PIPE_BYTES = 1 << 20
 """Bytes a pipe holds before the request body stops being read (back-pressure to the client)."""
 MAX_URL = 4096
@@ -62,34 +52,16 @@ class UploadRejected(Exception):
         self.reason = reason
 
 
-def sniff(head: bytes) -> str | None:
-    """Media kind from the first bytes of a file, or None when unrecognised."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "avi"
-    if head.startswith(b"BM") and len(head) >= 26:
-        return "bmp"
-    if head[4:8] == b"ftyp":
-        return "mov" if head[8:12] == b"qt  " else "mp4"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "webm" if b"webm" in head else "matroska"
-    return None
-
-
 def check_kind(role: str, head: bytes, *, allowed: Collection[str]) -> str:
     """Kind of an upload for `role` ("source", "target" or "upload") from its first bytes, or
     UploadRejected (415)."""
-    kind = sniff(head)
-    if kind is None:
+    sniffed = sniff(head)
+    if sniffed is None:
         raise UploadRejected(415, f"{role}: not a recognised image or video")
+    kind = sniffed.format
     if kind not in allowed:
         raise UploadRejected(415, f"{role}: {kind} is not accepted here ({', '.join(allowed)})")
-    if role == "source" and kind not in IMAGE_KINDS:
+    if role == "source" and sniffed.kind != "image":
         raise UploadRejected(415, f"source: must be an image with a face, got {kind}")
     return kind
 
@@ -342,9 +314,10 @@ class StreamingUpload:
         """This upload's bytes are all in; checks what can only be checked at the end."""
         self.ended = True
         check_size(self.role, self.size, max_bytes=self.max_bytes)
-        if self._pipe is None:
+        if self._pipe is None:  # the whole upload is shorter than SNIFF_BYTES
+            head = bytes(self._head)
             self._start()
-            await self._write(bytes(self._head))
+            await self._write(head)
 
     def _start(self) -> None:
         self.kind = check_kind(self.role, bytes(self._head), allowed=self.allowed)

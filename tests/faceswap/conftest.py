@@ -132,8 +132,10 @@ def write_video(
     audio: bool = True,
     codec: str = "libx264",
     container_format: str | None = None,
+    rotation: int = 0,
 ) -> Path:
-    """A small test video (H.264 + AAC sine by default) written with PyAV."""
+    """A small test video (H.264 + AAC sine by default) written with PyAV; `rotation` is the
+    display matrix's counter-clockwise degrees (what a phone writes for portrait video)."""
     import av
 
     with av.open(str(path), mode="w", format=container_format) as out:
@@ -141,6 +143,8 @@ def write_video(
         vs.width = frames[0].shape[1]
         vs.height = frames[0].shape[0]
         vs.pix_fmt = "yuv420p"
+        if rotation:
+            vs.set_display_rotation(rotation)
         a_stream = None
         if audio:
             a_stream = out.add_stream("aac", rate=16000)

@@ -18,6 +18,7 @@ import pytest
 from consumer.errors import PermanentJobError
 from consumer.processors.faceswap import FaceSwapProcessor, media
 from facefleet.settings import WorkerSettings
+from facefleet.sniff import HEAD_BYTES, sniff
 from tests.faceswap.conftest import ASTRONAUT, MakeContext, write_video
 
 
@@ -193,21 +194,6 @@ def test_invalid_option_fails_before_reading_media(
 
 
 @pytest.mark.parametrize(
-    ("head", "expected"),
-    [
-        pytest.param(b"\xff\xd8\xff\xe0", ("image", "jpeg"), id="jpeg"),
-        pytest.param(b"\x89PNG\r\n\x1a\n", ("image", "png"), id="png"),
-        pytest.param(b"RIFF\x00\x00\x00\x00WEBPVP8 ", ("image", "webp"), id="webp"),
-        pytest.param(b"\x00\x00\x00\x18ftypqt  ", ("video", "mov"), id="mov"),
-        pytest.param(b"\x1a\x45\xdf\xa3\x01\x00webm", ("video", "webm"), id="webm"),
-        pytest.param(b"hello", None, id="unknown"),
-    ],
-)
-def test_sniff(head: bytes, expected: tuple[str, str] | None) -> None:
-    assert media.sniff(head) == expected
-
-
-@pytest.mark.parametrize(
     ("ext", "params"),
     [
         pytest.param(".png", [], id="png"),
@@ -221,6 +207,6 @@ def test_header_size_matches_decoder(ext: str, params: list[int]) -> None:
     ok, buf = cv2.imencode(ext, np.zeros((37, 53, 3), np.uint8), params)
     assert ok
     data = buf.tobytes()
-    sniffed = media.sniff(data[:64])
+    sniffed = sniff(data[:HEAD_BYTES])
     assert sniffed is not None
-    assert media.image_size(data, sniffed[1]) == (53, 37)
+    assert media.image_size(data, sniffed.format) == (53, 37)

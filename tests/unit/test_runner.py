@@ -307,3 +307,29 @@ def test_a_submission_with_results_outside_the_data_root_is_refused(tmp_path: Pa
     media.write_text("x")
     with pytest.raises(InvalidJobError, match="outside the data root"):
         build_request(store, "standard", str(media), str(media), output_uri_prefix="/etc/")
+
+
+class StagedProbe:
+    """A processor that reports two stages, as the faceswap pipeline does in timings_s."""
+
+    name = "staged"
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, ctx: JobContext) -> ProcessorOutput:
+        (ctx.output_dir / "r.txt").write_text("ok")
+        return ProcessorOutput("r.txt", timings_s={"decode": 0.02, "swap": 0.7})
+
+
+def test_stage_durations_of_a_completed_job_are_observed(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, processor=StagedProbe())
+    _, delivery = job_delivery(runner)
+    assert runner.handle(delivery) == "ack"
+    reg = runner.metrics.registry
+    name = "facefleet_stage_duration_seconds"
+    for stage, seconds in (("decode", 0.02), ("swap", 0.7)):
+        labels = {"tier": "standard", "stage": stage}
+        assert reg.get_sample_value(f"{name}_count", labels) == 1
+        assert reg.get_sample_value(f"{name}_sum", labels) == pytest.approx(seconds)
+    assert reg.get_sample_value(f"{name}_count", {"tier": "standard", "stage": "total"}) == 1

@@ -4,12 +4,19 @@ Every way an input can be bad ends here as a PermanentJobError with a specific c
 expensive part of a job starts:
 
 - size 0 or unreadable header -> corrupt_media; over media_max_bytes -> too_large;
-- a format we do not sniff or do not allow -> unsupported_media (sniffed from the first bytes, the
-  file name is never trusted);
+- a format we do not sniff or do not allow -> unsupported_media (sniffed from the first bytes by
+  facefleet.sniff, the gateway's sniffer too; the file name is never trusted); HEIC/AVIF photos
+  without a decoder on this worker -> unsupported_media naming the format;
 - width*height over media_max_pixels -> too_large, decided from the header alone (PNG IHDR, JPEG
   SOFn, WebP VP8/VP8L/VP8X, BMP info header; the video codec parameters for a container), so a
   decompression bomb never gets its pixels allocated;
 - truncated data (no JPEG EOI after the scan, a PNG without IEND, a decoder refusal) -> corrupt_media.
+
+Pictures come out the way they are shown: a photo's EXIF orientation (all eight) is applied after
+decoding, and so is a video's display matrix rotation (what phones write instead of turning the
+pixels). OpenCV would apply EXIF itself, but then the decoded size no longer matches the header
+(a phone's portrait JPEG failed as corrupt_media), so it decodes as stored and we turn it here.
+HEIC (pillow-heif, the `heif` extra) and AVIF (Pillow >= 11.3) decode through Pillow.
 
 Video goes through PyAV (FFmpeg's maintained binding): the output keeps the input's frame count
 and frame rate, and the audio stream is copied (re-encoded to AAC only when MP4 cannot hold it).
@@ -17,9 +24,11 @@ and frame rate, and the audio stream is copied (re-encoded to AAC only when MP4 
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -29,14 +38,24 @@ import numpy as np
 
 from consumer.errors import PermanentJobError
 from facefleet.settings import WorkerSettings
+from facefleet.sniff import HEAD_BYTES, MediaKind, sniff
 from facefleet.wire import ErrorCode
 
-MediaKind = Literal["image", "video"]
 Role = Literal["source", "target"]
 Frame = np.ndarray  # HxWx3 uint8 BGR
 
 IMAGE_FORMATS_WITH_HEADER_PARSER: tuple[str, ...] = ("jpeg", "png", "webp", "bmp")
-HEAD_BYTES = 64
+PILLOW_FORMATS: dict[str, str] = {
+    "heic": "HEIF",
+    "heif": "HEIF",
+    "avif": "AVIF",
+}
+"""Image formats decoded through Pillow (format -> Pillow plugin), sized from their container."""
+_DECODER_HINT = {
+    "heic": "pillow-heif (pip install 'facefleet[heif]')",
+    "heif": "pillow-heif (pip install 'facefleet[heif]')",
+    "avif": "Pillow >= 11.3 built with libavif",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,7 @@ class MediaLimits:
     max_pixels: int = 40_000_000
     max_frames: int = 18_000
     max_duration_s: float = 600.0
-    image_formats: frozenset[str] = frozenset({"jpeg", "png", "webp", "bmp"})
+    image_formats: frozenset[str] = frozenset({"jpeg", "png", "webp", "bmp", "heic", "avif"})
     video_formats: frozenset[str] = frozenset({"mp4", "mov", "webm", "matroska", "avi"})
 
     @classmethod
@@ -67,7 +86,11 @@ class MediaLimits:
 
 @dataclass(frozen=True)
 class MediaInfo:
-    """What a probe learnt without decoding pixels."""
+    """What a probe learnt without decoding pixels (a video's first frame aside).
+
+    width and height are the picture as shown, after orientation (an EXIF orientation of 5-8 or
+    a video rotated by 90 degrees swaps them); stored_size is as coded, what a decoder returns.
+    """
 
     kind: MediaKind
     format: str
@@ -77,39 +100,21 @@ class MediaInfo:
     fps: Fraction = Fraction(0)
     duration_s: float = 0.0
     has_audio: bool = False
+    orientation: int = 1
+    """EXIF orientation of an image (1-8; 1 = as stored)."""
+    rotation: int = 0
+    """Counter-clockwise degrees a video's display matrix turns its frames (0/90/180/-90)."""
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """(width, height) as coded."""
+        if self.orientation >= 5 or self.rotation in (90, -90):
+            return self.height, self.width
+        return self.width, self.height
 
 
 def _fail(code: ErrorCode, role: Role, message: str) -> PermanentJobError:
     return PermanentJobError(code, f"{role}: {message}")
-
-
-# --- sniffing -------------------------------------------------------------------------------
-
-
-def sniff(head: bytes) -> tuple[MediaKind, str] | None:
-    """Name the format from the first bytes, or None when it is none we know."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image", "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image", "png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image", "webp"
-    if head.startswith(b"BM") and len(head) >= 26:
-        return "image", "bmp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image", "gif"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "image", "tiff"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        return "video", "mov" if brand == b"qt  " else "mp4"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "video", "webm" if b"webm" in head[:HEAD_BYTES] else "matroska"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "video", "avi"
-    if head[:3] == b"FLV":
-        return "video", "flv"
-    return None
 
 
 # --- image headers ----------------------------------------------------------------------------
@@ -232,20 +237,9 @@ def probe(path: Path, limits: MediaLimits, role: Role) -> MediaInfo:
     sniffed = sniff(head)
     if sniffed is None:
         raise _fail("unsupported_media", role, "not an image or video format we recognise")
-    kind, fmt = sniffed
+    kind, fmt = sniffed.kind, sniffed.format
     if kind == "image":
-        if fmt not in limits.image_formats or fmt not in IMAGE_FORMATS_WITH_HEADER_PARSER:
-            allowed = sorted(limits.image_formats & set(IMAGE_FORMATS_WITH_HEADER_PARSER))
-            raise _fail("unsupported_media", role, f"{fmt} images are not accepted ({allowed})")
-        # Headers live in the first few KB, except JPEGs with large EXIF/ICC segments.
-        with path.open("rb") as fh:
-            data = fh.read(1 << 20)
-        try:
-            w, h = image_size(data, fmt)
-        except _HeaderError as exc:
-            raise _fail("corrupt_media", role, str(exc)) from exc
-        _check_pixels(w, h, limits, role)
-        return MediaInfo("image", fmt, w, h)
+        return _probe_image(path, fmt, limits, role)
     if role == "source":
         raise _fail("unsupported_media", role, "the source must be an image, not a video")
     if fmt not in limits.video_formats:
@@ -255,6 +249,121 @@ def probe(path: Path, limits: MediaLimits, role: Role) -> MediaInfo:
             f"{fmt} video is not accepted ({sorted(limits.video_formats)})",
         )
     return _probe_video(path, fmt, limits, role)
+
+
+def _probe_image(path: Path, fmt: str, limits: MediaLimits, role: Role) -> MediaInfo:
+    known = set(IMAGE_FORMATS_WITH_HEADER_PARSER) | set(PILLOW_FORMATS)
+    if fmt not in limits.image_formats or fmt not in known:
+        allowed = sorted(limits.image_formats & known)
+        raise _fail("unsupported_media", role, f"{fmt} images are not accepted ({allowed})")
+    if fmt in PILLOW_FORMATS:
+        w, h, orientation = _pillow_header(path, fmt, role)
+        _check_pixels(w, h, limits, role)
+        return _oriented(MediaInfo("image", fmt, w, h), orientation)
+    # Headers live in the first few KB, except JPEGs with large EXIF/ICC segments.
+    with path.open("rb") as fh:
+        data = fh.read(1 << 20)
+    try:
+        w, h = image_size(data, fmt)
+    except _HeaderError as exc:
+        raise _fail("corrupt_media", role, str(exc)) from exc
+    _check_pixels(w, h, limits, role)
+    return _oriented(MediaInfo("image", fmt, w, h), exif_orientation(data))
+
+
+def _oriented(info: MediaInfo, orientation: int) -> MediaInfo:
+    """info as shown: orientations 5-8 turn the picture a quarter, swapping its sides."""
+    if orientation >= 5:
+        return replace(info, width=info.height, height=info.width, orientation=orientation)
+    return replace(info, orientation=orientation)
+
+
+def _pillow_decoder(fmt: str, role: Role) -> None:
+    """Make sure Pillow can decode fmt here, or refuse it as unsupported_media naming it."""
+    from PIL import features
+
+    if fmt == "avif":
+        ok = bool(features.check("avif"))
+    else:
+        try:
+            import pillow_heif
+        except ImportError:
+            ok = False
+        else:
+            pillow_heif.register_heif_opener()
+            ok = True
+    if not ok:
+        raise _fail(
+            "unsupported_media",
+            role,
+            f"{fmt} images need a decoder this worker does not have: {_DECODER_HINT[fmt]}",
+        )
+
+
+def _pillow_open(data: bytes | Path, role: Role) -> Any:
+    """Pillow's lazy open (headers only), with its own bomb limit left to _check_pixels."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except Image.DecompressionBombError as exc:
+        raise _fail("too_large", role, str(exc)) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise _fail("corrupt_media", role, f"cannot read the image header: {exc}") from exc
+
+
+def _pillow_header(path: Path, fmt: str, role: Role) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of a HEIC/AVIF photo from its container."""
+    _pillow_decoder(fmt, role)
+    with _pillow_open(path, role) as img:
+        if img.format != PILLOW_FORMATS[fmt]:
+            raise _fail("corrupt_media", role, f"not a readable {fmt} file")
+        w, h = img.size
+        return int(w), int(h), _orientation_of(img)
+
+
+def _orientation_of(img: Any) -> int:
+    from PIL import ExifTags
+
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except (OSError, ValueError, SyntaxError, struct.error):
+        return 1  # unreadable EXIF is metadata lost, not a broken picture
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of an encoded image, 1 when it has none or it is unreadable.
+
+    Pillow finds EXIF in a JPEG's APP1, a PNG's eXIf and a WebP's EXIF chunk alike, from the
+    headers (no pixels decoded)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return _orientation_of(img)
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError):
+        return 1
+
+
+def apply_orientation(img: Frame, orientation: int) -> Frame:
+    """Turn a decoded picture (rows, columns, ...) the way EXIF orientation 1-8 says it is
+    shown (TIFF 6.0 / EXIF 2.3 tag 0x0112)."""
+    turned = {
+        1: img,
+        2: img[:, ::-1],
+        3: img[::-1, ::-1],
+        4: img[::-1],
+        5: img.swapaxes(0, 1),
+        6: np.rot90(img, -1),
+        7: img.swapaxes(0, 1)[::-1, ::-1],
+        8: np.rot90(img, 1),
+    }[orientation]
+    return np.ascontiguousarray(turned)
 
 
 def _check_pixels(w: int, h: int, limits: MediaLimits, role: Role) -> None:
@@ -292,6 +401,7 @@ def _probe_video(path: Path, fmt: str, limits: MediaLimits, role: Role) -> Media
                 duration = 0.0
             frames = int(stream.frames or 0) or round(duration * fps)
             has_audio = bool(container.streams.audio)
+            rotation = next((_rotation(f) for f in container.decode(stream)), 0)
     except PermanentJobError:
         raise
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
@@ -302,25 +412,54 @@ def _probe_video(path: Path, fmt: str, limits: MediaLimits, role: Role) -> Media
         )
     if frames > limits.max_frames:
         raise _fail("too_large", role, f"{frames} frames is over the limit of {limits.max_frames}")
-    return MediaInfo("video", fmt, w, h, frames, fps, duration, has_audio)
+    if rotation in (90, -90):
+        w, h = h, w
+    return MediaInfo("video", fmt, w, h, frames, fps, duration, has_audio, rotation=rotation)
+
+
+def _rotation(frame: Any) -> int:
+    """A decoded frame's display rotation, counter-clockwise degrees snapped to 0/90/180/-90
+    (PyAV reads it from the frame's DISPLAYMATRIX side data; 0 when there is none). Mirroring
+    in a display matrix is not honoured (phones do not write it)."""
+    degrees = float(frame.rotation or 0)
+    quarter = round(degrees / 90) % 4
+    return (0, 90, 180, -90)[quarter]
 
 
 # --- images -----------------------------------------------------------------------------------
 
 
 def read_image(path: Path, info: MediaInfo, role: Role) -> Frame:
-    """Decode a probed image to BGR uint8 (alpha dropped, 16-bit reduced to 8)."""
+    """Decode a probed image to BGR uint8 as shown (orientation applied; alpha dropped, 16-bit
+    reduced to 8)."""
     data = path.read_bytes()
-    try:
-        _check_complete(data, info.format)
-    except _HeaderError as exc:
-        raise _fail("corrupt_media", role, str(exc)) from exc
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise _fail("corrupt_media", role, f"the {info.format} decoder refused the data")
-    if img.shape[:2] != (info.height, info.width):
+    img: Frame | None
+    if info.format in PILLOW_FORMATS:
+        img = _pillow_decode(data, info, role)
+    else:
+        try:
+            _check_complete(data, info.format)
+        except _HeaderError as exc:
+            raise _fail("corrupt_media", role, str(exc)) from exc
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if img is None:
+            raise _fail("corrupt_media", role, f"the {info.format} decoder refused the data")
+    w, h = info.stored_size
+    if img.shape[:2] != (h, w):
         raise _fail("corrupt_media", role, "decoded size differs from the header")
-    return np.ascontiguousarray(img)
+    return apply_orientation(img, info.orientation)
+
+
+def _pillow_decode(data: bytes, info: MediaInfo, role: Role) -> Frame:
+    """HEIC/AVIF pixels as stored (BGR); orientation is left to apply_orientation."""
+    _pillow_decoder(info.format, role)
+    with _pillow_open(data, role) as img:
+        try:
+            rgb = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise _fail("corrupt_media", role, f"the {info.format} decoder refused: {exc}") from exc
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def write_image(img: Frame, path: Path, fmt: str, quality: int) -> None:
@@ -343,8 +482,8 @@ def write_image(img: Frame, path: Path, fmt: str, quality: int) -> None:
 
 
 def read_frames(path: Path, limits: MediaLimits) -> Generator[Frame, None, None]:
-    """Decode every video frame to BGR; enforces max_frames again while decoding, since the
-    header's count can lie."""
+    """Decode every video frame to BGR, turned upright by its display rotation; enforces
+    max_frames again while decoding, since the header's count can lie."""
     import av
 
     count = 0
@@ -358,7 +497,9 @@ def read_frames(path: Path, limits: MediaLimits) -> Generator[Frame, None, None]
                     raise _fail(
                         "too_large", "target", f"more than {limits.max_frames} frames decoded"
                     )
-                yield frame.to_ndarray(format="bgr24")
+                pixels = frame.to_ndarray(format="bgr24")
+                rotation = _rotation(frame)
+                yield np.ascontiguousarray(np.rot90(pixels, rotation // 90)) if rotation else pixels
     except av.FFmpegError as exc:
         raise _fail(
             "corrupt_media", "target", f"video decode failed at frame {count}: {exc}"
