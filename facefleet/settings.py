@@ -340,11 +340,22 @@ class WorkerSettings(CommonSettings):
 
     tier: str = "standard"
     processor: str = "sleep"
-    backend: Literal["insightface", "classic"] = "classic"
-    """faceswap backend: insightface (ONNX models from model_dir) or classic (OpenCV only)."""
+    backend: Literal["insightface", "classic", "emulated"] = "classic"
+    """faceswap backend: insightface (ONNX models from model_dir), classic (OpenCV only), or
+    emulated (model calls hold an exclusive emulated device for emulated_model_ms, no weights:
+    for measuring the pipeline's duty cycle on any machine)."""
+    emulated_model_ms: str = "detect=10,embed=2,swap=8,enhance=10"
+    """The emulated backend's model times: `name=base` or `name=base+per_row` in milliseconds
+    (per_row: added for each row of a batched call), names detect, embed, swap, enhance."""
     concurrency: int = Field(default=1, ge=1, le=64)
     """Jobs run at once; also the AMQP prefetch (1 per GPU slot: a crash loop then burns only one
     job's delivery count)."""
+    pipeline_depth: int = Field(default=1, ge=1, le=16)
+    """Jobs in flight per GPU slot: 1 = one job at a time (fetch, decode, models, encode,
+    commit, ack, then the next); 3 = while one job's model calls hold the slot's inference lane,
+    the next is fetched and decoded and the one before is encoded and committed (a pipeline
+    across jobs: keeps the GPU busy). Prefetch and job threads are concurrency x depth (x batch);
+    a prefetched job not started yet is given back at once on SIGTERM."""
     batch: int = Field(default=1, ge=1, le=256)
     """Jobs one slot takes at once (the batch lane, for short jobs: one filesystem sync per step
     for the whole batch, events pipelined). The prefetch becomes concurrency x batch, so every
@@ -408,6 +419,16 @@ class WorkerSettings(CommonSettings):
     """Local space for inputs fetched from s3:// or https:// and results before their upload;
     default: the system temp dir (an emptyDir in the chart)."""
 
+    @field_validator("emulated_model_ms")
+    @classmethod
+    def _emulated(cls, v: str) -> str:
+        parse_model_ms(v)
+        return v
+
+    def emulated_times(self) -> dict[str, tuple[float, float]]:
+        """emulated_model_ms parsed: model name -> (base ms, ms per row)."""
+        return parse_model_ms(self.emulated_model_ms)
+
     def providers(self) -> list[str]:
         names = {
             "tensorrt": "TensorrtExecutionProvider",
@@ -425,6 +446,31 @@ class WorkerSettings(CommonSettings):
         if "CPUExecutionProvider" not in out:
             out.append("CPUExecutionProvider")
         return out
+
+
+EMULATED_MODELS = ("detect", "embed", "swap", "enhance")
+
+
+def parse_model_ms(text: str) -> dict[str, tuple[float, float]]:
+    """`detect=10,swap=6+2` -> {"detect": (10, 0), "swap": (6, 2)}: base ms and ms per batch
+    row; models not named take no time."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in _comma_list(text):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in EMULATED_MODELS:
+            raise ValueError(
+                f"{item!r}: use name=ms or name=ms+ms_per_row, names {EMULATED_MODELS}"
+            )
+        base, _, per_row = value.partition("+")
+        try:
+            times = (float(base), float(per_row) if per_row else 0.0)
+        except ValueError:
+            raise ValueError(f"{item!r}: the times are numbers of milliseconds") from None
+        if not all(0 <= t <= 60_000 for t in times):
+            raise ValueError(f"{item!r}: each time must be in [0, 60000] ms")
+        out[name] = times
+    return out
 
 
 WEBHOOK_RETRY_SCHEDULE = "5s,30s,2m,10m,30m,1h,2h,5h,10h,10h"

@@ -307,3 +307,14 @@ def test_a_submission_with_results_outside_the_data_root_is_refused(tmp_path: Pa
     media.write_text("x")
     with pytest.raises(InvalidJobError, match="outside the data root"):
         build_request(store, "standard", str(media), str(media), output_uri_prefix="/etc/")
+
+
+def test_a_prefetched_job_not_started_is_given_back_at_once_when_draining(tmp_path: Path) -> None:
+    """A pipelined worker holds more deliveries than it runs; on SIGTERM the ones that have not
+    started go back at once: no claim taken, no `started`, nothing run."""
+    runner = make_runner(tmp_path, processor=NoopProcessor())
+    job, delivery = job_delivery(runner)
+    runner.draining.set()
+    assert runner.handle(delivery) == "give_back"
+    assert [e.type for e in events_of(runner, job)] == []
+    assert JobClaim(runner.storage, job.job_id).try_acquire()  # no claim was left behind

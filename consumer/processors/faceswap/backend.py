@@ -13,10 +13,11 @@ from typing import Protocol
 
 import numpy as np
 
+from consumer.device import Device
 from consumer.processors.faceswap import detector, enhancer, recognizer, swapper
 from consumer.processors.faceswap.geometry import Face, Frame
 from consumer.processors.faceswap.paste import paste_swapped
-from consumer.processors.faceswap.sessions import create_session, resolve_model_files
+from consumer.processors.faceswap.sessions import create_session, on_device, resolve_model_files
 from facefleet.settings import WorkerSettings
 
 INSIGHTFACE_QUALITY_NOTE = (
@@ -80,10 +81,18 @@ class InsightfaceBackend:
         self.enhancer = enh
 
     @classmethod
-    def load(cls, settings: WorkerSettings, catalog_path: Path | None = None) -> InsightfaceBackend:
-        """Resolve the four catalogue entries in settings.model_dir and open their sessions."""
+    def load(
+        cls,
+        settings: WorkerSettings,
+        catalog_path: Path | None = None,
+        device: Device | None = None,
+    ) -> InsightfaceBackend:
+        """Resolve the four catalogue entries in settings.model_dir and open their sessions; with
+        a device, every model call takes one of its lanes."""
         files = resolve_model_files(settings.model_dir, MODEL_NAMES, catalog_path)
-        sessions = {name: create_session(path, settings) for name, path in files.items()}
+        sessions = {
+            name: on_device(create_session(path, settings), device) for name, path in files.items()
+        }
         return cls(
             detector.Detector(sessions[detector.MODEL_NAME]),
             recognizer.Recognizer(sessions[recognizer.MODEL_NAME], files[recognizer.MODEL_NAME]),

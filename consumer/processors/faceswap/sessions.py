@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from consumer.device import Device
 from consumer.errors import TransientJobError
 from facefleet.settings import WorkerSettings
 
@@ -86,6 +87,28 @@ def create_session(path: Path, settings: WorkerSettings) -> Any:
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelMissingError(f"cannot load model {path}: {exc}") from exc
+
+
+class LaneSession:
+    """A session whose every `run` takes a lane of the device (consumer/device.py): the worker's
+    pipeline overlaps jobs' CPU steps, while their model calls queue for the GPU slot in order.
+    Everything else (get_inputs, get_outputs...) is the session's own."""
+
+    def __init__(self, session: Any, device: Device) -> None:
+        self.session = session
+        self.device = device
+
+    def run(self, output_names: Any, feeds: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.device.hold():
+            return self.session.run(output_names, feeds, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def on_device(session: Any, device: Device | None) -> Any:
+    """The session as the backend should call it: through the device's lanes when there is one."""
+    return session if device is None else LaneSession(session, device)
 
 
 def batch_capacity(dim: object) -> int | None:
