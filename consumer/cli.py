@@ -26,6 +26,11 @@ def register(sub: Any, name: str) -> None:
         help="jobs in flight per GPU slot; 3 overlaps decode/models/commit (FACEFLEET_PIPELINE_DEPTH)",
     )
     p.add_argument(
+        "--instances",
+        type=int,
+        help="onnxruntime sessions per model on the device (FACEFLEET_INSTANCES)",
+    )
+    p.add_argument(
         "--batch",
         type=int,
         help="short jobs: jobs per slot taken at once, one sync per step (FACEFLEET_BATCH)",
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             "backend": args.backend,
             "concurrency": args.concurrency,
             "pipeline_depth": args.pipeline_depth,
+            "instances": args.instances,
             "batch": args.batch,
             "health_port": args.health_port,
         }.items()

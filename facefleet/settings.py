@@ -361,6 +361,16 @@ class WorkerSettings(CommonSettings):
     for the whole batch, events pipelined). The prefetch becomes concurrency x batch, so every
     job of a batch waits for the ones before it: keep batch x the tier's max job time well
     inside its consumer timeout. 1 (the default) = one job per slot."""
+    instances: int = Field(default=1, ge=1, le=16)
+    """onnxruntime sessions per model on the device (Triton's instance group): up to this many
+    calls of one model in flight at once; the device gets concurrency x instances lanes. Each
+    instance holds its own copy of the weights in GPU memory."""
+    dynamic_batch: int = Field(default=1, ge=1, le=256)
+    """Dynamic batching across jobs: concurrent calls of a model whose batch axis is symbolic
+    (the detector and enhancer exports) are stacked into one call of up to this many rows;
+    1 = off."""
+    batch_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    """Longest a model call waits for others to share its dynamic batch."""
     model_dir: Path = Path("./var/models")
     model_catalog: Path | None = None
     """Catalogue the model files are checked against; default: the packaged models/catalog.yaml

@@ -93,7 +93,7 @@ class FaceSwapProcessor:
         self.device: Device | None = None
         """The lanes model calls take (None: the classic backend runs on the CPU only)."""
         if self.backend_name == "insightface":
-            self.device = Device(settings.concurrency)
+            self.device = Device(settings.concurrency * settings.instances)
         elif self.backend_name == "emulated":
             self.device = Device(1)
         self.catalog_path = catalog_path
