@@ -376,7 +376,14 @@ class WorkerSettings(CommonSettings):
     """Catalogue the model files are checked against; default: the packaged models/catalog.yaml
     (tests point it at the tiny models' catalogue)."""
     execution_providers: str = "tensorrt,cuda,cpu"
-    """Preference order; the first available one is used, CPU always last."""
+    """Preference order; CPU always last. A provider this process cannot use is left out:
+    one this onnxruntime build lacks, and TensorRT when libnvinfer does not load (the default
+    consumer image has none: it runs CUDA, see consumer/Dockerfile's TENSORRT build arg)."""
+    trt_fp16: bool = False
+    """TensorRT builds FP16 engines (faster, slightly different results; its own cache key)."""
+    trt_cache_dir: Path | None = None
+    """TensorRT engine and timing caches, keyed by GPU model, TensorRT version and model hash;
+    default <model_dir>/trt-cache (the model volume: later pods load what the first built)."""
     device_id: int = 0
     gpu_mem_limit_mb: int | None = None
     drain_timeout_s: float = 600.0

@@ -20,6 +20,8 @@ import numpy as np
 
 from consumer.device import Device
 from consumer.errors import TransientJobError
+from consumer.processors.faceswap import tensorrt as trt
+from consumer.processors.faceswap.tensorrt import TensorrtTarget
 from facefleet.settings import WorkerSettings
 
 
@@ -50,26 +52,35 @@ def resolve_model_files(
     return {name: catalog.path_for(name, model_dir) for name in names}
 
 
-def provider_config(settings: WorkerSettings) -> tuple[list[str], list[dict[str, Any]]]:
-    """The settings' provider order, reduced to what this onnxruntime build has, with the device
-    id and GPU memory limit as provider options (CPU always last)."""
+def provider_config(
+    settings: WorkerSettings,
+    model_path: Path | None = None,
+    *,
+    tensorrt: Callable[[int], TensorrtTarget | None] = trt.detect,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The settings' provider order, reduced to what works here, with the device id and GPU
+    memory limit as provider options (CPU always last). TensorRT only where its libraries load
+    and a GPU is named (`tensorrt`, feature detection: see tensorrt.py), with its engine and
+    timing caches for `model_path` under FACEFLEET_TRT_CACHE_DIR, FP16 per FACEFLEET_TRT_FP16."""
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
     providers: list[str] = []
     options: list[dict[str, Any]] = []
+    limit = settings.gpu_mem_limit_mb * 1024 * 1024 if settings.gpu_mem_limit_mb else None
     for name in settings.providers():
         if name not in available:
             continue
         opts: dict[str, Any] = {}
         if name == "CUDAExecutionProvider":
             opts["device_id"] = settings.device_id
-            if settings.gpu_mem_limit_mb:
-                opts["gpu_mem_limit"] = settings.gpu_mem_limit_mb * 1024 * 1024
+            if limit:
+                opts["gpu_mem_limit"] = limit
         elif name == "TensorrtExecutionProvider":
-            opts["device_id"] = settings.device_id
-            if settings.gpu_mem_limit_mb:
-                opts["trt_max_workspace_size"] = settings.gpu_mem_limit_mb * 1024 * 1024
+            target = tensorrt(settings.device_id)
+            if target is None:
+                continue
+            opts = tensorrt_options(settings, target, model_path, limit)
         providers.append(name)
         options.append(opts)
     if "CPUExecutionProvider" not in providers:
@@ -78,11 +89,33 @@ def provider_config(settings: WorkerSettings) -> tuple[list[str], list[dict[str,
     return providers, options
 
 
+def tensorrt_options(
+    settings: WorkerSettings, target: TensorrtTarget, model_path: Path | None, limit: int | None
+) -> dict[str, Any]:
+    """TensorRT options for one model: caches keyed by GPU model, TensorRT version and the
+    model's sha256 (none without a model path or a writable cache volume)."""
+    if model_path is None:
+        return {"device_id": settings.device_id, "trt_fp16_enable": settings.trt_fp16}
+    root = settings.trt_cache_dir or settings.model_dir / "trt-cache"
+    engines, timing = trt.cache_dirs(root, target, trt.model_sha256(model_path), settings.trt_fp16)
+    opts = trt.provider_options(
+        device_id=settings.device_id,
+        engines=engines,
+        timing=timing,
+        fp16=settings.trt_fp16,
+        workspace_bytes=limit,
+    )
+    if not (trt.writable_dir(engines) and trt.writable_dir(timing)):
+        for key in ("trt_engine_cache_enable", "trt_timing_cache_enable"):
+            opts[key] = False
+    return opts
+
+
 def create_session(path: Path, settings: WorkerSettings) -> Any:
     """One onnxruntime session for one model file with the worker's providers."""
     import onnxruntime as ort
 
-    providers, options = provider_config(settings)
+    providers, options = provider_config(settings, path)
     sess_options = ort.SessionOptions()
     sess_options.log_severity_level = 3  # "initializer not used" noise on tiny/exported graphs
     try:
