@@ -4,6 +4,8 @@ the storage is real files in a temp dir."""
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -194,8 +196,14 @@ def test_a_job_claimed_elsewhere_is_given_back_when_draining(tmp_path: Path) -> 
     job, delivery = job_delivery(runner)
     other = make_runner(tmp_path)
     assert JobClaim(other.storage, job.job_id).try_acquire()
-    runner.draining.set()
-    assert runner.handle(delivery) == "give_back"
+    drain = threading.Timer(0.3, runner.draining.set)  # SIGTERM while it waits for the claim
+    drain.start()
+    t0 = time.monotonic()
+    try:
+        assert runner.handle(delivery) == "give_back"
+    finally:
+        drain.cancel()
+    assert time.monotonic() - t0 < claim_wait_s(runner.tier)  # the drain ended the wait
 
 
 def test_a_job_claimed_elsewhere_is_given_back_once_the_claim_wait_is_spent(
