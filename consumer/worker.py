@@ -115,9 +115,9 @@ class Worker:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.state = WorkerState.STARTING
         self._state_lock = threading.Lock()
-        self.lanes = settings.concurrency * settings.pipeline_depth
+        self.job_threads = settings.concurrency * settings.pipeline_depth
         """Job threads: a GPU slot's D jobs in flight each have one (see the module docstring)."""
-        self._executor = ThreadPoolExecutor(self.lanes, thread_name_prefix="job")
+        self._executor = ThreadPoolExecutor(self.job_threads, thread_name_prefix="job")
         self._inflight: dict[int, str] = {}
         """Deliveries being handled (by Delivery.key) and their job ids once decoded."""
         self._inflight_lock = threading.Lock()
@@ -221,7 +221,7 @@ class Worker:
         ch = conn.channel()
         self._channel = ch
         self._unsettled = set()
-        ch.basic_qos(prefetch_count=self.lanes * self.settings.batch)
+        ch.basic_qos(prefetch_count=self.job_threads * self.settings.batch)
         # Cancels: live ones for running jobs on an exclusive queue; durable ones (sent while a
         # job was queued, maybe with no worker up) recorded in the job state before any job is
         # taken, then as they come.
@@ -391,7 +391,7 @@ class Worker:
             return
         with self._inflight_lock:
             self._waiting.append(delivery)
-            if self._batchers >= self.lanes:
+            if self._batchers >= self.job_threads:
                 return  # a busy slot takes it with its next batch
             self._batchers += 1
         self._executor.submit(self._take_batches, ch)
