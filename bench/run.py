@@ -14,6 +14,7 @@ BENCHES: tuple[tuple[str, list[str]], ...] = (
     ("video pipeline vs naive loop", ["bench/bench_video.py"]),
     ("gateway: 10,000 WebSockets", ["bench/bench_gateway.py", "--client-procs", "2"]),
     ("media store vs boto3 (moto_server)", ["bench/bench_media.py"]),
+    ("GPU duty cycle: pipelined vs sequential (emulated device)", ["-m", "bench.bench_gpu_duty"]),
 )
 
 

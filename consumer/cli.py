@@ -13,9 +13,22 @@ def register(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="run a consumer worker for one tier")
     p.add_argument("--tier", help="QoS tier to consume (FACEFLEET_TIER)")
     p.add_argument("--processor", help="sleep | noop | faceswap (FACEFLEET_PROCESSOR)")
-    p.add_argument("--backend", help="faceswap backend: insightface | classic (FACEFLEET_BACKEND)")
     p.add_argument(
-        "--concurrency", type=int, help="jobs at once = prefetch (FACEFLEET_CONCURRENCY)"
+        "--backend",
+        help="faceswap backend: insightface | classic | emulated (FACEFLEET_BACKEND)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, help="GPU slots (inference lanes) (FACEFLEET_CONCURRENCY)"
+    )
+    p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        help="jobs in flight per GPU slot; 3 overlaps decode/models/commit (FACEFLEET_PIPELINE_DEPTH)",
+    )
+    p.add_argument(
+        "--instances",
+        type=int,
+        help="onnxruntime sessions per model on the device (FACEFLEET_INSTANCES)",
     )
     p.add_argument(
         "--batch",
@@ -34,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
             "processor": args.processor,
             "backend": args.backend,
             "concurrency": args.concurrency,
+            "pipeline_depth": args.pipeline_depth,
+            "instances": args.instances,
             "batch": args.batch,
             "health_port": args.health_port,
         }.items()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from consumer.device import Device
 
 
 class WorkerMetrics:
@@ -63,3 +70,28 @@ class WorkerMetrics:
             "Jobs running now (claimed by this worker, from claim to ack or give-back)",
             registry=self.registry,
         )
+
+    def watch_device(self, device: Device) -> None:
+        """Export the processor's device: seconds held and model calls (read when scraped)."""
+        self.registry.register(_DeviceCollector(device))
+
+
+class _DeviceCollector(Collector):
+    """Reads a Device's counters at scrape time (no thread keeps a gauge up to date)."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    def collect(self) -> Iterator[Metric]:
+        held = CounterMetricFamily(
+            "facefleet_device_held_seconds",
+            "Time at least one inference lane of the device was held by a model call; "
+            "duty cycle = its rate (held / wall time)",
+        )
+        held.add_metric([], self.device.held_s)
+        yield held
+        calls = CounterMetricFamily(
+            "facefleet_device_calls", "Model calls that took an inference lane"
+        )
+        calls.add_metric([], float(self.device.calls))
+        yield calls

@@ -7,6 +7,7 @@ on job threads. There is one path: `handle_batch` takes a slot's deliveries (up 
 
     delivery ─ decode ──(bad)──▶ dead letter with reason, `dead_lettered` if a job id is readable
                  │
+                 ├─ the worker drains (SIGTERM, FACEFLEET_MAX_JOBS) ─▶ give back, not started
                  ├─ claim; a job claimed elsewhere waits until the rest of the batch is done
                  │  (its log already ended ─▶ ack; draining, or waited too long ─▶ give back)
                  │  ── job locks, in job-id order ──
@@ -364,6 +365,12 @@ class JobRunner:
                 runs.append((i, run))
         ready: list[JobRun] = []
         waiting: list[JobRun] = []
+        if self.draining.is_set():
+            # Prefetched (a pipelined worker holds more than it runs) and not started yet:
+            # back at once, not after the jobs ahead of it.
+            for i, _ in runs:
+                actions[i] = "give_back"
+            runs = []
         try:
             acquired = self.store.acquire([run.claim for _, run in runs])
         except Exception as exc:

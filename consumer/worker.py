@@ -3,9 +3,16 @@
 Threads (pika connections are not thread-safe, and GPU work must never block heartbeats):
 
     main thread      consumer connection: deliveries, heartbeats, acks (via add_callback_threadsafe)
-    job threads      one per concurrency slot, running consumer.runner.JobRunner: decode, claim,
-                     process, commit the result, emit events; with --batch N a slot takes
-                     whatever deliveries wait (up to N) and runs them as one batch
+    job threads      concurrency x pipeline_depth, running consumer.runner.JobRunner: decode,
+                     claim, process, commit the result, emit events; with --batch N a thread
+                     takes whatever deliveries wait (up to N) and runs them as one batch
+
+The pipeline across jobs (FACEFLEET_PIPELINE_DEPTH = D): each GPU slot has D jobs in flight, and
+their model calls take the slot's inference lane (the processor's Device, first come first
+served) while the other jobs' CPU steps run: job N on the GPU, N+1 fetched and decoded, N-1
+encoded, committed and acked. D = 1 is the sequential worker: one code path, one job per slot.
+Prefetch = concurrency x D x batch, so every delivery held has a thread; one that has not
+started when the worker drains is given back at once (the runner checks before claiming).
     publisher        ThreadedPublisher: events and dead letters, with confirms
     health server    /healthz, /readyz, /metrics
 
@@ -44,6 +51,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 
 from consumer.delivery import Action, Delivery
+from consumer.device import Device
 from consumer.giveback import give_back
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor
@@ -107,7 +115,9 @@ class Worker:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.state = WorkerState.STARTING
         self._state_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="job")
+        self.job_threads = settings.concurrency * settings.pipeline_depth
+        """Job threads: a GPU slot's D jobs in flight each have one (see the module docstring)."""
+        self._executor = ThreadPoolExecutor(self.job_threads, thread_name_prefix="job")
         self._inflight: dict[int, str] = {}
         """Deliveries being handled (by Delivery.key) and their job ids once decoded."""
         self._inflight_lock = threading.Lock()
@@ -153,6 +163,9 @@ class Worker:
         self.received = 0
         """Deliveries taken from the job queue (FACEFLEET_MAX_JOBS counts these)."""
         self._timeout_checked = False
+        device = getattr(processor, "device", None)
+        if isinstance(device, Device):
+            self.metrics.watch_device(device)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -208,7 +221,7 @@ class Worker:
         ch = conn.channel()
         self._channel = ch
         self._unsettled = set()
-        ch.basic_qos(prefetch_count=self.settings.concurrency * self.settings.batch)
+        ch.basic_qos(prefetch_count=self.job_threads * self.settings.batch)
         # Cancels: live ones for running jobs on an exclusive queue; durable ones (sent while a
         # job was queued, maybe with no worker up) recorded in the job state before any job is
         # taken, then as they come.
@@ -378,7 +391,7 @@ class Worker:
             return
         with self._inflight_lock:
             self._waiting.append(delivery)
-            if self._batchers >= self.settings.concurrency:
+            if self._batchers >= self.job_threads:
                 return  # a busy slot takes it with its next batch
             self._batchers += 1
         self._executor.submit(self._take_batches, ch)

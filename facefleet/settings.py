@@ -343,22 +343,50 @@ class WorkerSettings(CommonSettings):
 
     tier: str = "standard"
     processor: str = "sleep"
-    backend: Literal["insightface", "classic"] = "classic"
-    """faceswap backend: insightface (ONNX models from model_dir) or classic (OpenCV only)."""
+    backend: Literal["insightface", "classic", "emulated"] = "classic"
+    """faceswap backend: insightface (ONNX models from model_dir), classic (OpenCV only), or
+    emulated (model calls hold an exclusive emulated device for emulated_model_ms, no weights:
+    for measuring the pipeline's duty cycle on any machine)."""
+    emulated_model_ms: str = "detect=10,embed=2,swap=8,enhance=10"
+    """The emulated backend's model times: `name=base` or `name=base+per_row` in milliseconds
+    (per_row: added for each row of a batched call), names detect, embed, swap, enhance."""
     concurrency: int = Field(default=1, ge=1, le=64)
     """Jobs run at once; also the AMQP prefetch (1 per GPU slot: a crash loop then burns only one
     job's delivery count)."""
+    pipeline_depth: int = Field(default=1, ge=1, le=16)
+    """Jobs in flight per GPU slot: 1 = one job at a time (fetch, decode, models, encode,
+    commit, ack, then the next); 3 = while one job's model calls hold the slot's inference lane,
+    the next is fetched and decoded and the one before is encoded and committed (a pipeline
+    across jobs: keeps the GPU busy). Prefetch and job threads are concurrency x depth (x batch);
+    a prefetched job not started yet is given back at once on SIGTERM."""
     batch: int = Field(default=1, ge=1, le=256)
     """Jobs one slot takes at once (the batch lane, for short jobs: one filesystem sync per step
     for the whole batch, events pipelined). The prefetch becomes concurrency x batch, so every
     job of a batch waits for the ones before it: keep batch x the tier's max job time well
     inside its consumer timeout. 1 (the default) = one job per slot."""
+    instances: int = Field(default=1, ge=1, le=16)
+    """onnxruntime sessions per model on the device (Triton's instance group): up to this many
+    calls of one model in flight at once; the device gets concurrency x instances lanes. Each
+    instance holds its own copy of the weights in GPU memory."""
+    dynamic_batch: int = Field(default=1, ge=1, le=256)
+    """Dynamic batching across jobs: concurrent calls of a model whose batch axis is symbolic
+    (the detector and enhancer exports) are stacked into one call of up to this many rows;
+    1 = off."""
+    batch_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    """Longest a model call waits for others to share its dynamic batch."""
     model_dir: Path = Path("./var/models")
     model_catalog: Path | None = None
     """Catalogue the model files are checked against; default: the packaged models/catalog.yaml
     (tests point it at the tiny models' catalogue)."""
     execution_providers: str = "tensorrt,cuda,cpu"
-    """Preference order; the first available one is used, CPU always last."""
+    """Preference order; CPU always last. A provider this process cannot use is left out:
+    one this onnxruntime build lacks, and TensorRT when libnvinfer does not load (the default
+    consumer image has none: it runs CUDA, see consumer/Dockerfile's TENSORRT build arg)."""
+    trt_fp16: bool = False
+    """TensorRT builds FP16 engines (faster, slightly different results; its own cache key)."""
+    trt_cache_dir: Path | None = None
+    """TensorRT engine and timing caches, keyed by GPU model, TensorRT version and model hash;
+    default <model_dir>/trt-cache (the model volume: later pods load what the first built)."""
     device_id: int = 0
     gpu_mem_limit_mb: int | None = None
     drain_timeout_s: float = 600.0
@@ -411,6 +439,16 @@ class WorkerSettings(CommonSettings):
     """Local space for inputs fetched from s3:// or https:// and results before their upload;
     default: the system temp dir (an emptyDir in the chart)."""
 
+    @field_validator("emulated_model_ms")
+    @classmethod
+    def _emulated(cls, v: str) -> str:
+        parse_model_ms(v)
+        return v
+
+    def emulated_times(self) -> dict[str, tuple[float, float]]:
+        """emulated_model_ms parsed: model name -> (base ms, ms per row)."""
+        return parse_model_ms(self.emulated_model_ms)
+
     def providers(self) -> list[str]:
         names = {
             "tensorrt": "TensorrtExecutionProvider",
@@ -428,6 +466,31 @@ class WorkerSettings(CommonSettings):
         if "CPUExecutionProvider" not in out:
             out.append("CPUExecutionProvider")
         return out
+
+
+EMULATED_MODELS = ("detect", "embed", "swap", "enhance")
+
+
+def parse_model_ms(text: str) -> dict[str, tuple[float, float]]:
+    """`detect=10,swap=6+2` -> {"detect": (10, 0), "swap": (6, 2)}: base ms and ms per batch
+    row; models not named take no time."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in _comma_list(text):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in EMULATED_MODELS:
+            raise ValueError(
+                f"{item!r}: use name=ms or name=ms+ms_per_row, names {EMULATED_MODELS}"
+            )
+        base, _, per_row = value.partition("+")
+        try:
+            times = (float(base), float(per_row) if per_row else 0.0)
+        except ValueError:
+            raise ValueError(f"{item!r}: the times are numbers of milliseconds") from None
+        if not all(0 <= t <= 60_000 for t in times):
+            raise ValueError(f"{item!r}: each time must be in [0, 60000] ms")
+        out[name] = times
+    return out
 
 
 WEBHOOK_RETRY_SCHEDULE = "5s,30s,2m,10m,30m,1h,2h,5h,10h,10h"

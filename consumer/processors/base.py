@@ -51,6 +51,9 @@ class ProcessorOutput:
 
 
 class Processor(Protocol):
+    """May also have a `device` attribute (consumer.device.Device): the lanes its model calls
+    take; the worker then exports how long the device was held (its duty cycle)."""
+
     name: str
 
     def warm_up(self) -> None:

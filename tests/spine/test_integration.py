@@ -370,16 +370,20 @@ def kill_workers_while_jobs_run(
     return sum(types(journal(env, j)).count("started") > 1 for j in jobs)
 
 
+@pytest.mark.parametrize("depth", [1, 3], ids=["sequential", "pipelined"])
 def test_kill_9_mid_job_repeatedly_every_job_completes_exactly_once(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, depth: int
 ) -> None:
     client = client_for(env, monkeypatch)
     src = media(env)
     jobs = [
         client.submit(env.tier, src, src, options={"sleep_s": 1.2, "steps": 6}).job_id
-        for _ in range(6)
+        for _ in range(6 * depth)  # a pipelined worker runs `depth` at once: as many rounds
     ]
-    assert kill_workers_while_jobs_run(env, jobs, every_s=0.7) >= 1
+    assert (
+        kill_workers_while_jobs_run(env, jobs, every_s=0.7, FACEFLEET_PIPELINE_DEPTH=str(depth))
+        >= 1
+    )
     for job in jobs:
         events = journal(env, job)
         assert_gapless(events)
@@ -411,9 +415,16 @@ def test_job_that_keeps_killing_workers_is_dead_lettered_by_the_delivery_limit(
     assert types(events).count("started") >= 2
 
 
-@pytest.mark.parametrize("concurrency", [1, 3], ids=["prefetch-1", "prefetch-3"])
+@pytest.mark.parametrize(
+    ("concurrency", "depth"),
+    [
+        pytest.param(1, 1, id="prefetch-1"),
+        pytest.param(3, 1, id="prefetch-3"),
+        pytest.param(1, 3, id="pipelined-3"),
+    ],
+)
 def test_scaledjob_worker_exits_after_its_share_of_jobs(
-    env: Env, monkeypatch: pytest.MonkeyPatch, concurrency: int
+    env: Env, monkeypatch: pytest.MonkeyPatch, concurrency: int, depth: int
 ) -> None:
     """FACEFLEET_MAX_JOBS=2 runs exactly two jobs, even when more were prefetched (those are
     given back, not lost): a later worker finishes the rest, each job once."""
@@ -421,7 +432,10 @@ def test_scaledjob_worker_exits_after_its_share_of_jobs(
     src = media(env)
     jobs = [client.submit(env.tier, src, src, options={"sleep_s": 0.1}).job_id for _ in range(5)]
     worker = env.start_worker(
-        FACEFLEET_MAX_JOBS="2", FACEFLEET_CONCURRENCY=str(concurrency), wait_ready=False
+        FACEFLEET_MAX_JOBS="2",
+        FACEFLEET_CONCURRENCY=str(concurrency),
+        FACEFLEET_PIPELINE_DEPTH=str(depth),
+        wait_ready=False,
     )
     assert worker.wait(30) == 0
     # a job no worker took yet has an empty journal (its `queued` is in the stream only)

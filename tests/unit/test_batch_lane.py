@@ -4,6 +4,7 @@ would get one by one. The publisher is a fake (records, never sends); files are 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,14 +156,30 @@ def test_a_job_claimed_elsewhere_leaves_the_batch_and_is_given_back_when_drainin
     other, _ = job_delivery(runner)
     elsewhere = JobClaim(runner.storage, busy.job_id)
     assert elsewhere.try_acquire()
-    runner.draining.set()
+    drain = threading.Timer(0.3, runner.draining.set)  # SIGTERM while the busy one waits
+    drain.start()
     try:
         actions = runner.handle_batch([delivery_of(busy, 1), delivery_of(other, 2)])
     finally:
+        drain.cancel()
         elsewhere.release()
     assert actions == ["give_back", "ack"]
     assert types(runner, busy.job_id) == []
     assert types(runner, other.job_id) == ["queued", "started", "completed"]
+
+
+def test_a_batch_taken_while_draining_is_given_back_whole_without_starting(
+    tmp_path: Path,
+) -> None:
+    """Deliveries that reach a slot after SIGTERM (a pipelined worker prefetches more than it
+    runs) go back at once: nothing claimed, nothing started."""
+    runner = make_runner(tmp_path, processor=NoopProcessor())
+    jobs = [job_delivery(runner)[0] for _ in range(2)]
+    runner.draining.set()
+    actions = runner.handle_batch([delivery_of(job, i) for i, job in enumerate(jobs, 1)])
+    assert actions == ["give_back", "give_back"]
+    for job in jobs:
+        assert types(runner, job.job_id) == []
 
 
 def test_a_transient_failure_in_a_batch_retries_then_dead_letters_alone(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ the storage is real files in a temp dir."""
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -194,8 +196,14 @@ def test_a_job_claimed_elsewhere_is_given_back_when_draining(tmp_path: Path) -> 
     job, delivery = job_delivery(runner)
     other = make_runner(tmp_path)
     assert JobClaim(other.storage, job.job_id).try_acquire()
-    runner.draining.set()
-    assert runner.handle(delivery) == "give_back"
+    drain = threading.Timer(0.3, runner.draining.set)  # SIGTERM while it waits for the claim
+    drain.start()
+    t0 = time.monotonic()
+    try:
+        assert runner.handle(delivery) == "give_back"
+    finally:
+        drain.cancel()
+    assert time.monotonic() - t0 < claim_wait_s(runner.tier)  # the drain ended the wait
 
 
 def test_a_job_claimed_elsewhere_is_given_back_once_the_claim_wait_is_spent(
@@ -333,3 +341,14 @@ def test_stage_durations_of_a_completed_job_are_observed(tmp_path: Path) -> None
         assert reg.get_sample_value(f"{name}_count", labels) == 1
         assert reg.get_sample_value(f"{name}_sum", labels) == pytest.approx(seconds)
     assert reg.get_sample_value(f"{name}_count", {"tier": "standard", "stage": "total"}) == 1
+
+
+def test_a_prefetched_job_not_started_is_given_back_at_once_when_draining(tmp_path: Path) -> None:
+    """A pipelined worker holds more deliveries than it runs; on SIGTERM the ones that have not
+    started go back at once: no claim taken, no `started`, nothing run."""
+    runner = make_runner(tmp_path, processor=NoopProcessor())
+    job, delivery = job_delivery(runner)
+    runner.draining.set()
+    assert runner.handle(delivery) == "give_back"
+    assert [e.type for e in events_of(runner, job)] == []
+    assert JobClaim(runner.storage, job.job_id).try_acquire()  # no claim was left behind

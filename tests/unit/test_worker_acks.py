@@ -75,3 +75,47 @@ def test_acks_for_a_channel_that_was_replaced_are_never_multiple(tmp_path: Path)
     worker._settle(old, [(1, True), (2, True)])  # type: ignore[arg-type]
     assert old.sent == [("ack", 1, False), ("ack", 2, False)]
     assert worker._unsettled == {9}
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "depth", "batch", "threads", "prefetch"),
+    [
+        pytest.param(1, 1, 1, 1, 1, id="sequential"),
+        pytest.param(1, 3, 1, 3, 3, id="pipelined"),
+        pytest.param(2, 3, 4, 6, 24, id="two-slots-pipelined-batched"),
+    ],
+)
+def test_every_delivery_held_has_a_job_thread(
+    tmp_path: Path, concurrency: int, depth: int, batch: int, threads: int, prefetch: int
+) -> None:
+    """Pipeline depth multiplies the job threads and the prefetch alike, so a prefetched
+    delivery never waits for a thread (what waits is its model calls, for the lane)."""
+    settings = WorkerSettings(
+        data_root=tmp_path, concurrency=concurrency, pipeline_depth=depth, batch=batch
+    )
+    worker = Worker(settings, NoopProcessor())
+    assert worker.job_threads == threads
+    assert worker._executor._max_workers == threads
+    assert worker.job_threads * settings.batch == prefetch
+
+
+def test_a_processor_device_is_exported_as_held_seconds(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from consumer.processors.faceswap import FaceSwapProcessor
+
+    settings = WorkerSettings(
+        data_root=tmp_path, processor="faceswap", backend="emulated", emulated_model_ms="swap=50"
+    )
+    processor = FaceSwapProcessor(settings)
+    worker = Worker(settings, processor)
+    assert processor.device is not None
+    processor.device.occupy(0.05)
+    text = generate_latest(worker.metrics.registry).decode()
+    held = next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("facefleet_device_held_seconds_total ")
+    )
+    assert held >= 0.05
+    assert "facefleet_device_calls_total 1.0" in text

@@ -6,6 +6,13 @@ Backends (per worker: `facefleet worker --processor faceswap --backend ...`, FAC
   GFPGAN gfpgan_1.4 on onnxruntime, models from FACEFLEET_MODEL_DIR (never downloaded here),
   one session per model per process, warm-up inference before the worker reports ready.
 - `classic` (no weights): Haar cascades + Poisson blending; demo/CI quality (see classic.py).
+- `emulated` (no weights, measurement only): the real decode, crops, paste-back and encode
+  around model calls that hold an emulated device for FACEFLEET_EMULATED_MODEL_MS (emulated.py),
+  so the GPU duty cycle of the worker's pipeline can be measured without a GPU.
+
+The processor owns the device its model calls take (`self.device`, consumer/device.py): one
+inference lane per GPU slot (FACEFLEET_CONCURRENCY) for insightface, one exclusive lane for the
+emulated device, none for classic (CPU only). The worker exports how long it was held.
 
 Job options (all optional; unknown names fail with invalid_option):
 
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consumer.device import Device
 from consumer.errors import PermanentJobError
 from consumer.processors.base import JobContext, ProcessorOutput, Step, run_steps
 from consumer.processors.faceswap import media, pipeline
@@ -80,8 +88,14 @@ class FaceSwapProcessor:
     ) -> None:
         self.settings = settings
         self.backend_name = backend or settings.backend
-        if self.backend_name not in ("insightface", "classic"):
+        if self.backend_name not in ("insightface", "classic", "emulated"):
             raise ValueError(f"unknown faceswap backend {self.backend_name!r}")
+        self.device: Device | None = None
+        """The lanes model calls take (None: the classic backend runs on the CPU only)."""
+        if self.backend_name == "insightface":
+            self.device = Device(settings.concurrency * settings.instances)
+        elif self.backend_name == "emulated":
+            self.device = Device(1)
         self.catalog_path = catalog_path
         self.batch_size = batch_size
         self.limits = media.MediaLimits.from_settings(settings)
@@ -93,7 +107,13 @@ class FaceSwapProcessor:
 
     def _load(self) -> Backend:
         if self.backend_name == "insightface":
-            return InsightfaceBackend.load(self.settings, self.catalog_path)
+            assert self.device is not None
+            return InsightfaceBackend.load(self.settings, self.catalog_path, self.device)
+        if self.backend_name == "emulated":
+            from consumer.processors.faceswap.emulated import EmulatedBackend
+
+            assert self.device is not None
+            return EmulatedBackend(self.device, self.settings.emulated_times())
         from consumer.processors.faceswap.classic import ClassicBackend
 
         return ClassicBackend()

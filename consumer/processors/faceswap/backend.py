@@ -7,16 +7,18 @@ hand the detector and the enhancer several frames per inference call. Patches re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from consumer.device import Device
 from consumer.processors.faceswap import detector, enhancer, recognizer, swapper
 from consumer.processors.faceswap.geometry import Face, Frame
 from consumer.processors.faceswap.paste import paste_swapped
-from consumer.processors.faceswap.sessions import create_session, resolve_model_files
+from consumer.processors.faceswap.sessions import create_session, open_model, resolve_model_files
 from facefleet.settings import WorkerSettings
 
 INSIGHTFACE_QUALITY_NOTE = (
@@ -57,6 +59,11 @@ class Backend(Protocol):
         ...
 
 
+def _create(path: Path, settings: WorkerSettings) -> Any:
+    """One session (through this module's name, so a test can count the sessions made)."""
+    return create_session(path, settings)
+
+
 MODEL_NAMES = (detector.MODEL_NAME, recognizer.MODEL_NAME, swapper.MODEL_NAME, enhancer.MODEL_NAME)
 
 
@@ -80,10 +87,26 @@ class InsightfaceBackend:
         self.enhancer = enh
 
     @classmethod
-    def load(cls, settings: WorkerSettings, catalog_path: Path | None = None) -> InsightfaceBackend:
-        """Resolve the four catalogue entries in settings.model_dir and open their sessions."""
+    def load(
+        cls,
+        settings: WorkerSettings,
+        catalog_path: Path | None = None,
+        device: Device | None = None,
+    ) -> InsightfaceBackend:
+        """Resolve the four catalogue entries in settings.model_dir and open their sessions
+        (settings.instances per model, dynamic batching per settings.dynamic_batch); with a
+        device, every model call takes one of its lanes."""
         files = resolve_model_files(settings.model_dir, MODEL_NAMES, catalog_path)
-        sessions = {name: create_session(path, settings) for name, path in files.items()}
+        sessions = {
+            name: open_model(
+                functools.partial(_create, path, settings),
+                instances=settings.instances,
+                device=device,
+                max_rows=settings.dynamic_batch,
+                max_delay_s=settings.batch_delay_ms / 1000.0,
+            )
+            for name, path in files.items()
+        }
         return cls(
             detector.Detector(sessions[detector.MODEL_NAME]),
             recognizer.Recognizer(sessions[recognizer.MODEL_NAME], files[recognizer.MODEL_NAME]),

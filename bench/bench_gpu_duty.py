@@ -1,0 +1,261 @@
+"""GPU duty cycle of the worker: sequential (pipeline depth 1) vs pipelined, in the same run.
+
+A stream of 1080p photo face-swap jobs through the whole spine: confirmed publish (+ `queued`),
+a real `facefleet worker` process (faceswap processor, `emulated` backend: real JPEG decode,
+face crop, paste-back, JPEG encode, result commit with fsyncs, events confirmed into the
+stream, ack after commit), job state in the journals. The model calls hold an emulated
+exclusive device for a configured time and sleep (no CPU), so
+
+    duty cycle = emulated model seconds (jobs x model time per job) / wall time (first
+                 `started` .. last `completed`, from the jobs' events)
+
+and, beside it, held / wall with the device's held seconds as the worker exports them
+(facefleet_device_held_seconds_total, scraped before and after): the holds include sleep's
+oversleep on a loaded machine, so that figure is a little higher; the headline is the lower one.
+
+is measured on any machine. Each model time (30 ms and 8 ms per job by default) runs the
+sequential worker (FACEFLEET_PIPELINE_DEPTH=1, today's path) and the pipelined one (depth 3:
+job N on the device, N+1 decoding, N-1 committing), interleaved over --rounds, medians shown.
+Every job is checked to have completed exactly once.
+
+    python -m bench.bench_gpu_duty [--jobs 150] [--rounds 1] [--json]
+
+JSON keys: duty_sequential / duty_pipelined (30 ms), duty_sequential_8ms / duty_pipelined_8ms,
+held_duty_*, jobs_per_s_* likewise, cpu_ms_per_job_* (the worker's CPU per job), loadavg (1-minute, before
+and after: this machine's 2 cores are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bench.bench_spine import CpuMeter, _env, _wait_consumers
+from facefleet.broker import discover
+from facefleet.settings import ProducerSettings
+from facefleet.wire import control_pending_queue, dead_notify_queue, job_queue
+from producer.sdk import JobClient, build_request
+
+MODEL_TIMES_MS = (30.0, 8.0)
+PIPELINED_DEPTH = 3
+SPLIT = {"detect": 1 / 3, "embed": 1 / 15, "swap": 4 / 15}
+"""A one-face photo job's model calls: detect twice (source, target), embed once, swap once;
+these shares of the job's model time add up to 1."""
+
+
+def model_ms(per_job_ms: float) -> str:
+    """FACEFLEET_EMULATED_MODEL_MS for a job whose model calls take per_job_ms in all."""
+    return ",".join(f"{name}={per_job_ms * share:.3f}" for name, share in SPLIT.items())
+
+
+def photos(root: Path) -> tuple[Path, Path]:
+    """A 1080p target photo and a 640x640 source portrait: smooth content with noise, so the
+    JPEGs cost what camera photos of that size cost to decode and encode."""
+    rng = np.random.default_rng(7)
+    out = []
+    for name, (w, h) in (("target.jpg", (1920, 1080)), ("source.jpg", (640, 640))):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], axis=-1)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        path = root / name
+        cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        out.append(path)
+    return out[1], out[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _completed(text: str) -> float:
+    m = re.search(r'^facefleet_jobs_total\{[^}]*outcome="completed"[^}]*\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        body: bytes = resp.read()
+        return body.decode()
+
+
+@dataclass(frozen=True)
+class Run:
+    depth: int
+    model_ms: float
+    jobs: int
+    jobs_per_s: float
+    duty: float
+    """Emulated model seconds / wall."""
+    held_duty: float
+    """Device held seconds (the worker's metric) / wall."""
+    held_s: float
+    wall_s: float
+    worker_cpu_ms_per_job: float
+
+
+def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int) -> Run:
+    """One worker, `jobs` photo jobs queued at once; the figures of that stream."""
+    tier = "gpuduty" + uuid.uuid4().hex[:8]
+    data_root = Path(tempfile.mkdtemp(prefix="ff-gpuduty-"))
+    port = _free_port()
+    env = _env(
+        amqp_url,
+        data_root,
+        tier,
+        FACEFLEET_PROCESSOR="faceswap",
+        FACEFLEET_BACKEND="emulated",
+        FACEFLEET_EMULATED_MODEL_MS=model_ms(per_job_ms),
+        FACEFLEET_PIPELINE_DEPTH=str(depth),
+    )
+    env["FACEFLEET_HEALTH_PORT"] = str(port)
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("FACEFLEET_", "AMQP_URL"))})
+    client = JobClient(ProducerSettings.load())
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        client.apply_topology()
+        media_dir = data_root / "media"
+        media_dir.mkdir()
+        source, target = photos(media_dir)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "facefleet.cli", "worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_consumers(amqp_url, job_queue(tier), 1)
+        held0 = _metric(_scrape(port), "facefleet_device_held_seconds_total")
+        requests = [
+            build_request(client.media, tier, str(source), str(target)) for _ in range(jobs)
+        ]
+        meter = CpuMeter([proc.pid])
+        meter.start()
+        client.submit_many(requests)
+        store = ProducerSettings.load().job_store()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and _completed(_scrape(port)) < jobs:
+            time.sleep(0.1)
+        cpu = meter.stop(jobs)
+        held = _metric(_scrape(port), "facefleet_device_held_seconds_total") - held0
+        first_start, last_done = None, None
+        for req in requests:
+            events = store.log(req.job_id).events()
+            kinds = [e.type for e in events]
+            if (
+                kinds.count("completed") != 1
+                or kinds.count("started") != 1
+                or not events[-1].terminal
+            ):
+                raise RuntimeError(f"job {req.job_id} did not complete exactly once: {kinds}")
+            started = next(e.ts for e in events if e.type == "started")
+            first_start = started if first_start is None else min(first_start, started)
+            last_done = events[-1].ts if last_done is None else max(last_done, events[-1].ts)
+        store.close()
+        assert first_start is not None and last_done is not None
+        wall = (last_done - first_start).total_seconds()
+        work = jobs * per_job_ms / 1000.0
+        return Run(
+            depth,
+            per_job_ms,
+            jobs,
+            jobs / wall,
+            work / wall,
+            held / wall,
+            held,
+            wall,
+            cpu["workers"],
+        )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        ch = client._ch()
+        for queue in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
+            ch.queue_delete(queue)
+        client.close()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(data_root, ignore_errors=True)
+
+
+def measure(amqp_url: str, jobs: int, rounds: int, times_ms: tuple[float, ...]) -> dict[str, Any]:
+    """Sequential and pipelined, interleaved per round, for each model time; medians."""
+    out: dict[str, Any] = {"jobs": jobs, "rounds": rounds, "depth_pipelined": PIPELINED_DEPTH}
+    out["loadavg_before"] = round(os.getloadavg()[0], 2)
+    for ms in times_ms:
+        runs: dict[str, list[Run]] = {"sequential": [], "pipelined": []}
+        for _ in range(rounds):
+            runs["sequential"].append(run_once(amqp_url, jobs, ms, 1))
+            runs["pipelined"].append(run_once(amqp_url, jobs, ms, PIPELINED_DEPTH))
+        suffix = "" if ms == MODEL_TIMES_MS[0] else f"_{ms:g}ms"
+        for mode, rs in runs.items():
+            out[f"duty_{mode}{suffix}"] = round(statistics.median(r.duty for r in rs), 4)
+            out[f"held_duty_{mode}{suffix}"] = round(statistics.median(r.held_duty for r in rs), 4)
+            out[f"jobs_per_s_{mode}{suffix}"] = round(
+                statistics.median(r.jobs_per_s for r in rs), 2
+            )
+            out[f"cpu_ms_per_job_{mode}{suffix}"] = round(
+                statistics.median(r.worker_cpu_ms_per_job for r in rs), 2
+            )
+    out["loadavg_after"] = round(os.getloadavg()[0], 2)
+    out["cpus"] = os.cpu_count()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--jobs", type=int, default=150)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    amqp_url = discover().url
+    result = measure(amqp_url, args.jobs, args.rounds, MODEL_TIMES_MS)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{args.jobs} 1080p photo jobs per run, {args.rounds} round(s), one emulated device; "
+        f"load average {result['loadavg_before']} -> {result['loadavg_after']} on "
+        f"{result['cpus']} CPUs"
+    )
+    for ms in MODEL_TIMES_MS:
+        suffix = "" if ms == MODEL_TIMES_MS[0] else f"_{ms:g}ms"
+        for mode in ("sequential", "pipelined"):
+            print(
+                f"  model {ms:4g} ms/job  {mode:10s}  {result[f'jobs_per_s_{mode}{suffix}']:6.1f}"
+                f" jobs/s  duty {100 * result[f'duty_{mode}{suffix}']:5.1f}% (held "
+                f"{100 * result[f'held_duty_{mode}{suffix}']:5.1f}%)  worker CPU "
+                f"{result[f'cpu_ms_per_job_{mode}{suffix}']:5.1f} ms/job"
+            )
+        ratio = result[f"jobs_per_s_pipelined{suffix}"] / result[f"jobs_per_s_sequential{suffix}"]
+        print(f"  model {ms:4g} ms/job  pipelined / sequential: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

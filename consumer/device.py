@@ -1,0 +1,74 @@
+"""The accelerator as a worker's jobs share it: lanes for model calls, and how long it was held.
+
+Why: with several jobs in flight (FACEFLEET_PIPELINE_DEPTH > 1) the CPU steps of one job
+(fetch, decode, encode, commit) overlap the model calls of another, but the model calls
+themselves must not pile onto the GPU in any order: each GPU slot is one inference lane, taken
+first come first served, so job N's calls run while job N+1 decodes and job N-1 commits.
+
+`held_s` is the time at least one lane was held (the union of the holds, not their sum). The
+worker exports it as `facefleet_device_held_seconds_total`; duty cycle = held / wall time, the
+figure bench_gpu_duty reports. On a real GPU "held" is an upper bound on busy (a lane holder
+may still be copying inputs); with the emulated backend (consumer/processors/faceswap/
+emulated.py) it is exactly the emulated model time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+
+class Device:
+    """`lanes` model calls at once, granted in arrival order (a ticket queue: Python's locks and
+    semaphores promise no order, and a late job overtaking an early one only adds latency)."""
+
+    def __init__(self, lanes: int = 1) -> None:
+        if lanes < 1:
+            raise ValueError(f"a device has at least one lane, not {lanes}")
+        self.lanes = lanes
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._holders = 0
+        self._since = 0.0
+        self._held = 0.0
+        self.calls = 0
+        """Holds granted so far (model calls)."""
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Take a lane for one model call (waiting in line), let go after it."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or self._holders >= self.lanes:
+                self._cond.wait()
+            self._queue.popleft()
+            if self._holders == 0:
+                self._since = time.monotonic()
+            self._holders += 1
+            self.calls += 1
+            self._cond.notify_all()  # the next in line may take another free lane
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._held += time.monotonic() - self._since
+                self._cond.notify_all()
+
+    def occupy(self, seconds: float) -> None:
+        """Hold a lane for `seconds` without using CPU (the emulated backend's model call)."""
+        with self.hold():
+            if seconds > 0:
+                time.sleep(seconds)
+
+    @property
+    def held_s(self) -> float:
+        """Seconds at least one lane was held so far (a running hold counts up to now)."""
+        with self._cond:
+            running = time.monotonic() - self._since if self._holders else 0.0
+            return self._held + running
