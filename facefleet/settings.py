@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from facefleet.management import default_management_url
 
 if TYPE_CHECKING:
+    from facefleet.costmodel import CostModel
     from facefleet.jobstore import JobStore
     from facefleet.media import MediaStore
 from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
@@ -65,6 +66,24 @@ class CommonSettings(BaseSettings):
     """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
     high, standard, batch."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    cost_model_json: str | None = Field(default=None, validation_alias="FACEFLEET_COST_MODEL")
+    """Cost model coefficients (facefleet/costmodel.py): JSON {"default": {...}, "<tier>":
+    {...}} with overhead_s, image_s_per_mp, video_s_per_mp_frame, face_factor,
+    enhance_factor, unknown_s; unset fields keep the built-in defaults."""
+
+    @field_validator("cost_model_json")
+    @classmethod
+    def _cost_model(cls, v: str | None) -> str | None:
+        from facefleet.costmodel import parse_cost_model
+
+        parse_cost_model(v)  # TypeError/ValueError -> named by load()
+        return v
+
+    def cost_model(self) -> CostModel:
+        """A cost model with this process's coefficients (fits start from them)."""
+        from facefleet.costmodel import CostModel, parse_cost_model
+
+        return CostModel(coefficients=parse_cost_model(self.cost_model_json))
 
     @field_validator("amqp_url")
     @classmethod

@@ -306,6 +306,7 @@ async def submit_job(request: Request) -> JSONResponse:
                     tier,
                     src,
                     tgt,
+                    cost_model=gw.client.cost_model,
                     options=fields.options,
                     idempotency_key=fields.idempotency_key,
                     processor=fields.processor,
