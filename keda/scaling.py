@@ -121,6 +121,9 @@ class TierView:
     running: Sequence[Running] = ()
     """Jobs in progress known from their events; the broker's `unacked` may count more."""
     default_cost_s: float = 30.0
+    known_open: int = 0
+    """Jobs queued or running according to their events: they activate the tier before the
+    broker's counts (refreshed every 5 s by the management API) show them."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ def latency_metric(view: TierView, wait_objective_s: float) -> float:
 
 def read(view: TierView, params: Params, forecast_s: float = 0.0) -> Reading:
     """The scaler's answer for one tier and trigger."""
-    busy = view.ready > 0 or view.unacked > 0 or bool(view.running)
+    busy = view.ready > 0 or view.unacked > 0 or bool(view.running) or view.known_open > 0
     backlog = backlog_s(view)
     if params.trigger == "latency":
         metric = latency_metric(view, params.wait_objective_s)

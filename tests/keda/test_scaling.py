@@ -24,6 +24,7 @@ LATENCY = Params("latency", wait_objective_s=W)
     ("view", "replicas", "active"),
     [
         pytest.param(TierView(0, 0), 0, False, id="idle"),
+        pytest.param(TierView(0, 0, known_open=1), 0, True, id="events-activate-before-counts"),
         pytest.param(TierView(100, 0, ready_costs=[2.0] * 100), 4, True, id="100-photos-200s"),
         pytest.param(TierView(10, 0, ready_costs=[300.0] * 10), 10, True, id="10-videos-one-each"),
         pytest.param(
