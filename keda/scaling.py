@@ -5,9 +5,10 @@ Every trigger returns one metric for an AverageValue target, so the HPA's propos
 ceil(metric / target) (keda.md §4.2) and the metric reads as "replicas x target":
 
 - `work`: the tier's backlog in GPU-seconds, each job counted at most once per wait objective
-  W: sum(min(cost, W)) over ready jobs + sum(min(remaining, W)) over running ones, target W.
-  A 2 s photo adds 2/W of a replica, a 10-minute video one whole replica (it cannot use two),
-  so W of photos on one replica drain within the objective and long jobs each start at once.
+  W, target W: one W per running job (its replica is busy), plus sum(min(cost, W)) over ready
+  jobs rounded up to whole W. 30 photos of 2 s ask for one replica, a 10-minute video for one
+  whole replica (it cannot use two), so W of photos on one replica drain within the objective
+  and long jobs each start at once.
 - `latency`: the oldest ready job's age against W, as a proportional controller on the fleet
   the queue sees: max(1, consumers) x age / W, target 1. Old jobs grow the fleet, young ones
   shrink it. Knows nothing of job sizes: the one mode for producers that send no estimates.
@@ -165,10 +166,14 @@ def _floor(view: TierView, target: float) -> float:
 
 
 def work_metric(view: TierView, wait_objective_s: float) -> float:
+    """Running jobs: each at least one replica (the floor). Ready jobs: their capped work
+    rounded UP to whole replicas, so one 2 s photo behind a busy fleet asks for a replica of
+    its own: a fraction (2/W) would vanish in the HPA's 10 % tolerance and the photo would
+    wait for a 10-minute video to finish (found by `facefleet simulate compare`)."""
     w = wait_objective_s
-    capped = sum(min(c, w) for c in _ready_costs(view))
-    capped += sum(min(r, w) for r in _running_remaining(view))
-    return max(capped, _floor(view, w))
+    ready = sum(min(c, w) for c in _ready_costs(view))
+    running = max(sum(min(r, w) for r in _running_remaining(view)), _floor(view, w))
+    return running + math.ceil(ready / w - 1e-9) * w
 
 
 def latency_metric(view: TierView, wait_objective_s: float) -> float:
