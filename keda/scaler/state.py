@@ -143,7 +143,7 @@ class ScalerState:
 
     def forecast(self, tier: str, now_s: float, horizon_s: float) -> float:
         with self._lock:
-            return self.forecasts[tier].forecast(now_s, horizon_s)
+            return self.forecasts[tier].surge(now_s, horizon_s)
 
     def open_jobs(self) -> int:
         with self._lock:

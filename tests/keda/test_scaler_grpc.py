@@ -189,9 +189,10 @@ def test_work_latency_activation_follow_broker_and_job_state(
             jobs.append(result.request)
 
     assert scaler.stub.IsActive(ref(env), timeout=10).result is True
-    # Ready work, each job capped at one replica's share: 60 + 20 + 20.
-    eventually(lambda: metric(scaler, env, "work") == pytest.approx(100.0), "work = 100")
-    assert metric(scaler, env, "predictive") == pytest.approx(100.0)  # no history: no forecast
+    # Ready work, each job capped at one replica's share: 60 + 20 + 20 = 100, rounded up to
+    # whole replicas of W = 60: 120.
+    eventually(lambda: metric(scaler, env, "work") == pytest.approx(120.0), "work = 120")
+    assert metric(scaler, env, "predictive") == pytest.approx(120.0)  # no history: no forecast
     eventually(lambda: metric(scaler, env, "latency") > 0, "latency grows with age")
 
     stream_out: queue.Queue[bool] = queue.Queue()
