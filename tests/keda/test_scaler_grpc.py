@@ -188,7 +188,8 @@ def test_work_latency_activation_follow_broker_and_job_state(
             assert result.request is not None
             jobs.append(result.request)
 
-    assert scaler.stub.IsActive(ref(env), timeout=10).result is True
+    # KEDA polls IsActive: the scaler learns of the jobs from the events stream within moments
+    eventually(lambda: scaler.stub.IsActive(ref(env), timeout=10).result is True, "active")
     # Ready work, each job capped at one replica's share: 60 + 20 + 20 = 100, rounded up to
     # whole replicas of W = 60: 120.
     eventually(lambda: metric(scaler, env, "work") == pytest.approx(120.0), "work = 120")
