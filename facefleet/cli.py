@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("worker", "consumer.cli", "run a consumer worker"),
     ("models", "models.cli", "pull, verify and generate model weights"),
     ("simulate", "keda.cli", "simulate KEDA/HPA scaling for a tier and plan thresholds"),
+    ("scaler", "keda.scaler.server", "run KEDA's external scaler (work, latency, predictive)"),
     ("gateway", "producer.gateway.cli", "run the HTTP/WebSocket progress gateway"),
     ("webhooks", "facefleet.webhooks", "POST job events to their webhook URLs (signed, retried)"),
     ("store", "facefleet.storecli", "job store administration (migrate, check)"),

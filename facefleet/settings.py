@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from facefleet.management import default_management_url
 
 if TYPE_CHECKING:
+    from facefleet.costmodel import CostModel
     from facefleet.jobstore import JobStore
     from facefleet.media import MediaStore
 from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
@@ -65,6 +66,24 @@ class CommonSettings(BaseSettings):
     """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
     high, standard, batch."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    cost_model_json: str | None = Field(default=None, validation_alias="FACEFLEET_COST_MODEL")
+    """Cost model coefficients (facefleet/costmodel.py): JSON {"default": {...}, "<tier>":
+    {...}} with overhead_s, image_s_per_mp, video_s_per_mp_frame, face_factor,
+    enhance_factor, unknown_s; unset fields keep the built-in defaults."""
+
+    @field_validator("cost_model_json")
+    @classmethod
+    def _cost_model(cls, v: str | None) -> str | None:
+        from facefleet.costmodel import parse_cost_model
+
+        parse_cost_model(v)  # TypeError/ValueError -> named by load()
+        return v
+
+    def cost_model(self) -> CostModel:
+        """A cost model with this process's coefficients (fits start from them)."""
+        from facefleet.costmodel import CostModel, parse_cost_model
+
+        return CostModel(coefficients=parse_cost_model(self.cost_model_json))
 
     @field_validator("amqp_url")
     @classmethod
@@ -588,6 +607,37 @@ class WebhookSettings(CommonSettings):
 
     def webhook_keys(self) -> tuple[bytes, ...]:
         return parse_webhook_secrets(self.webhook_secret.get_secret_value())
+
+
+class ScalerSettings(ProducerSettings):
+    """Settings of `facefleet scaler`, KEDA's external scaler (keda/README.md)."""
+
+    scaler_host: str = "127.0.0.1"
+    """Address the gRPC server listens on (the chart sets 0.0.0.0)."""
+    scaler_port: int = Field(default=6000, ge=0, le=65535)
+    """gRPC port KEDA's `scalerAddress` names; 0 picks a free one (tests)."""
+    scaler_tls_cert: Path | None = None
+    """PEM certificate of the gRPC server; with scaler_tls_key it serves TLS only."""
+    scaler_tls_key: Path | None = Field(default=None, validate_default=True)
+    scaler_tls_client_ca: Path | None = None
+    """When set, clients (KEDA) must present a certificate this CA signed (mutual TLS)."""
+    scaler_forecast_days: int = Field(default=5, ge=1, le=7)
+    """Days of per-minute arrivals the `predictive` forecast uses; the events stream is replayed
+    from this long ago at start (it keeps 7 days)."""
+    scaler_broker_ttl_s: float = Field(default=1.0, ge=0)
+    """How long one read of the management API's queue counts is reused."""
+    scaler_stream_interval_s: float = Field(default=1.0, gt=0)
+    """How often StreamIsActive re-checks activation (it sends on change)."""
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=9466, ge=0, le=65535)
+    """HTTP port for /metrics (the cost model's fit and the scaler's readings); 0 disables it."""
+
+    @field_validator("scaler_tls_key")
+    @classmethod
+    def _tls_pair(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if (v is None) != (info.data.get("scaler_tls_cert") is None):
+            raise ValueError("set both FACEFLEET_SCALER_TLS_CERT and FACEFLEET_SCALER_TLS_KEY")
+        return v
 
 
 def die(error: SettingsError) -> None:

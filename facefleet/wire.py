@@ -420,6 +420,32 @@ class _Message(BaseModel):
 
 JobOptionValue = str | int | float | bool | None
 
+ESTIMATE_VERSION = 1
+"""Version of WorkEstimate's shape. A reader that meets a newer one ignores the facts and uses
+its tier's default estimate, so producers may move ahead of scalers."""
+
+WorkKind = Literal["image", "video", "unknown"]
+
+
+class WorkEstimate(BaseModel):
+    """What a job will cost, known before it runs: the facts its producer had at submit (target
+    kind, pixels per frame, frames, faces when known, processor, enhancer) and the GPU-seconds
+    its cost model (facefleet/costmodel.py) made of them. The scaler re-prices the facts with its
+    own, re-fitted model; `gpu_s` is the producer's figure, used when the facts are too thin."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: int = ESTIMATE_VERSION
+    kind: WorkKind = "unknown"
+    pixels: int | None = Field(default=None, ge=0)
+    """Pixels of one target frame (width x height)."""
+    frames: int | None = Field(default=None, ge=0)
+    """Frames of the target (1 for an image)."""
+    faces: int | None = Field(default=None, ge=0)
+    processor: str | None = None
+    enhance: bool = False
+    gpu_s: float = Field(ge=0)
+
 
 class JobRequest(_Message):
     """One face-fusion job as published to facefleet.jobs."""
@@ -442,6 +468,9 @@ class JobRequest(_Message):
     api_key_id: str | None = Field(default=None, max_length=64)
     """Who submitted the job (the gateway sets it: an API key's id, never the key): usage,
     limits and listings are per key."""
+    estimate: WorkEstimate | None = None
+    """What the job will cost (set at submit; also in its `queued` event, for the scaler).
+    Absent on messages from older producers: readers use their tier's default estimate."""
 
     @field_validator("tier")
     @classmethod
@@ -487,6 +516,7 @@ class EventPayload(BaseModel):
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] | None = None
     api_key_id: str | None = None
+    estimate: WorkEstimate | None = None
     # replayed
     replayed_by: str | None = None
 
@@ -527,6 +557,7 @@ def queued_event(job: JobRequest) -> JobEvent:
             webhook_url=job.webhook_url,
             webhook_events=job.webhook_events,
             api_key_id=job.api_key_id,
+            estimate=job.estimate,
         ),
     )
 

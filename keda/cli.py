@@ -1,4 +1,4 @@
-"""`facefleet simulate` and `facefleet simulate plan`: the simulator's command line.
+"""`facefleet simulate`, `simulate plan` and `simulate compare`: the simulator's command line.
 
 Registered lazily by facefleet/cli.py (`register(subparsers, "simulate")`). Bad input (unknown
 tier, bad SPEC, missing file) is one line on stderr and exit code 2, like argparse's own errors;
@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keda.simulator.config import ConfigError, TierConfig, load_tier
+from keda.simulator.config import SCALING_TRIGGERS, ConfigError, TierConfig, load_tier
 from keda.simulator.dist import SpecError, parse_spec
 from keda.simulator.engine import SimInput, simulate, stats_phase
 from keda.simulator.plan import default_grid, helm_set_line, parse_grid, search
-from keda.simulator.report import plot_timeline, write_summary, write_timeline
+from keda.simulator.report import plot_compare, plot_timeline, write_summary, write_timeline
 from keda.simulator.stats import summarize
 from keda.simulator.traffic import Traffic, TrafficError, load_trace, parse_pattern
 
@@ -29,6 +29,9 @@ examples:
       --pattern spike:base=10,peak=200,length=90 --service-time 6 --startup 90 --out /tmp/sim
   facefleet simulate plan --values my-values.yaml --tier high --trace keda/examples/seed-spike.csv \\
       --service-time 6 --startup uniform:60,120 --target-p95 60
+  facefleet simulate compare --triggers queueLength,work,latency,predictive --values v.yaml \
+      --tier high --trace keda/examples/seed-spike.csv --service-time mix:0.9*2,0.1*300 \
+      --startup 90 --out /tmp/cmp
 """
 
 
@@ -41,12 +44,19 @@ def register(sub: Any, name: str) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("mode", nargs="?", choices=["plan"], help="search thresholds instead of one run")
+    p.add_argument(
+        "mode",
+        nargs="?",
+        choices=["plan", "compare"],
+        help="plan: search thresholds; compare: run the same traffic under several triggers",
+    )
     p.add_argument("--values", type=Path, required=True, help="Helm values file (chart keys)")
     p.add_argument("--tier", required=True, help="tier name under `tiers:`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", type=Path, help="CSV with header `t,arrivals`")
-    src.add_argument("--pattern", help="constant|step|spike|diurnal|bursty[:k=v,...] (jobs/min)")
+    src.add_argument(
+        "--pattern", help="constant|step|spike|diurnal|bursty|workday[:k=v,...] (jobs/min)"
+    )
     p.add_argument("--service-time", required=True, help="job duration SPEC, e.g. 6 or hist:F.csv")
     p.add_argument("--startup", required=True, help="pod start-up SPEC, e.g. 90 or uniform:60,120")
     p.add_argument("--duration", type=int, help="seconds to simulate (default: traffic length)")
@@ -77,6 +87,38 @@ def register(sub: Any, name: str) -> None:
     )
     plan.add_argument("--release", default="facefleet", help="Helm release name (plan)")
     plan.add_argument("--chart", default="./helm/facefleet", help="Helm chart reference (plan)")
+    cmp = p.add_argument_group("compare")
+    cmp.add_argument(
+        "--triggers",
+        default="queueLength,work,latency,predictive",
+        help="comma-separated scaling.trigger values to compare (default: all four)",
+    )
+    cmp.add_argument(
+        "--wait-objective",
+        type=float,
+        help="waitObjectiveSeconds for the scaler's modes (default: the tier's value)",
+    )
+    cmp.add_argument(
+        "--lookahead",
+        type=float,
+        help="startupSeconds `predictive` looks ahead (default: the tier's value)",
+    )
+    cmp.add_argument(
+        "--window",
+        metavar="HH:MM-HH:MM",
+        help="also report waits of jobs arriving in this time of day (e.g. 09:00-10:00)",
+    )
+    cmp.add_argument(
+        "--from-day",
+        type=int,
+        default=0,
+        help="--window counts days from this one on (0-based; 1 skips the forecast's first day)",
+    )
+    cmp.add_argument(
+        "--plot-range",
+        metavar="FROM-TO",
+        help="seconds of the run to plot (default: all of it)",
+    )
     p.set_defaults(func=run)
 
 
@@ -91,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         sim = _sim_input(args)
         if args.mode == "plan":
             return _plan(args, sim)
+        if args.mode == "compare":
+            return _compare(args, sim)
         if args.out is None:
             raise ConfigError("--out DIR is required (or use `simulate plan`)")
         return _run_once(args.out, sim)
@@ -130,18 +174,29 @@ def static_fleet_size(sim: SimInput) -> int:
     return max(1, math.ceil(busy - 1e-9))
 
 
-def run_with_baseline(sim: SimInput) -> tuple[dict[str, Any], Any]:
-    """Summary of the autoscaled run, with the static-fleet baseline folded in."""
-    result = simulate(sim)
-    summary = summarize(result)
+def static_baseline(sim: SimInput) -> dict[str, Any]:
+    """The always-warm fleet sized for the busiest minute, on the same jobs."""
     n = static_fleet_size(sim)
     static = summarize(simulate(dataclasses.replace(sim, static_replicas=n)))
-    summary["static_fleet"] = {
+    return {
         "replicas": n,
         "gpu_seconds": static["gpu_seconds"],
         "p95_wait_s": static["p95_wait_s"],
         "drain_time_s": static["drain_time_s"],
     }
+
+
+def run_with_baseline(
+    sim: SimInput,
+    static: dict[str, Any] | None = None,
+    window: tuple[int, int] | None = None,
+    from_day: int = 0,
+) -> tuple[dict[str, Any], Any]:
+    """Summary of the autoscaled run, with the static-fleet baseline folded in."""
+    result = simulate(sim)
+    summary = summarize(result, window, from_day)
+    static = static_baseline(sim) if static is None else static
+    summary["static_fleet"] = static
     summary["gpu_vs_static"] = round(summary["gpu_seconds"] / max(static["gpu_seconds"], 1), 3)
     summary["inputs"] = _inputs(sim)
     return summary, result
@@ -162,6 +217,9 @@ def _inputs(sim: SimInput) -> dict[str, Any]:
         "pollingInterval": t.polling_interval_s,
         "drain_timeout_s": t.drain_timeout_s,
         "behavior": "legacy (none rendered)" if t.behavior is None else "rendered",
+        "trigger": t.trigger,
+        "waitObjectiveSeconds": t.wait_objective_s,
+        "startupSeconds": t.lookahead_s,
     }
 
 
@@ -217,4 +275,110 @@ def _plan(args: argparse.Namespace, sim: SimInput) -> int:
         )
         return 1
     print(helm_set_line(args.release, args.chart, sim.tier.name, best.changes))
+    return 0
+
+
+COMPARE_COLUMNS = (
+    ("p50_wait_s", "p50 wait"),
+    ("p95_wait_s", "p95 wait"),
+    ("window_p95_wait_s", "window p95"),
+    ("drain_time_s", "drain"),
+    ("gpu_seconds", "GPU-s"),
+    ("gpu_vs_static", "vs static"),
+    ("max_replicas_seen", "max pods"),
+    ("jobs_killed_on_scale_in", "killed"),
+    ("busy_pods_terminated", "busy SIGTERM"),
+)
+
+
+def _parse_window(text: str) -> tuple[int, int]:
+    try:
+        start, end = (
+            int(h) * 3600 + int(m) * 60 for h, m in (part.split(":") for part in text.split("-"))
+        )
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: expected HH:MM-HH:MM, e.g. 09:00-10:00") from None
+    if not 0 <= start < end <= 86400:
+        raise ConfigError(f"--window {text!r}: start must be before end, within one day")
+    return start, end
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"--plot-range {text!r}: expected FROM-TO in seconds") from None
+    if not 0 <= lo < hi:
+        raise ConfigError(f"--plot-range {text!r}: FROM must be below TO")
+    return lo, hi
+
+
+def compare_triggers(
+    sim: SimInput,
+    triggers: list[str],
+    wait_objective_s: float | None = None,
+    lookahead_s: float | None = None,
+    window: tuple[int, int] | None = None,
+    from_day: int = 0,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """One run per trigger on the very same jobs (same seed, same draws) and one static
+    baseline; returns ({trigger: summary}, {trigger: timeline rows})."""
+    for trigger in triggers:
+        if trigger not in SCALING_TRIGGERS:
+            raise ConfigError(
+                f"--triggers: unknown trigger {trigger!r}; use {', '.join(SCALING_TRIGGERS)}"
+            )
+    if sim.tier.mode != "deployment":
+        raise ConfigError(f"compare: tier {sim.tier.name} is mode job; its trigger is queueLength")
+    tier = sim.tier
+    if wait_objective_s is not None:
+        tier = dataclasses.replace(tier, wait_objective_s=wait_objective_s)
+    if lookahead_s is not None:
+        tier = dataclasses.replace(tier, lookahead_s=lookahead_s)
+    static = static_baseline(sim)
+    summaries: dict[str, dict[str, Any]] = {}
+    rows: dict[str, Any] = {}
+    for trigger in triggers:
+        one = dataclasses.replace(sim, tier=dataclasses.replace(tier, trigger=trigger))
+        summaries[trigger], result = run_with_baseline(one, static, window, from_day)
+        rows[trigger] = result.rows
+    return summaries, rows
+
+
+def _compare(args: argparse.Namespace, sim: SimInput) -> int:
+    if args.out is None:
+        raise ConfigError("compare needs --out DIR")
+    for flag, value in (("--wait-objective", args.wait_objective), ("--lookahead", args.lookahead)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a number above 0")
+    if args.from_day < 0:
+        raise ConfigError("--from-day must be >= 0")
+    triggers = [x.strip() for x in args.triggers.split(",") if x.strip()]
+    if not triggers or len(set(triggers)) != len(triggers):
+        raise ConfigError("--triggers: give each trigger once, e.g. queueLength,work")
+    window = _parse_window(args.window) if args.window else None
+    plot_range = _parse_range(args.plot_range) if args.plot_range else None
+    summaries, rows = compare_triggers(
+        sim, triggers, args.wait_objective, args.lookahead, window, args.from_day
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_summary(args.out / "compare.json", summaries)
+    columns = [(k, h) for k, h in COMPARE_COLUMNS if window is not None or k[:6] != "window"]
+    width = max(len(t) for t in triggers) + 2
+    print(f"{'trigger':<{width}}" + "".join(f"{h:>13}" for _, h in columns))
+    for trigger, s in summaries.items():
+        cells = "".join(f"{'-' if s[k] is None else s[k]!s:>13}" for k, _ in columns)
+        print(f"{trigger:<{width}}{cells}")
+    static = next(iter(summaries.values()))["static_fleet"]
+    print(f"static fleet of {static['replicas']}: {static['gpu_seconds']} GPU-s, "
+          f"p95 wait {static['p95_wait_s']} s")  # fmt: skip
+    plot_compare(
+        args.out / "compare.png",
+        rows,
+        summaries,
+        f"tier {sim.tier.name}, {sim.traffic.label}, service {args.service_time}, "
+        f"start-up {args.startup}",
+        plot_range,
+    )
+    print(f"wrote {args.out}/compare.json, compare.png")
     return 0

@@ -87,6 +87,8 @@ class AsyncJobClient:
     ) -> None:
         self.settings = settings
         self.media = media or settings.media_store()
+        self.cost_model = settings.cost_model()
+        """Prices each job at submit (see JobClient.cost_model)."""
         self.connection_name = connection_name
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -163,7 +165,15 @@ class AsyncJobClient:
         Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
         """
         request = await asyncio.to_thread(
-            functools.partial(build_request, self.media, tier, source, target, **fields)
+            functools.partial(
+                build_request,
+                self.media,
+                tier,
+                source,
+                target,
+                cost_model=self.cost_model,
+                **fields,
+            )
         )
         return await self.submit_request(request)
 

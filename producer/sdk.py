@@ -35,6 +35,7 @@ from facefleet.amqp import (
     declare_topology,
     publish_event,
 )
+from facefleet.costmodel import CostModel, estimate_for
 from facefleet.management import ManagementUnavailable, read_queues
 from facefleet.media import MediaStore
 from facefleet.settings import ProducerSettings, SettingsError
@@ -50,6 +51,7 @@ from facefleet.wire import (
     EventType,
     JobOptionValue,
     JobRequest,
+    WorkEstimate,
     cancel_routing_key,
     check_tier,
     check_webhook_url,
@@ -126,10 +128,19 @@ class JobFields(TypedDict, total=False):
     """Where `facefleet webhooks` POSTs the job's events (http(s); signed, Standard Webhooks)."""
     webhook_events: Sequence[EventType] | None
     """Which event types to POST; None (the default) = every one but progress."""
+    estimate: WorkEstimate | None
+    """What the job will cost; None (the default) = priced here from the target (a local file
+    is probed, a URL's kind guessed from its name) with the cost model's defaults."""
 
 
 def build_request(
-    media: MediaStore, tier: str, source: str, target: str, **fields: Unpack[JobFields]
+    media: MediaStore,
+    tier: str,
+    source: str,
+    target: str,
+    *,
+    cost_model: CostModel | None = None,
+    **fields: Unpack[JobFields],
 ) -> JobRequest:
     options = fields.get("options")
     idempotency_key = fields.get("idempotency_key")
@@ -145,6 +156,13 @@ def build_request(
         if output_uri_prefix:
             media.check_output_prefix(output_uri_prefix)  # results land in the store too
         key = idempotency_key or str(uuid.uuid4())
+        estimate = fields.get("estimate") or estimate_for(
+            cost_model or CostModel(),
+            tier,
+            target,
+            processor=fields.get("processor"),
+            options=options,
+        )
         return JobRequest(
             job_id=job_id_for_key(key),
             idempotency_key=key,
@@ -158,6 +176,7 @@ def build_request(
             options=dict(options or {}),
             webhook_url=webhook_url,
             webhook_events=None if webhook_events is None else tuple(webhook_events),
+            estimate=estimate,
         )
     except StorageError as exc:
         raise InvalidJobError(exc.message) from exc
@@ -224,6 +243,8 @@ class JobClient:
     def __init__(self, settings: ProducerSettings, *, media: MediaStore | None = None) -> None:
         self.settings = settings
         self.media = media or settings.media_store()
+        self.cost_model = settings.cost_model()
+        """Prices each job at submit (the estimate on the wire; the scaler re-fits its own)."""
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._publisher: ThreadedPublisher | None = None
@@ -270,7 +291,9 @@ class JobClient:
 
         Raises TierFullError, UnroutableJobError, PublishNackedError or InvalidJobError.
         """
-        return self.submit_request(build_request(self.media, tier, source, target, **fields))
+        return self.submit_request(
+            build_request(self.media, tier, source, target, cost_model=self.cost_model, **fields)
+        )
 
     def submit_request(self, request: JobRequest) -> SubmitResult:
         """Queue one built request (see submit). A key seen before is a duplicate: nothing is

@@ -25,8 +25,13 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from consumer.processors import PROCESSORS  # noqa: E402
-from facefleet.settings import CommonSettings, WorkerSettings  # noqa: E402
+from facefleet.settings import CommonSettings, ScalerSettings, WorkerSettings  # noqa: E402
 from facefleet.wire import TIER_PATTERN  # noqa: E402
+from keda.scaling import TRIGGERS  # noqa: E402
+
+# tiers.<tier>.scaling.trigger: KEDA's own rabbitmq trigger, or a mode of `facefleet scaler`
+# (keda/scaling.py TRIGGERS, the names the scaler accepts as trigger metadata).
+SCALING_TRIGGERS = ("queueLength", *TRIGGERS)
 
 Schema = dict[str, Any]
 
@@ -173,6 +178,11 @@ def tier_schema() -> Schema:
                     "activationJobs": integer(0),
                     "pollingInterval": integer(1),
                     "cooldownPeriod": integer(0),
+                    "trigger": string(enum=list(SCALING_TRIGGERS)),
+                    # Whole seconds (as jobsPerReplica: `--set` passes 45.5 as a string); the
+                    # scaler (keda.scaling.params_from_metadata) takes any number above 0.
+                    "waitObjectiveSeconds": integer(1),
+                    "startupSeconds": integer(1),
                     "scaleUp": hpa_rules(),
                     "scaleDown": hpa_rules(),
                 },
@@ -475,6 +485,30 @@ def build() -> Schema:
                         "podDisruptionBudget": boolean(),
                         "terminationGracePeriodSeconds": integer(1),
                         "fetch": obj({"allow": fetch_allow}),
+                        "nodeSelector": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "tolerations": {"type": "array", "items": {"type": "object"}},
+                        "affinity": free_map("Pod affinity, verbatim."),
+                    }
+                ),
+                "scaler": obj(
+                    {
+                        # null: run it when an enabled tier's trigger needs it.
+                        "enabled": {"type": ["boolean", "null"]},
+                        "replicas": integer(1),
+                        "port": integer(1, 65535),
+                        "push": boolean(),
+                        "forecastDays": {
+                            "type": "integer",
+                            **field_bounds(ScalerSettings, "scaler_forecast_days"),
+                        },
+                        "tls": obj(
+                            {"secretName": optional_name, "clientSecretName": optional_name}
+                        ),
+                        "kedaFrom": {"type": "array", "items": {"type": "object"}},
+                        "resources": RESOURCES,
                         "nodeSelector": {
                             "type": "object",
                             "additionalProperties": {"type": "string"},

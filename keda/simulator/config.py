@@ -18,6 +18,11 @@ from typing import Any, Literal, cast, get_args
 
 import yaml
 
+from keda.scaling import DEFAULT_STARTUP_S, DEFAULT_WAIT_OBJECTIVE_S, TRIGGERS
+
+SCALING_TRIGGERS: tuple[str, ...] = ("queueLength", *TRIGGERS)
+"""`tiers.<tier>.scaling.trigger`: KEDA's rabbitmq trigger or a mode of `facefleet scaler`."""
+
 Mode = Literal["deployment", "job"]
 SelectPolicy = Literal["Max", "Min", "Disabled"]
 Strategy = Literal["default", "accurate", "eager", "custom"]
@@ -77,6 +82,9 @@ BUILTIN_VALUES: dict[str, Any] = {
                 "activationJobs": 0,
                 "pollingInterval": 5,
                 "cooldownPeriod": 120,
+                "trigger": "queueLength",
+                "waitObjectiveSeconds": 60,
+                "startupSeconds": 90,
                 "scaleUp": _behavior(0, 8, 100, 15),
                 "scaleDown": _behavior(120, None, 50, 60),
             },
@@ -97,6 +105,9 @@ BUILTIN_VALUES: dict[str, Any] = {
                 "activationJobs": 0,
                 "pollingInterval": 10,
                 "cooldownPeriod": 300,
+                "trigger": "queueLength",
+                "waitObjectiveSeconds": 120,
+                "startupSeconds": 90,
                 "scaleUp": _behavior(0, 4, 100, 30),
                 "scaleDown": _behavior(300, 2, None, 60),
             },
@@ -117,6 +128,9 @@ BUILTIN_VALUES: dict[str, Any] = {
                 "activationJobs": 0,
                 "pollingInterval": 30,
                 "cooldownPeriod": 300,
+                "trigger": "queueLength",
+                "waitObjectiveSeconds": 600,
+                "startupSeconds": 90,
                 "scaleUp": None,
                 "scaleDown": None,
             },
@@ -215,6 +229,12 @@ class TierConfig:
     custom_percentage: float | None = None
     idle_exit_s: int = 60
     """A Job's worker exits after this long without a delivery (chart `idleExitSeconds`)."""
+    trigger: str = "queueLength"
+    """`scaling.trigger`: queueLength (KEDA's rabbitmq trigger) or a keda.scaling TRIGGERS mode."""
+    wait_objective_s: float = 60.0
+    """`scaling.waitObjectiveSeconds`: the scaler modes' W."""
+    lookahead_s: float = 90.0
+    """`scaling.startupSeconds`: how far ahead `predictive` adds forecast work."""
     rbac_create: bool = True
     """Top-level `rbac.create`, kept so re-validating a planner candidate applies the same
     chart rules (podDeletionCost needs it)."""
@@ -320,6 +340,13 @@ def tier_from_mapping(
     deduction = j.opt_integer("customScalingQueueLengthDeduction")
     pct = j.opt_number("customScalingRunningJobPercentage", hi=1.0)
     idle_exit = j.opt_integer("idleExitSeconds", lo=1)
+    trigger = s.choice("trigger", SCALING_TRIGGERS, "queueLength")
+    wait_objective = s.opt_integer("waitObjectiveSeconds", lo=1)
+    lookahead = s.opt_integer("startupSeconds", lo=1)
+    if mode == "job" and trigger != "queueLength":
+        raise ConfigError(
+            f"{p}.scaling.trigger={trigger} but {p}.mode is job: ScaledJobs stay on queueLength"
+        )
     # Cross-field rules, in the order of _validate.tpl.
     if min_r > max_r:
         raise ConfigError(f"{p}.scaling: minReplicas {min_r} > maxReplicas {max_r}")
@@ -386,6 +413,9 @@ def tier_from_mapping(
         custom_deduction=deduction,
         custom_percentage=pct,
         idle_exit_s=idle_exit or 0,
+        trigger=trigger,
+        wait_objective_s=float(wait_objective or DEFAULT_WAIT_OBJECTIVE_S),
+        lookahead_s=float(lookahead or DEFAULT_STARTUP_S),
         rbac_create=rbac_create,
         values=raw,
     )

@@ -8,6 +8,9 @@ Grammar (seconds; samples are rounded to whole seconds because the simulator tic
     exp:6                   exponential with mean 6
     hist:6=3,12=1           empirical histogram value=weight, inline
     hist:FILE.csv           same from a CSV with header `seconds,count`
+    mix:0.9*2,0.1*300       job-size mixture weight*seconds (photos and videos); an optional
+                            last item `sd=0.2` spreads each component normally with sd = 0.2 x
+                            its seconds (so "photos of ~2 s, videos of ~300 s")
 
 A start-up SPEC models scheduling + image pull + model preload + warm-up in one number; a
 service-time SPEC is one job on one GPU slot.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["fixed", "uniform", "normal", "exp", "hist"]
+Kind = Literal["fixed", "uniform", "normal", "exp", "hist", "mix"]
 
 
 class SpecError(ValueError):
@@ -37,6 +40,8 @@ class Distribution:
     params: tuple[float, ...]
     weights: tuple[float, ...] = ()
     floor_s: int = 0
+    spread: float = 0.0
+    """`mix` only: each component's sd as a fraction of its seconds."""
 
     def sample(self, rng: random.Random) -> int:
         if self.kind == "fixed":
@@ -47,15 +52,17 @@ class Distribution:
             x = rng.gauss(self.params[0], self.params[1])
         elif self.kind == "exp":
             x = rng.expovariate(1.0 / self.params[0])
-        else:
+        else:  # hist, mix
             x = rng.choices(self.params, weights=self.weights)[0]
+            if self.spread:
+                x = rng.gauss(x, self.spread * x)
         return max(self.floor_s, math.floor(x + 0.5))
 
     def mean(self) -> float:
         """Expected value before rounding; used to size the static fleet."""
         if self.kind == "uniform":
             return (self.params[0] + self.params[1]) / 2
-        if self.kind == "hist":
+        if self.kind in ("hist", "mix"):
             return sum(v * w for v, w in zip(self.params, self.weights, strict=True)) / sum(
                 self.weights
             )
@@ -69,13 +76,15 @@ def parse_spec(spec: str, floor_s: int = 0) -> Distribution:
     if kind == "hist":
         values, weights = _histogram(rest)
         return Distribution("hist", values, weights, floor_s)
+    if kind == "mix":
+        return _mixture(spec, rest, floor_s)
     try:
         nums = tuple(float(x) for x in rest.split(","))
     except ValueError:
         raise SpecError(f"bad SPEC {spec!r}: numbers expected after '{kind}:'") from None
     arity = {"fixed": 1, "uniform": 2, "normal": 2, "exp": 1}
     if kind not in arity:
-        raise SpecError(f"bad SPEC {spec!r}: kind must be fixed, uniform, normal, exp or hist")
+        raise SpecError(f"bad SPEC {spec!r}: kind must be fixed, uniform, normal, exp, hist or mix")
     if len(nums) != arity[kind] or any(not math.isfinite(n) or n < 0 for n in nums):
         raise SpecError(f"bad SPEC {spec!r}: {kind} takes {arity[kind]} number(s) >= 0")
     if kind == "uniform" and nums[0] > nums[1]:
@@ -111,3 +120,33 @@ def _histogram_file(path: Path) -> list[tuple[float, float]]:
         return [(float(row["seconds"]), float(row["count"])) for row in rows]
     except (KeyError, TypeError, ValueError):
         raise SpecError(f"histogram {path}: expected header `seconds,count` and numbers") from None
+
+
+def _mixture(spec: str, rest: str, floor_s: int) -> Distribution:
+    """`W*S,...[,sd=F]`: weights need not sum to 1 (they are relative, like hist's)."""
+    items = [i.strip() for i in rest.split(",") if i.strip()]
+    spread = 0.0
+    if items and items[-1].startswith("sd="):
+        try:
+            spread = float(items.pop()[3:])
+        except ValueError:
+            raise SpecError(f"bad SPEC {spec!r}: sd= takes a number") from None
+    pairs: list[tuple[float, float]] = []
+    for item in items:
+        weight, star, seconds = item.partition("*")
+        try:
+            if not star:
+                raise ValueError
+            pairs.append((float(seconds), float(weight)))
+        except ValueError:
+            raise SpecError(
+                f"bad SPEC {spec!r}: mix items are weight*seconds, e.g. mix:0.9*2,0.1*300"
+            ) from None
+    numbers = [spread, *(n for pair in pairs for n in pair)]
+    if not pairs or any(not math.isfinite(n) or n < 0 for n in numbers):
+        raise SpecError(f"bad SPEC {spec!r}: mix needs weight*seconds items, all >= 0")
+    if sum(w for _, w in pairs) <= 0:
+        raise SpecError(f"bad SPEC {spec!r}: mix needs a positive total weight")
+    return Distribution(
+        "mix", tuple(s for s, _ in pairs), tuple(w for _, w in pairs), floor_s, spread
+    )

@@ -8,6 +8,13 @@ Order within second t (keda.md §8 "clocks"):
     4. the broker's management stats refresh every 5 s at the run's stats phase (§1.2)
     5. KEDA polls if due (every pollingInterval from t=0, §2.1) and may write replicas
     6. the HPA syncs if due (every 15 s from its phase, §3.2, §4.4) and may write replicas
+
+With `scaling.trigger` work, latency or predictive, steps 5 and 6 read `facefleet scaler`'s
+answer instead of the queue count: keda/scaling.py's `read` on a TierView built from what the
+scaler would see (the management API's stale ready/unacked snapshot; each ready job's cost and
+each running job's elapsed time from the events stream, live; the oldest ready job's age), and
+for `predictive` a SeasonalForecast fed every arrival's work. The estimate of a job's cost is its
+true service time: the cost model's error is not modelled.
     7. one GPU-second is charged per existing pod; a timeline row is recorded
 
 Every random draw comes from a `random.Random` seeded from (seed, purpose), so a run is a pure
@@ -19,6 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from keda.scaling import Params, Reading, Running, SeasonalForecast, TierView, read
 from keda.simulator.config import TierConfig
 from keda.simulator.dist import Distribution
 from keda.simulator.hpa import Hpa
@@ -88,10 +96,14 @@ def simulate(sim: SimInput) -> SimResult:
         tick = _JobTick(sim, broker)
     else:
         tick = _DeploymentTick(sim, broker)
+    forecast = tick.forecast if isinstance(tick, _DeploymentTick) else None
     job_id = 0
     for t, n in enumerate(sim.traffic.arrivals):
         for _ in range(n):
-            broker.publish(Message(job_id, t, max(1, sim.service.sample(service_rng))))
+            msg = Message(job_id, t, max(1, sim.service.sample(service_rng)))
+            broker.publish(msg)
+            if forecast is not None:
+                forecast.add(t, msg.service_s)
             job_id += 1
         rows.append((t, n, *tick(t)))
     end = len(sim.traffic.arrivals)
@@ -126,6 +138,43 @@ class _DeploymentTick:
         else:
             self.spec = tier.min_replicas
         self.fleet.add_pods(self.spec, 0, warm=True)
+        self.params: Params | None = None
+        self.forecast: SeasonalForecast | None = None
+        if tier.trigger != "queueLength" and sim.static_replicas is None:
+            self.params = Params(
+                trigger=tier.trigger,  # type: ignore[arg-type]
+                wait_objective_s=tier.wait_objective_s,
+                startup_s=tier.lookahead_s,
+            )
+            if tier.trigger == "predictive":
+                self.forecast = SeasonalForecast()
+        self.default_cost_s = sim.service.mean()
+
+    def scaler_reading(self, t: int) -> Reading:
+        """What `facefleet scaler` answers at second t (keda/scaling.py, not a copy of it)."""
+        assert self.params is not None
+        broker, fleet = self.broker, self.fleet
+        running = [
+            Running(float(msg.service_s), float(t - (end - msg.service_s)))
+            for pod in fleet.pods
+            for msg, end in pod.jobs
+        ]
+        view = TierView(
+            ready=broker.stats_ready,
+            unacked=broker.stats_unacked,
+            consumers=fleet.ready_count(t),
+            ready_costs=[float(m.service_s) for m in broker.ready],
+            oldest_ready_age_s=float(t - broker.ready[0].arrived_s) if broker.ready else 0.0,
+            running=running,
+            default_cost_s=self.default_cost_s,
+            known_open=len(broker.ready) + len(running),
+        )
+        ahead = 0.0
+        if self.forecast is not None:
+            if t % 3600 == 0:
+                self.forecast.prune(t)
+            ahead = self.forecast.surge(t, self.params.startup_s)
+        return read(view, self.params, ahead)
 
     def __call__(self, t: int) -> tuple[int, int, int, int, int, int]:
         fleet, broker = self.fleet, self.broker
@@ -133,12 +182,20 @@ class _DeploymentTick:
         fleet.dispatch(t, broker)
         broker.tick_stats(t)
         if self.sim.static_replicas is None:
-            metric = broker.metric(self.sim.counting)
-            if self.keda.is_poll(t):
-                self._write(self.keda.poll(t, metric, self.spec), t)
-            if self.hpa.is_sync(t):
+            poll, sync = self.keda.is_poll(t), self.hpa.is_sync(t)
+            metric: float = 0.0
+            target: float | None = None
+            active: bool | None = None
+            if self.params is None:
+                metric = broker.metric(self.sim.counting)
+            elif poll or sync:
+                reading = self.scaler_reading(t)
+                metric, target, active = reading.metric, reading.target, reading.active
+            if poll:
+                self._write(self.keda.poll(t, metric, self.spec, active), t)
+            if sync:
                 status = len(fleet.active())
-                self._write(self.hpa.reconcile(t, self.spec, status, metric), t)
+                self._write(self.hpa.reconcile(t, self.spec, status, metric, target), t)
         fleet.account()
         return (
             len(broker.ready),

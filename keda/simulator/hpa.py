@@ -27,6 +27,8 @@ TOLERANCE = 0.1
 SCALE_UP_LIMIT_FACTOR = 2
 SCALE_UP_LIMIT_MINIMUM = 4
 """Legacy scale-up limit max(2 * spec, 4) per sync (keda.md §4.5)."""
+MAX_INT32 = 2**31 - 1
+"""GetExternalPerPodMetricReplicas caps its proposal here (keda.md §4.2) before int32()."""
 
 
 def external_average_value_proposal(metric: float, target: float, status_replicas: int) -> int:
@@ -42,7 +44,7 @@ def external_average_value_proposal(metric: float, target: float, status_replica
         ratio = usage / (tgt * status_replicas)
         if 1.0 - TOLERANCE <= ratio <= 1.0 + TOLERANCE:
             return status_replicas
-    return math.ceil(usage / tgt)
+    return min(math.ceil(usage / tgt), MAX_INT32)
 
 
 @dataclass
@@ -70,8 +72,12 @@ class Hpa:
     def is_sync(self, now_s: int) -> bool:
         return now_s >= self.phase_s and (now_s - self.phase_s) % SYNC_PERIOD_S == 0
 
-    def reconcile(self, now_s: int, spec: int, status: int, metric: float) -> int | None:
-        """reconcileAutoscaler (keda.md §4.4): the replicas to write, or None for no write."""
+    def reconcile(
+        self, now_s: int, spec: int, status: int, metric: float, target: float | None = None
+    ) -> int | None:
+        """reconcileAutoscaler (keda.md §4.4): the replicas to write, or None for no write.
+        `target` is the AverageValue GetMetricSpec returned; default the queue-length trigger's
+        jobsPerReplica."""
         if not self.recommendations:  # recordInitialRecommendation
             self.recommendations.append(_Rec(spec, now_s))
         min_r, max_r = self.min_replicas, self.tier.max_replicas
@@ -82,7 +88,8 @@ class Hpa:
         elif spec < min_r:
             desired = min_r
         else:
-            raw = external_average_value_proposal(metric, self.tier.jobs_per_replica, status)
+            tgt = self.tier.jobs_per_replica if target is None else target
+            raw = external_average_value_proposal(metric, tgt, status)
             b = self.tier.behavior
             if b is None:
                 desired = self._legacy(now_s, spec, raw)
@@ -124,11 +131,13 @@ class Hpa:
         return stab
 
     def _store(self, raw: int, now_s: int, is_old: Callable[[_Rec], bool]) -> None:
-        """Overwrite one stale recommendation if any, else append (keeps the list short)."""
-        for i, rec in enumerate(self.recommendations):
-            if is_old(rec):
-                self.recommendations[i] = _Rec(raw, now_s)
-                return
+        """Overwrite one stale recommendation if any, else append (keeps the list short). The
+        Go loop (stabilizeRecommendation*) does not break: with several stale entries it
+        overwrites the LAST one, and the others stay until later syncs reuse them."""
+        stale = [i for i, rec in enumerate(self.recommendations) if is_old(rec)]
+        if stale:
+            self.recommendations[stale[-1]] = _Rec(raw, now_s)
+            return
         self.recommendations.append(_Rec(raw, now_s))
 
     def _period_start(self, now_s: int, spec: int, period_s: int) -> int:

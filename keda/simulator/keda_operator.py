@@ -31,14 +31,17 @@ class KedaOperator:
         """First check at creation, then every pollingInterval (keda.md §2.1 startScaleLoop)."""
         return (now_s - self.created_s) % self.tier.polling_interval_s == 0
 
-    def poll(self, now_s: int, metric: float, current: int) -> int | None:
+    def poll(
+        self, now_s: int, metric: float, current: int, active: bool | None = None
+    ) -> int | None:
         """One checkScalers() + RequestScale(): the new scale.spec.replicas, or None to leave it.
 
-        Exactly the §2.1 pseudo-code with isError = false and no pause annotations.
+        Exactly the §2.1 pseudo-code with isError = false and no pause annotations. `active` is
+        an external scaler's IsActive answer; None = the queue-length rule on `metric`.
         """
         t = self.tier
         min_count, idle = t.min_replicas, t.idle_replicas
-        if is_active(metric, t.activation_jobs):
+        if is_active(metric, t.activation_jobs) if active is None else active:
             self.last_active_s = now_s
             if (idle is not None and current < min_count) or current == 0:
                 return max(min_count, 1)  # activation: minReplicaCount if > 0 else 1

@@ -48,6 +48,11 @@ class FleetStats:
     waits: dict[int, int] = field(default_factory=dict)
     """job_id -> seconds from arrival to the start of its last (successful) attempt."""
     completed: int = 0
+    busy_pods_terminated: int = 0
+    """Pods sent SIGTERM while running a job (they drain it; `killed_on_scale_in` counts the
+    jobs a drain timeout then stopped)."""
+    arrivals: dict[int, int] = field(default_factory=dict)
+    """job_id -> arrival second, for waits within a time-of-day window."""
 
 
 class Fleet:
@@ -90,6 +95,7 @@ class Fleet:
         victims = sorted(active, key=lambda p: p.deletion_rank(now_s, self.use_cost))
         for pod in victims[: len(active) - spec]:
             pod.sigterm_s = now_s
+            self.stats.busy_pods_terminated += bool(pod.jobs)
         self._reap(now_s, broker)
 
     # --- per-second work ---------------------------------------------------------------------
@@ -134,6 +140,7 @@ class Fleet:
                 msg.attempts += 1
                 pod.jobs.append((msg, now_s + msg.service_s))
                 self.stats.waits[msg.job_id] = now_s - msg.arrived_s
+                self.stats.arrivals[msg.job_id] = msg.arrived_s
                 free -= 1
         self._rr = i % len(consumers)
 

@@ -42,6 +42,10 @@ class Broker:
         self.unacked = 0
         # "Queues start without any stats and emit them after 5 seconds" (§1.2).
         self._stats_messages = 0
+        self.stats_ready = 0
+        self.stats_unacked = 0
+        """The last snapshot's two parts: `facefleet scaler` reads them (TierView.ready,
+        .unacked) from the same management API, just as stale."""
 
     def publish(self, msg: Message) -> None:
         self.ready.append(msg)
@@ -65,7 +69,8 @@ class Broker:
     def tick_stats(self, now_s: int) -> None:
         """The management plugin's periodic stats emission (§1.2), at its own phase."""
         if (now_s - self.stats_phase_s) % STATS_INTERVAL_S == 0:
-            self._stats_messages = len(self.ready) + self.unacked
+            self.stats_ready, self.stats_unacked = len(self.ready), self.unacked
+            self._stats_messages = self.stats_ready + self.stats_unacked
 
     def metric(self, counting: Counting) -> int:
         """The queue count the RabbitMQ scaler returns (§1.2, §1.3: queue-wide, not per pod)."""

@@ -66,3 +66,49 @@ def plot_timeline(path: Path, rows: list[Row], title: str, subtitle: str = "") -
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def plot_compare(
+    path: Path,
+    rows: dict[str, list[Row]],
+    summaries: dict[str, dict[str, Any]],
+    title: str,
+    plot_range: tuple[int, int] | None = None,
+) -> None:
+    """One figure for `simulate compare`: waiting jobs (top) and GPU pods (bottom) per trigger,
+    legend with each one's p95 wait and GPU-seconds. Long runs are reduced to the maximum per
+    bucket, so a short spike stays visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, dpi=90)
+    for trigger, data in rows.items():
+        if plot_range is not None:
+            data = data[plot_range[0] : plot_range[1]]
+        step = max(1, len(data) // 3000)
+        xs, ready, pods = [], [], []
+        for i in range(0, len(data), step):
+            chunk = data[i : i + step]
+            xs.append(chunk[0][0] / (3600 if len(data) > 4 * 3600 else 60))
+            ready.append(max(r[2] for r in chunk))
+            pods.append(max(r[5] for r in chunk))
+        s = summaries[trigger]
+        label = f"{trigger}: p95 {s['p95_wait_s']} s, {s['gpu_seconds']} GPU-s"
+        top.plot(xs, ready, lw=1.1, label=label)
+        bottom.plot(xs, pods, lw=1.1, label=trigger)
+    top.set_ylabel("jobs waiting (ready)")
+    top.set_title(title, fontsize=9)
+    top.legend(loc="upper right", fontsize=8)
+    bottom.set_ylabel("pods (GPU held)")
+    long_run = max((len(d) for d in rows.values()), default=0)
+    if plot_range is not None:
+        long_run = plot_range[1] - plot_range[0]
+    bottom.set_xlabel("hours" if long_run > 4 * 3600 else "minutes")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -36,9 +36,36 @@ def drain_time(ready: list[int]) -> int | None:
     return None
 
 
-def summarize(result: SimResult) -> dict[str, Any]:
+DAY_S = 86400
+
+
+def window_waits(result: SimResult, window: tuple[int, int], from_day: int = 0) -> list[int]:
+    """Waits of the jobs that arrived within [start, end) seconds of each day, from day
+    `from_day` (0-based) on: e.g. the 9 am surge once the forecast has a day of history. Jobs
+    never started are left out (their censored waits count in the run's overall p95)."""
+    start, end = window
+    arrivals = result.stats.arrivals
+    return [
+        wait
+        for job, wait in result.stats.waits.items()
+        if arrivals[job] >= from_day * DAY_S and start <= arrivals[job] % DAY_S < end
+    ]
+
+
+def summarize(
+    result: SimResult, window: tuple[int, int] | None = None, from_day: int = 0
+) -> dict[str, Any]:
     waits = list(result.stats.waits.values()) + result.unstarted_waits
     ready = [row[2] for row in result.rows]
+    extra: dict[str, Any] = {}
+    if window is not None:
+        inside = window_waits(result, window, from_day)
+        extra = {
+            "window": {"start_s": window[0], "end_s": window[1], "from_day": from_day},
+            "window_jobs": len(inside),
+            "window_p50_wait_s": percentile(inside, 50),
+            "window_p95_wait_s": percentile(inside, 95),
+        }
     return {
         "jobs": result.jobs,
         "p50_wait_s": percentile(waits, 50),
@@ -47,9 +74,11 @@ def summarize(result: SimResult) -> dict[str, Any]:
         "drain_time_s": drain_time(ready),
         "gpu_seconds": result.stats.gpu_seconds,
         "jobs_killed_on_scale_in": result.stats.killed_on_scale_in,
+        "busy_pods_terminated": result.stats.busy_pods_terminated,
         "max_replicas_seen": max((row[5] for row in result.rows), default=0),
         "jobs_completed": result.stats.completed,
         "jobs_unstarted": len(result.unstarted_waits),
         "peak_backlog": max(ready, default=0),
         "duration_s": len(result.rows),
+        **extra,
     }

@@ -81,6 +81,17 @@ PATTERN_DEFAULTS: dict[str, dict[str, float]] = {
     "spike": {"base": 10, "peak": 200, "at": 300, "length": 90, "duration": 1800, "poisson": 0},
     "diurnal": {"mean": 60, "amplitude": 50, "period": 86400, "duration": 86400, "poisson": 0},
     "bursty": {"base": 10, "peak": 200, "every": 600, "length": 60, "duration": 3600},
+    # Days of uploads: a daily wave (trough at midnight) plus a morning surge that starts at
+    # once at `at` (9 am) and lasts `length` s, every day; 5 days by default.
+    "workday": {
+        "mean": 20,
+        "amplitude": 15,
+        "surge": 150,
+        "at": 9 * 3600,
+        "length": 1800,
+        "duration": 5 * 86400,
+        "poisson": 0,
+    },
 }
 
 
@@ -118,6 +129,11 @@ def _rate_fn(name: str, p: dict[str, float]) -> RateFn:
         return lambda t: p["peak"] if t >= p["at"] else p["base"]
     if name == "spike":
         return lambda t: p["peak"] if p["at"] <= t < p["at"] + p["length"] else p["base"]
+    if name == "workday":
+        return lambda t: (
+            max(0.0, p["mean"] - p["amplitude"] * math.cos(2 * math.pi * t / 86400))
+            + (p["surge"] if p["at"] <= t % 86400 < p["at"] + p["length"] else 0.0)
+        )
     period = max(p["period"], 1.0)  # diurnal: trough at t=0 (midnight), peak at period/2
     return lambda t: max(0.0, p["mean"] - p["amplitude"] * math.cos(2 * math.pi * t / period))
 

@@ -33,18 +33,19 @@ VALUES_FILES = [
     "ingress.yaml",
     "s3-media.yaml",
     "postgres-s3.yaml",
+    "scaler-work.yaml",
 ]
 
 # (check id, resource regex "Kind.namespace.name", why it is accepted)
 ACCEPTED: list[tuple[str, str, str]] = [
     (
         "CKV_K8S_11",
-        r"^Deployment\..*-(gateway|webhooks|worker-[a-z0-9-]+)$",
-        "CPU limits: deliberately unset on workers, gateway and webhooks. A CFS quota throttles "
-        "the GPU worker's Python pre/post-processing threads, the gateway's WebSocket fan-out and "
-        "the webhooks' delivery bursts (many jobs finishing at once), adding latency while the "
-        "node has idle CPU; CPU requests are set for scheduling, memory limits are set "
-        "everywhere. (The one-shot migration hook Job has a CPU limit.)",
+        r"^Deployment\..*-(gateway|webhooks|scaler|worker-[a-z0-9-]+)$",
+        "CPU limits: deliberately unset on workers, gateway, webhooks and scaler. A CFS quota "
+        "throttles the GPU worker's Python pre/post-processing threads, the gateway's WebSocket "
+        "fan-out, the webhooks' delivery bursts (many jobs finishing at once) and the scaler's "
+        "events replay at start, adding latency while the node has idle CPU; CPU requests are "
+        "set for scheduling, memory limits are set everywhere. (The one-shot migration hook Job has a CPU limit.)",
     ),
     (
         "CKV_K8S_15",

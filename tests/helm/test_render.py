@@ -53,6 +53,7 @@ VALUES_FILES = [
     pytest.param("ingress.yaml", id="ingress-on"),
     pytest.param("s3-media.yaml", id="s3-media"),
     pytest.param("postgres-s3.yaml", id="postgres-s3-webhooks"),
+    pytest.param("scaler-work.yaml", id="scaler-work-predictive-mtls"),
     pytest.param(str(CHART / "examples" / "values-cloudnativepg.yaml"), id="example-cloudnativepg"),
 ]
 
@@ -275,6 +276,9 @@ def test_each_tier_scales_on_its_own_queue(helm: Path, values_file: str) -> None
         assert spec["pollingInterval"] == s["pollingInterval"]
         [trigger] = triggers
         meta = trigger["metadata"]
+        if s["trigger"] != "queueLength":
+            check_scaler_trigger(objs, values, name, trigger)
+            continue
         assert trigger["type"] == "rabbitmq"
         assert meta["queueName"] == f"facefleet.jobs.{name}"
         assert meta["protocol"] == "http", "AMQP would not count unacknowledged jobs"
@@ -285,6 +289,96 @@ def test_each_tier_scales_on_its_own_queue(helm: Path, values_file: str) -> None
         assert "@" not in meta["host"], "credentials belong in the TriggerAuthentication"
         assert meta["host"] == values["rabbitmq"]["managementUrl"]
         assert trigger["authenticationRef"]["name"] in auth_names
+
+
+def check_scaler_trigger(
+    objs: list[dict[str, Any]], values: dict[str, Any], name: str, trigger: dict[str, Any]
+) -> None:
+    """An `external`/`external-push` trigger: it dials the scaler's Service, its metadata is what
+    keda/scaling.py's params_from_metadata parses to the tier's values, and TLS material comes
+    only from Secrets through a TriggerAuthentication."""
+    from keda.scaling import params_from_metadata
+
+    s = values["tiers"][name]["scaling"]
+    sc = values["scaler"]
+    assert trigger["type"] == ("external-push" if sc["push"] else "external")
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "the CRD wants string metadata"
+    [svc] = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == f"{FULLNAME}-scaler"]
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert meta["scalerAddress"] == f"{FULLNAME}-scaler.{NAMESPACE}.svc:{port}"
+    assert meta["tier"] == name
+    params = params_from_metadata(meta)
+    assert params.trigger == s["trigger"]
+    assert params.wait_objective_s == s["waitObjectiveSeconds"]
+    if s["trigger"] == "predictive":
+        assert params.startup_s == s["startupSeconds"]
+    auth = trigger.get("authenticationRef")
+    if not sc["tls"]["secretName"]:
+        assert auth is None
+        return
+    [ta] = [o for o in by_kind(objs, "TriggerAuthentication")
+            if o["metadata"]["name"] == auth["name"]]  # fmt: skip
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in ta["spec"]["secretTargetRef"]}
+    expected = {"caCert": (sc["tls"]["secretName"], "ca.crt")}
+    if sc["tls"]["clientSecretName"]:
+        client = sc["tls"]["clientSecretName"]
+        expected |= {"tlsClientCert": (client, "tls.crt"), "tlsClientKey": (client, "tls.key")}
+    assert refs == expected
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_scaler_runs_when_a_tier_needs_it(
+    helm: Path, values_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scaler Deployment exists iff a tier uses it (scaler.enabled null) and its environment
+    is what `facefleet scaler` reads: parsed here by the product's own ScalerSettings."""
+    from facefleet.settings import ScalerSettings
+
+    objs = render(helm, [values_file])
+    values = load_values(values_file)
+    needed = any(t["scaling"]["trigger"] != "queueLength" for t in enabled_tiers(values).values())
+    on = values["scaler"]["enabled"]
+    deps = [o for o in by_kind(objs, "Deployment") if o["metadata"]["name"] == f"{FULLNAME}-scaler"]
+    assert bool(deps) == (needed if on is None else on)
+    if not deps:
+        assert not [o for o in objs if o["metadata"]["name"].startswith(f"{FULLNAME}-scaler")]
+        return
+    [dep] = deps
+    pod = dep["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["args"] == ["facefleet", "scaler"]
+    env = env_of(c)
+    assert env["AMQP_URL"]["secretKeyRef"]["key"] == values["secrets"]["keys"]["amqpUrl"]
+    for key, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AMQP_URL", "amqp://u:p@rabbitmq:5672/%2F")
+    settings = ScalerSettings.load()
+    assert settings.scaler_host == "0.0.0.0"
+    assert settings.scaler_port == values["scaler"]["port"]
+    assert settings.scaler_forecast_days == values["scaler"]["forecastDays"]
+    assert settings.management_url == values["rabbitmq"]["managementUrl"].rstrip("/")
+    assert [t.name for t in settings.tiers()] == sorted(enabled_tiers(values))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": settings.scaler_port, "metrics": settings.health_port}
+    tls = values["scaler"]["tls"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    if tls["secretName"]:
+        assert settings.scaler_tls_cert is not None and settings.scaler_tls_key is not None
+        mount = mounts[str(settings.scaler_tls_cert.parent)]
+        assert mount["readOnly"] is True
+        vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert vol["secret"]["secretName"] == tls["secretName"]
+        assert (settings.scaler_tls_client_ca is not None) is bool(tls["clientSecretName"])
+    else:
+        assert settings.scaler_tls_cert is None and "FACEFLEET_SCALER_TLS_CLIENT_CA" not in env
+    if values["networkPolicy"]["enabled"]:
+        [np] = [o for o in by_kind(objs, "NetworkPolicy")
+                if o["metadata"]["name"] == f"{FULLNAME}-scaler"]  # fmt: skip
+        grpc_rule = next(r for r in np["spec"]["ingress"]
+                         if r["ports"] == [{"port": settings.scaler_port, "protocol": "TCP"}])  # fmt: skip
+        assert grpc_rule["from"] == values["scaler"]["kedaFrom"]
 
 
 def expected_policies(rules: dict[str, Any]) -> list[dict[str, Any]]:

@@ -62,6 +62,43 @@ def test_set_lands_in_the_scaled_object(
     assert dig(scaled_object(render(helm, sets=sets)), path) == expected
 
 
+@pytest.mark.parametrize(
+    ("sets", "kind", "metadata"),
+    [
+        pytest.param(["tiers.standard.scaling.trigger=work"], "external",
+                     {"trigger": "work", "waitObjectiveSeconds": "120"}, id="upgrade-to-work"),
+        pytest.param(["tiers.standard.scaling.trigger=latency",
+                      "tiers.standard.scaling.waitObjectiveSeconds=45"], "external",
+                     {"trigger": "latency", "waitObjectiveSeconds": "45"},
+                     id="latency-own-objective"),
+        pytest.param(["tiers.standard.scaling.trigger=predictive",
+                      "tiers.standard.scaling.startupSeconds=120", "scaler.push=true"],
+                     "external-push",
+                     {"trigger": "predictive", "waitObjectiveSeconds": "120",
+                      "startupSeconds": "120"}, id="predictive-push"),
+    ],
+)  # fmt: skip
+def test_scaler_trigger_lands_in_the_scaled_object(
+    helm: Path, sets: list[str], kind: str, metadata: dict[str, str]
+) -> None:
+    """What `helm upgrade --reuse-values --set tiers.standard.scaling.trigger=...` renders: the
+    tier's trigger becomes the scaler's, and the scaler (enabled: null) comes with it."""
+    objs = render(helm, sets=sets)
+    so = scaled_object(objs, "ff-facefleet-worker-standard")
+    [trigger] = so["spec"]["triggers"]
+    assert trigger["type"] == kind
+    assert trigger["metadata"] == {
+        "scalerAddress": "ff-facefleet-scaler.facefleet-test.svc:6000",
+        "tier": "standard",
+        **metadata,
+    }
+    assert "authenticationRef" not in trigger
+    names = {o["metadata"]["name"] for o in by_kind(objs, "Deployment")}
+    assert "ff-facefleet-scaler" in names
+    # the other tiers keep their queue-length triggers
+    assert scaled_object(objs)["spec"]["triggers"][0]["type"] == "rabbitmq"
+
+
 def test_null_behaviour_renders_none(helm: Path) -> None:
     so = scaled_object(
         render(helm, sets=["tiers.high.scaling.scaleUp=null", "tiers.high.scaling.scaleDown=null"])
@@ -273,6 +310,30 @@ REJECTED = [
                  id="fetch-negative-redirects"),
     pytest.param(["workers.scratch.sizeLimit=lots"], ["/workers/scratch/sizeLimit"],
                  id="bad-scratch-size"),
+    # scaling triggers served by facefleet scaler
+    pytest.param(["tiers.high.scaling.trigger=cpu"],
+                 ["/tiers/high/scaling/trigger", "queueLength", "predictive"],
+                 id="unknown-trigger"),
+    pytest.param(["tiers.high.scaling.trigger=work", "tiers.high.scaling.waitObjectiveSeconds=0"],
+                 ["/tiers/high/scaling/waitObjectiveSeconds", "minimum"],
+                 id="zero-wait-objective"),
+    pytest.param(["tiers.high.scaling.trigger=work", "scaler.enabled=false"],
+                 ["tiers.high.scaling.trigger=work needs facefleet scaler, but scaler.enabled is "
+                  "false", "Fix: --set scaler.enabled=null (runs it when a tier needs it) or "
+                  "true, or --set tiers.high.scaling.trigger=queueLength"],
+                 id="scaler-trigger-with-scaler-disabled"),
+    pytest.param(["tiers.batch.scaling.trigger=latency"],
+                 ["tiers.batch.scaling.trigger=latency but tiers.batch.mode is job",
+                  "Fix: --set tiers.batch.scaling.trigger=queueLength, or --set "
+                  "tiers.batch.mode=deployment"], id="scaler-trigger-on-scaledjob"),
+    pytest.param(["tiers.high.scaling.trigger=work", "scaler.tls.clientSecretName=keda-client"],
+                 ["scaler.tls.clientSecretName (keda-client) is set without "
+                  "scaler.tls.secretName", "Fix: --set scaler.tls.secretName="],
+                 id="mtls-without-server-tls"),
+    pytest.param(["scaler.forecastDays=8"], ["/scaler/forecastDays", "maximum"],
+                 id="forecast-days-beyond-the-stream"),
+    pytest.param(["tiers.high.scaling.waitObjectiveSeconds=1.5"],
+                 ["/tiers/high/scaling/waitObjectiveSeconds"], id="fractional-wait-objective"),
     pytest.param(["gateway.serviceAccount.annotations.x=1"],
                  ["/gateway/serviceAccount/annotations/x", "want string"],
                  id="non-string-sa-annotation"),
@@ -300,6 +361,19 @@ def test_bad_values_are_rejected(helm: Path, sets: list[str], fragments: list[st
         pytest.param(["tiers.high.maxJobSeconds=0", "tiers.high.terminationGracePeriodSeconds=15"],
                      ["leaves a drain timeout (FACEFLEET_DRAIN_TIMEOUT_S) of 0 s, not above 0"],
                      id="zero-drain-timeout"),
+        pytest.param(["tiers.high.scaling.trigger=cpu"],
+                     ["tiers.high.scaling.trigger=cpu is not a scaling trigger",
+                      "Fix: --set tiers.high.scaling.trigger=work, or --set "
+                      "tiers.high.scaling.trigger=queueLength"], id="unknown-trigger-no-schema"),
+        pytest.param(["tiers.high.scaling.trigger=work",
+                      "tiers.high.scaling.waitObjectiveSeconds=-5"],
+                     ["tiers.high.scaling.waitObjectiveSeconds (-5) must be above 0",
+                      "Fix: --set tiers.high.scaling.waitObjectiveSeconds=60"],
+                     id="negative-wait-objective-no-schema"),
+        pytest.param(["tiers.high.scaling.trigger=predictive",
+                      "tiers.high.scaling.startupSeconds=0"],
+                     ["tiers.high.scaling.startupSeconds (0) must be above 0"],
+                     id="zero-startup-no-schema"),
         pytest.param(["workers.drainMarginSeconds=600", "tiers.high.maxJobSeconds=10",
                       "tiers.high.terminationGracePeriodSeconds=300"],
                      ["of -300 s, below tiers.high.maxJobSeconds (10)",

@@ -326,3 +326,30 @@ ServiceAccount).
 {{- define "facefleet.migrateName" -}}
 {{- printf "%s-store-migrate" (include "facefleet.fullname" .) -}}
 {{- end -}}
+
+{{/*
+facefleet.scalerEnabled: "true" when the scaler runs (scaler.enabled, or null and an enabled
+tier's scaling.trigger is not queueLength), else empty.
+facefleet.scalerName: the `facefleet scaler` Deployment (and its Service, ServiceAccount,
+NetworkPolicy, TLS TriggerAuthentication). facefleet.scalerAddress: what KEDA dials, the
+Service's in-cluster name (the KEDA operator runs in another namespace), host:port.
+*/}}
+{{- define "facefleet.scalerName" -}}
+{{- printf "%s-scaler" (include "facefleet.fullname" .) -}}
+{{- end -}}
+
+{{- define "facefleet.scalerEnabled" -}}
+{{- $on := .Values.scaler.enabled -}}
+{{- if kindIs "invalid" $on -}}
+{{- range $name := include "facefleet.enabledTiers" . | fromJsonArray -}}
+{{- if ne ((index $.Values.tiers $name).scaling.trigger | default "queueLength") "queueLength" -}}
+{{- $on = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $on -}}true{{- end -}}
+{{- end -}}
+
+{{- define "facefleet.scalerAddress" -}}
+{{- printf "%s.%s.svc:%d" (include "facefleet.scalerName" .) .Release.Namespace (int .Values.scaler.port) -}}
+{{- end -}}

@@ -63,9 +63,31 @@ worker's drain timeout, grace - drainMarginSeconds, must cover the longest job a
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* Scaling trigger: queueLength is KEDA's own; the others are served by `facefleet scaler`
+(keda/scaling.py TRIGGERS). Checked here too so --skip-schema-validation cannot let them by. */ -}}
+{{- $trigger := $s.trigger | default "queueLength" -}}
+{{- if not (has $trigger (list "queueLength" "work" "latency" "predictive")) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.trigger=%v is not a scaling trigger: use queueLength (KEDA's rabbitmq trigger, the default) or work, latency, predictive (facefleet scaler). Fix: --set %s.scaling.trigger=work, or --set %s.scaling.trigger=queueLength" $p $trigger $p $p) -}}
+{{- else if ne $trigger "queueLength" -}}
+{{- if eq $t.mode "job" -}}
+{{- $msgs = append $msgs (printf "%s.scaling.trigger=%s but %s.mode is job: a ScaledJob starts one Job per jobsPerReplica jobs, which only queueLength counts. Fix: --set %s.scaling.trigger=queueLength, or --set %s.mode=deployment" $p $trigger $p $p $p) -}}
+{{- end -}}
+{{- if not (include "facefleet.scalerEnabled" $) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.trigger=%s needs facefleet scaler, but scaler.enabled is false: KEDA would dial a scaler that does not exist and the tier would never scale. Fix: --set scaler.enabled=null (runs it when a tier needs it) or true, or --set %s.scaling.trigger=queueLength" $p $trigger $p) -}}
+{{- end -}}
+{{- if or (kindIs "invalid" $s.waitObjectiveSeconds) (le (float64 $s.waitObjectiveSeconds) 0.0) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.waitObjectiveSeconds (%v) must be above 0: it is the scaler's target per replica (trigger %s). Fix: --set %s.scaling.waitObjectiveSeconds=60" $p $s.waitObjectiveSeconds $trigger $p) -}}
+{{- end -}}
+{{- if and (eq $trigger "predictive") (or (kindIs "invalid" $s.startupSeconds) (le (float64 $s.startupSeconds) 0.0)) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.startupSeconds (%v) must be above 0: predictive adds the work forecast to arrive within it. Fix: --set %s.scaling.startupSeconds=90 (your pods' start-up time)" $p $s.startupSeconds $p) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $t.podDeletionCost (not $.Values.rbac.create) -}}
 {{- $msgs = append $msgs (printf "%s.podDeletionCost is true but rbac.create is false: the worker could not patch its pod. Fix: --set rbac.create=true or --set %s.podDeletionCost=false" $p $p) -}}
 {{- end -}}
+{{- end -}}
+{{- if and .Values.scaler.tls.clientSecretName (not .Values.scaler.tls.secretName) -}}
+{{- $msgs = append $msgs (printf "scaler.tls.clientSecretName (%s) is set without scaler.tls.secretName: mutual TLS needs the server's certificate and CA first. Fix: --set scaler.tls.secretName=<kubernetes.io/tls Secret with tls.crt, tls.key, ca.crt>, or --set scaler.tls.clientSecretName=" .Values.scaler.tls.clientSecretName) -}}
 {{- end -}}
 {{- if and .Values.secrets.create .Values.secrets.existingSecret -}}
 {{- $msgs = append $msgs "secrets.create is true and secrets.existingSecret is set: choose one. Fix: --set secrets.create=false to use your Secret" -}}

@@ -310,6 +310,7 @@ async def submit_job(request: Request) -> JSONResponse:
                     tier,
                     src,
                     tgt,
+                    cost_model=gw.client.cost_model,
                     options=fields.options,
                     idempotency_key=idempotency_key,
                     processor=fields.processor,

@@ -1,0 +1,142 @@
+"""keda/scaling.py: the scaler's arithmetic, one table per trigger."""
+
+from __future__ import annotations
+
+import pytest
+
+from keda.scaling import (
+    ParameterError,
+    Params,
+    Running,
+    SeasonalForecast,
+    TierView,
+    backlog_s,
+    params_from_metadata,
+    read,
+)
+
+W = 60.0
+WORK = Params("work", wait_objective_s=W)
+LATENCY = Params("latency", wait_objective_s=W)
+
+
+@pytest.mark.parametrize(
+    ("view", "replicas", "active"),
+    [
+        pytest.param(TierView(0, 0), 0, False, id="idle"),
+        pytest.param(TierView(0, 0, known_open=1), 0, True, id="events-activate-before-counts"),
+        pytest.param(TierView(100, 0, ready_costs=[2.0] * 100), 4, True, id="100-photos-200s"),
+        pytest.param(TierView(10, 0, ready_costs=[300.0] * 10), 10, True, id="10-videos-one-each"),
+        pytest.param(
+            TierView(30, 0, ready_costs=[2.0] * 30), 1, True, id="30-photos-fit-one-replica"
+        ),
+        pytest.param(TierView(3, 0, default_cost_s=30.0), 2, True, id="unknown-jobs-default-cost"),
+        pytest.param(
+            TierView(0, 5, running=[Running(2.0, elapsed_s=1.9)] * 5),
+            5,
+            True,
+            id="never-below-running-jobs",
+        ),
+        pytest.param(
+            TierView(0, 1, running=[Running(600.0, elapsed_s=10)]), 1, True, id="long-job-one-pod"
+        ),
+        pytest.param(
+            TierView(2, 0, ready_costs=[2.0, 2.0, 300.0]),
+            2,
+            True,
+            id="only-the-newest-ready-count",
+        ),
+    ],
+)
+def test_work(view: TierView, replicas: int, active: bool) -> None:
+    reading = read(view, WORK)
+    assert reading.target == W
+    assert (reading.replicas, reading.active) == (replicas, active)
+
+
+@pytest.mark.parametrize(
+    ("view", "replicas"),
+    [
+        pytest.param(TierView(0, 0), 0, id="idle"),
+        pytest.param(TierView(5, 0, oldest_ready_age_s=0.0), 1, id="fresh-job-idle-tier"),
+        pytest.param(TierView(5, 4, consumers=4, oldest_ready_age_s=120.0), 8, id="twice-late"),
+        pytest.param(TierView(5, 4, consumers=4, oldest_ready_age_s=15.0), 4, id="floor-running"),
+        pytest.param(TierView(50, 2, consumers=10, oldest_ready_age_s=30.0), 5, id="early-shrink"),
+    ],
+)
+def test_latency(view: TierView, replicas: int) -> None:
+    reading = read(view, LATENCY)
+    assert reading.target == 1.0
+    assert reading.replicas == replicas
+
+
+@pytest.mark.parametrize(
+    ("job", "remaining"),
+    [
+        pytest.param(Running(100.0, elapsed_s=40.0), 60.0, id="by-estimate"),
+        pytest.param(Running(100.0, elapsed_s=40.0, fraction=0.2), 160.0, id="progress-wins"),
+        pytest.param(Running(100.0, elapsed_s=400.0), 5.0, id="overrun-keeps-a-floor"),
+        pytest.param(
+            Running(100.0, elapsed_s=1.0, fraction=0.01), 99.0, id="tiny-progress-ignored"
+        ),
+    ],
+)
+def test_remaining(job: Running, remaining: float) -> None:
+    assert job.remaining_s() == pytest.approx(remaining)
+
+
+def test_backlog_is_uncapped_gpu_seconds() -> None:
+    view = TierView(2, 2, ready_costs=[300.0, 2.0], running=[Running(100.0, elapsed_s=50.0)])
+    assert backlog_s(view) == pytest.approx(302 + 50 + 30)  # the unknown running job: default
+
+
+def make_history(days: int, surge_minute: int, rate: float) -> SeasonalForecast:
+    model = SeasonalForecast(days=days, smooth_min=2)
+    for day in range(days):
+        for minute in range(surge_minute, surge_minute + 30):
+            model.add((day * 1440 + minute) * 60 + 1, rate)
+    return model
+
+
+def test_forecast_sees_the_daily_surge_before_it_lands() -> None:
+    model = make_history(5, surge_minute=540, rate=120.0)
+    now = (5 * 1440 + 538.5) * 60  # day 6, 8:58:30
+    ahead = model.forecast(now, 90.0)
+    assert ahead > 0
+    assert model.forecast((5 * 1440 + 300) * 60, 90.0) == 0.0  # 5 am: nothing expected
+    assert model.forecast((5 * 1440 + 545) * 60, 60.0) == pytest.approx(120.0)  # mid-surge
+
+
+def test_forecast_ignores_a_one_off_spike() -> None:
+    model = make_history(5, surge_minute=540, rate=120.0)
+    for minute in range(100, 110):  # one day only, at 1:40
+        model.add((2 * 1440 + minute) * 60, 10_000.0)
+    assert model.forecast((5 * 1440 + 105) * 60, 60.0) == 0.0
+
+
+def test_predictive_adds_the_forecast_and_activates_on_it() -> None:
+    p = Params("predictive", wait_objective_s=W)
+    idle = TierView(0, 0)
+    assert read(idle, p, forecast_s=30.0).active is False
+    reading = read(idle, p, forecast_s=240.0)
+    assert (reading.active, reading.replicas, reading.forecast_s) == (True, 4, 240.0)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        pytest.param({"trigger": "queueLength"}, "trigger: unknown mode 'queueLength'", id="mode"),
+        pytest.param({"waitObjectiveSeconds": "soon"}, "waitObjectiveSeconds", id="not-a-number"),
+        pytest.param({"waitObjectiveSeconds": "0"}, "waitObjectiveSeconds", id="zero"),
+        pytest.param({"startupSeconds": "-5"}, "startupSeconds", id="negative-startup"),
+    ],
+)
+def test_bad_metadata_names_the_key(metadata: dict[str, str], message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        params_from_metadata(metadata)
+
+
+def test_metadata_defaults_and_values() -> None:
+    assert params_from_metadata({}) == Params()
+    got = params_from_metadata({"trigger": "predictive", "waitObjectiveSeconds": "30"})
+    assert (got.trigger, got.wait_objective_s, got.target) == ("predictive", 30.0, 30.0)
