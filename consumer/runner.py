@@ -168,6 +168,8 @@ class RunContext:
         self.output_dir = output_dir
         self._last_progress = 0.0
         self._last_stage: str | None = None
+        self._store_asked = time.monotonic()
+        """When the store was last asked for a cancel (the batch's start step asked just now)."""
 
     def progress(
         self,
@@ -203,7 +205,12 @@ class RunContext:
         )
 
     def checkpoint(self) -> None:
-        reason = self.runner.cancel_reason(self.job.job_id)
+        job_id = self.job.job_id
+        reason = self.runner.cancelled.get(job_id)  # heard on the control exchange
+        now = time.monotonic()
+        if reason is None and now - self._store_asked >= self.runner.settings.cancel_poll_s:
+            self._store_asked = now
+            reason = self.runner.cancel_reason(job_id)
         if reason is not None:
             raise JobCancelled(reason or "cancelled")
         if self.runner.stop_jobs.is_set():

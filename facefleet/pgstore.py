@@ -73,6 +73,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -792,8 +793,10 @@ class PostgresJobStore:
         session-mode pooler, never a transaction-mode one (see the module docstring).
     prepare_threshold: psycopg's, for the pooled connections (None behind PgBouncer < 1.21
         in transaction mode).
-    check_connections: check a pooled connection before each use (one round trip; survives a
-        server restart without failing the first statement on each stale connection).
+    check_connections: check a pooled connection before a use if it sat idle in the pool for
+        `check_idle_s` or more (one round trip; survives a server restart without failing the
+        first statement on each stale connection; a connection returned moments ago is not
+        checked again: busy workers would pay a round trip per statement).
     pool_timeout_s: how long a statement waits for a pooled connection (all busy, or the
         server unreachable) before psycopg_pool.PoolTimeout.
 
@@ -818,6 +821,7 @@ class PostgresJobStore:
         application_name: str = "facefleet",
         prepare_threshold: int | None = 5,
         check_connections: bool = True,
+        check_idle_s: float = 2.0,
         pool_timeout_s: float = 5.0,
     ) -> None:
         self.url = redact(url)
@@ -853,6 +857,10 @@ class PostgresJobStore:
         self._writers = threading.Condition()
         self._writing: set[uuid.UUID] = set()
         self._closed = False
+        self._check_idle_s = check_idle_s
+        self._returned_at: weakref.WeakKeyDictionary[Connection, float] = (
+            weakref.WeakKeyDictionary()
+        )
         pool_kwargs = self._params.conninfo_kwargs()
         pool_kwargs.update(autocommit=True, prepare_threshold=prepare_threshold)
         self._pool: ConnectionPool[Connection] = ConnectionPool(
@@ -862,7 +870,8 @@ class PostgresJobStore:
             max_size=max_size if max_size is not None else 4 + max(1, concurrency),
             name="facefleet-jobstore",
             timeout=pool_timeout_s,
-            check=ConnectionPool.check_connection if check_connections else None,
+            check=self._check_if_idle if check_connections else None,
+            reset=self._returned_now,
             open=False,
         )
         try:
@@ -871,6 +880,15 @@ class PostgresJobStore:
             self._session.close()
             self._pool.close()
             raise self._params.error(exc) from None
+
+    def _check_if_idle(self, conn: Connection) -> None:
+        """The pool's check: a round trip only for a connection idle long enough to have gone
+        stale (a server restart, a pooler's idle timeout)."""
+        if time.monotonic() - self._returned_at.get(conn, float("-inf")) >= self._check_idle_s:
+            ConnectionPool.check_connection(conn)
+
+    def _returned_now(self, conn: Connection) -> None:
+        self._returned_at[conn] = time.monotonic()
 
     def _check_schema(self, conn: Connection) -> None:
         have, need = schema_version(conn), latest_version()

@@ -426,6 +426,10 @@ class WorkerSettings(CommonSettings):
     """HTTP port for /healthz, /readyz and /metrics; 0 disables it."""
     progress_interval_s: float = 0.5
     """Minimum time between two progress events of one job."""
+    cancel_poll_s: float = Field(default=1.0, gt=0)
+    """How often a running job's checkpoints ask the job store for a cancel request. Cancels
+    reach running jobs at once through the control exchange (every worker hears every cancel);
+    the store is the fallback for one missed while the worker reconnected."""
     journal_fsync: bool = True
     """fsync the per-job event journal; only benchmarks on throw-away data turn it off."""
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME")
