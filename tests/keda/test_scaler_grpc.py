@@ -139,8 +139,10 @@ def metric(scaler: ScalerProcess, env: Env, trigger: str) -> float:
     return float(value.metricValueFloat)
 
 
-def eventually(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    """Management API counts refresh every 5 s: poll, never sleep a fixed time."""
+def eventually(check: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    """Management API counts refresh every 5 s, and the scaler first reads the events stream's
+    recent history (on a shared test broker, every test's events: on RabbitMQ < 3.13 nothing
+    filters them): poll, never sleep a fixed time."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
