@@ -167,9 +167,7 @@ def history(rates_by_day: list[float], minute: int = 540, length: int = 30) -> S
         pytest.param([0.0, 0.0, 60.0], 0.5, 0.0, id="one-day-surge-ignored"),
     ],
 )
-def test_forecast_quantile_across_days(
-    rates: list[float], quantile: float, per_min: float
-) -> None:
+def test_forecast_quantile_across_days(rates: list[float], quantile: float, per_min: float) -> None:
     model = history(rates)
     model.quantile = quantile
     minute = len(rates) * 1440 + 550  # mid-surge, the next day
@@ -236,9 +234,7 @@ def running(remaining: list[float]) -> list[Running]:
             5,
             id="ready-rounded-up-plus-forecast",
         ),
-        pytest.param(
-            TierView(0, 3, running=running([5.0] * 3)), 0.0, 3, id="never-below-work"
-        ),
+        pytest.param(TierView(0, 3, running=running([5.0] * 3)), 0.0, 3, id="never-below-work"),
     ],
 )
 def test_predictive(view: TierView, forecast_s: float, replicas: int) -> None:
