@@ -12,9 +12,12 @@ ceil(metric / target) (keda.md §4.2) and the metric reads as "replicas x target
 - `latency`: the oldest ready job's age against W, as a proportional controller on the fleet
   the queue sees: max(1, consumers) x age / W, target 1. Old jobs grow the fleet, young ones
   shrink it. Knows nothing of job sizes: the one mode for producers that send no estimates.
-- `predictive`: `work` plus the forecast rise in work within the pod start-up time (a
-  seasonal per-minute model, SeasonalForecast.surge: the forecast for the next start-up
-  time minus its forecast for the last one), so pods asked for now are ready when a surge lands.
+- `predictive`: the replicas needed when pods asked for now are up, never below `work`:
+  running jobs that will still run in `startup_s`, the ready work, and the work forecast to
+  arrive by then (SeasonalForecast.ahead: a seasonal model of past days' per-minute arrivals,
+  each job capped at W, discounted when the last minutes fell short of it). Jobs ending within
+  the start-up time free the pods that steady arrivals need, so it adds little outside a
+  surge, and ahead of one it starts the pods the surge will need.
 
 Every mode's metric is at least (running jobs x target): no mode proposes fewer replicas than
 there are jobs in progress, so the HPA never scales away a pod because its job looks small.
@@ -27,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Literal, get_args
 
 Trigger = Literal["work", "latency", "predictive"]
@@ -185,6 +187,19 @@ def latency_metric(view: TierView, wait_objective_s: float) -> float:
     return max(proposal, _floor(view, 1.0))
 
 
+def predictive_metric(view: TierView, params: Params, forecast_s: float) -> float:
+    """Replicas needed when pods asked for now are up (`startup_s` from now), x W: running
+    jobs that will still run then, the ready work (rounded up as in `work`), and the work
+    forecast to arrive by then (`forecast_s`, each job capped at W). Never below `work`. In
+    steady traffic the jobs ending within the start-up time free about as many pods as the
+    forecast arrivals need, so this adds little; ahead of a surge (and while it builds, when
+    nothing ends yet) it adds what the surge brings."""
+    w = params.wait_objective_s
+    still = sum(1 for r in _running_remaining(view) if r > params.startup_s)
+    ready = math.ceil(sum(min(c, w) for c in _ready_costs(view)) / w - 1e-9)
+    return max(work_metric(view, w), (still + ready) * w + forecast_s)
+
+
 def read(view: TierView, params: Params, forecast_s: float = 0.0) -> Reading:
     """The scaler's answer for one tier and trigger."""
     busy = view.ready > 0 or view.unacked > 0 or bool(view.running) or view.known_open > 0
@@ -201,7 +216,7 @@ def read(view: TierView, params: Params, forecast_s: float = 0.0) -> Reading:
         else params.activation_forecast_s
     )
     return Reading(
-        metric + forecast_s,
+        predictive_metric(view, params, forecast_s),
         params.target,
         busy or forecast_s >= threshold,
         backlog,
@@ -212,32 +227,66 @@ def read(view: TierView, params: Params, forecast_s: float = 0.0) -> Reading:
 MINUTES_PER_DAY = 1440
 
 
+def _bucket(work_s: float) -> int:
+    """Half-octave size class of one job's work: (2^((k-1)/2), 2^(k/2)] seconds, k >= 0."""
+    return 0 if work_s <= 1.0 else math.ceil(2 * math.log2(work_s) - 1e-9)
+
+
+def _bucket_bounds(k: int) -> tuple[float, float]:
+    return (0.0 if k == 0 else 2 ** ((k - 1) / 2), 2 ** (k / 2))
+
+
 @dataclass
 class SeasonalForecast:
-    """Work arriving per minute, kept for the last `days` days; the forecast for a minute is the
-    median over those days of the mean arrival rate within +-`smooth_min` minutes of the same
-    time of day. No training, no state beyond the per-minute sums (rebuilt from the events
-    stream on restart). Failure modes (keda/README.md): a new pattern takes a day to learn, a
-    weekly one (weekends) is smeared by the median, a one-off surge is ignored (the median),
-    and a clock change shifts it by an hour until the days roll over."""
+    """Work arriving per minute, kept for the last `days` days by job size class (half-octave
+    buckets of count and sum), so the forecast can count each job at most `cap_s` seconds, the
+    way `work` counts ready jobs. The forecast for a minute is the `quantile` over those days
+    of the mean arrival rate within +-`smooth_min` minutes of the same time of day. No
+    training, no state beyond the per-minute buckets (rebuilt from the events stream on
+    restart). Failure modes (keda/README.md): a new pattern takes a day to learn, a weekly one
+    (weekends) is smeared by the quantile, a one-off surge is ignored, a holiday or a shifted
+    surge is forecast for nothing until `trust` sees the last minutes fall short."""
 
     days: int = 5
-    smooth_min: int = 5
-    _minutes: dict[int, float] = field(default_factory=dict, repr=False)
+    smooth_min: int = 2
+    quantile: float = 0.5
+    _minutes: dict[int, dict[int, list[float]]] = field(default_factory=dict, repr=False)
     _first_minute: int | None = None
+    _cache: dict[int, dict[float | None, float]] = field(default_factory=dict, repr=False)
 
     def add(self, t_s: float, work_s: float) -> None:
         minute = int(t_s // 60)
-        self._minutes[minute] = self._minutes.get(minute, 0.0) + work_s
+        buckets = self._minutes.setdefault(minute, {})
+        cell = buckets.setdefault(_bucket(work_s), [0.0, 0.0])
+        cell[0] += 1
+        cell[1] += work_s
+        self._cache.pop(minute, None)
         if self._first_minute is None or minute < self._first_minute:
             self._first_minute = minute
 
     def prune(self, now_s: float) -> None:
         oldest = int(now_s // 60) - self.days * MINUTES_PER_DAY - self.smooth_min - 1
-        for minute in [m for m in self._minutes if m < oldest]:
-            del self._minutes[minute]
+        for store in (self._minutes, self._cache):
+            for minute in [m for m in store if m < oldest]:
+                del store[minute]
 
-    def rate_per_min(self, minute: int) -> float:
+    def arrived(self, minute: int, cap_s: float | None = None) -> float:
+        """Work that arrived in `minute`, each job counted at most `cap_s` (None: uncapped).
+        In the bucket that straddles the cap the sum is min(sum, count x cap): an upper bound
+        (by at most the bucket's width, 41 %)."""
+        cached = self._cache.setdefault(minute, {})
+        if cap_s in cached:
+            return cached[cap_s]
+        total = 0.0
+        for k, (count, work) in self._minutes.get(minute, {}).items():
+            if cap_s is None or _bucket_bounds(k)[1] <= cap_s:
+                total += work
+            else:
+                total += min(work, count * cap_s)
+        cached[cap_s] = total
+        return total
+
+    def rate_per_min(self, minute: int, cap_s: float | None = None) -> float:
         """Forecast work arriving in `minute` (absolute minute index)."""
         if self._first_minute is None:
             return 0.0
@@ -247,30 +296,47 @@ class SeasonalForecast:
             lo, hi = centre - self.smooth_min, centre + self.smooth_min
             if lo < self._first_minute:
                 continue  # no history that far back: that day does not vote
-            total = sum(self._minutes.get(m, 0.0) for m in range(lo, hi + 1))
+            total = sum(self.arrived(m, cap_s) for m in range(lo, hi + 1))
             per_day.append(total / (hi - lo + 1))
-        return median(per_day) if per_day else 0.0
+        return _quantile(per_day, self.quantile)
 
-    def surge(self, now_s: float, horizon_s: float) -> float:
-        """What `predictive` adds: the forecast work of the next `horizon_s` above the
-        forecast of the last `horizon_s` (the model's own seasonal rise). In steady traffic the
-        work already queued and running carries the arrival rate, so adding the whole forecast
-        would hold about rate x start-up / W replicas extra all day (the simulator measured
-        +69 % GPU-seconds); comparing with the observed arrivals instead adds their noise (a
-        300 s video is five replicas of W = 60) and still cost +31 %. Only a rise still to come
-        needs pods started ahead of it."""
-        ahead = self.forecast(now_s, horizon_s)
-        before = self.forecast(now_s - horizon_s, horizon_s)
-        return max(0.0, ahead - before)
-
-    def forecast(self, now_s: float, horizon_s: float) -> float:
-        """Work (GPU-seconds) expected to arrive in [now, now + horizon)."""
+    def forecast(self, now_s: float, horizon_s: float, cap_s: float | None = None) -> float:
+        """Work (GPU-seconds, each job at most cap_s) expected to arrive in [now, now + horizon)."""
         if horizon_s <= 0:
             return 0.0
         total, t, end = 0.0, now_s, now_s + horizon_s
         while t < end - 1e-9:
             minute = int(t // 60)
             step = min(end, (minute + 1) * 60) - t
-            total += self.rate_per_min(minute) * step / 60
+            total += self.rate_per_min(minute, cap_s) * step / 60
             t += step
         return total
+
+    def trust(self, now_s: float, cap_s: float | None = None, lookback_min: int = 10) -> float:
+        """How far the forecast held over the last `lookback_min` whole minutes: 1 while what
+        arrived is at least half of what was forecast (that absorbs the arrivals' noise, and a
+        surge that comes smaller than usual), 0 at a quarter or less, linear between. A holiday
+        or a surge that moved keeps its pre-scale for minutes, not for the whole forecast surge;
+        a surge that comes as forecast keeps it whole."""
+        minute = int(now_s // 60)
+        expected = sum(self.rate_per_min(m, cap_s) for m in range(minute - lookback_min, minute))
+        if expected <= 0:
+            return 1.0
+        seen = sum(self.arrived(m, cap_s) for m in range(minute - lookback_min, minute))
+        return min(1.0, max(0.0, 4.0 * seen / expected - 1.0))
+
+    def ahead(self, now_s: float, horizon_s: float, cap_s: float | None = None) -> float:
+        """What `predictive` adds: the forecast of [now, now + horizon) times `trust`."""
+        expected = self.forecast(now_s, horizon_s, cap_s)
+        return expected * self.trust(now_s, cap_s) if expected > 0 else 0.0
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (q = 0.5: the median); 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

@@ -500,6 +500,7 @@ def build() -> Schema:
                         "replicas": integer(1),
                         "port": integer(1, 65535),
                         "push": boolean(),
+                        "podDisruptionBudget": boolean(),
                         "forecastDays": {
                             "type": "integer",
                             **field_bounds(ScalerSettings, "scaler_forecast_days"),

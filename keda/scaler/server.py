@@ -81,7 +81,7 @@ class Scaler(pb_grpc.ExternalScalerServicer):
         now = self.clock()
         view = self.state.view(tier, self.broker.counts(tier), now)
         forecast = (
-            self.state.forecast(tier, now, params.startup_s)
+            self.state.forecast(tier, now, params.startup_s, params.wait_objective_s)
             if params.trigger == "predictive"
             else 0.0
         )
@@ -180,7 +180,8 @@ def metrics_collector(scaler: Scaler) -> Any:
             )
             forecast = GaugeMetricFamily(
                 "facefleet_scaler_forecast_gpu_seconds",
-                "Work forecast to arrive within the start-up time (predictive)",
+                "Work forecast to arrive within the start-up time, each job capped at W, times the "
+                "forecast's trust (predictive)",
                 labels=["tier", "trigger"],
             )
             for (tier, trigger), r in sorted(scaler.last.items()):

@@ -141,9 +141,11 @@ class ScalerState:
             known_open=len(jobs),
         )
 
-    def forecast(self, tier: str, now_s: float, horizon_s: float) -> float:
+    def forecast(self, tier: str, now_s: float, horizon_s: float, cap_s: float) -> float:
+        """`predictive`'s forecast term: work (each job at most cap_s = W) forecast to arrive
+        within horizon_s, times the forecast's trust (SeasonalForecast.ahead)."""
         with self._lock:
-            return self.forecasts[tier].surge(now_s, horizon_s)
+            return self.forecasts[tier].ahead(now_s, horizon_s, cap_s)
 
     def open_jobs(self) -> int:
         with self._lock:

@@ -173,7 +173,9 @@ class _DeploymentTick:
         if self.forecast is not None:
             if t % 3600 == 0:
                 self.forecast.prune(t)
-            ahead = self.forecast.surge(t, self.params.startup_s)
+            ahead = self.forecast.ahead(
+                t, self.params.startup_s, cap_s=self.params.wait_objective_s
+            )
         return read(view, self.params, ahead)
 
     def __call__(self, t: int) -> tuple[int, int, int, int, int, int]:

@@ -82,7 +82,9 @@ PATTERN_DEFAULTS: dict[str, dict[str, float]] = {
     "diurnal": {"mean": 60, "amplitude": 50, "period": 86400, "duration": 86400, "poisson": 0},
     "bursty": {"base": 10, "peak": 200, "every": 600, "length": 60, "duration": 3600},
     # Days of uploads: a daily wave (trough at midnight) plus a morning surge that starts at
-    # once at `at` (9 am) and lasts `length` s, every day; 5 days by default.
+    # once at `at` (9 am) and lasts `length` s, every day; 5 days by default. The forecast's
+    # failure modes: `holiday=D` has no surge on day D (1-based; 0 = none), `moved=D` starts
+    # day D's surge at `moved_at` instead.
     "workday": {
         "mean": 20,
         "amplitude": 15,
@@ -91,6 +93,9 @@ PATTERN_DEFAULTS: dict[str, dict[str, float]] = {
         "length": 1800,
         "duration": 5 * 86400,
         "poisson": 0,
+        "holiday": 0,
+        "moved": 0,
+        "moved_at": 10 * 3600,
     },
 }
 
@@ -132,10 +137,18 @@ def _rate_fn(name: str, p: dict[str, float]) -> RateFn:
     if name == "workday":
         return lambda t: (
             max(0.0, p["mean"] - p["amplitude"] * math.cos(2 * math.pi * t / 86400))
-            + (p["surge"] if p["at"] <= t % 86400 < p["at"] + p["length"] else 0.0)
+            + _workday_surge(p, t)
         )
     period = max(p["period"], 1.0)  # diurnal: trough at t=0 (midnight), peak at period/2
     return lambda t: max(0.0, p["mean"] - p["amplitude"] * math.cos(2 * math.pi * t / period))
+
+
+def _workday_surge(p: dict[str, float], t: float) -> float:
+    day = int(t // 86400) + 1
+    if day == p["holiday"]:
+        return 0.0
+    at = p["moved_at"] if day == p["moved"] else p["at"]
+    return p["surge"] if at <= t % 86400 < at + p["length"] else 0.0
 
 
 def _bursty(p: dict[str, float], duration: int, rng: random.Random) -> RateFn:

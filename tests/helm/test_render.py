@@ -381,6 +381,49 @@ def test_scaler_runs_when_a_tier_needs_it(
         assert grpc_rule["from"] == values["scaler"]["kedaFrom"]
 
 
+@pytest.mark.parametrize(
+    ("sets", "pdb", "monitor"),
+    [
+        pytest.param([], True, True, id="scaler-work-has-both"),
+        pytest.param(["scaler.podDisruptionBudget=false"], False, True, id="pdb-off"),
+        pytest.param(["serviceMonitor.enabled=false"], True, False, id="monitor-off"),
+        pytest.param(
+            [
+                "scaler.enabled=false",
+                "tiers.high.scaling.trigger=queueLength",
+                "tiers.standard.scaling.trigger=queueLength",
+            ],
+            False,
+            False,
+            id="no-scaler-neither",
+        ),
+    ],
+)
+def test_scaler_disruption_budget_and_monitor(
+    helm: Path, sets: list[str], pdb: bool, monitor: bool
+) -> None:
+    """Like the gateway's: one scaler pod evicted at a time, its /metrics (9466) scraped."""
+    objs = render(helm, ["scaler-work.yaml"], sets)
+    name = f"{FULLNAME}-scaler"
+    [budget] = [o for o in by_kind(objs, "PodDisruptionBudget")
+                if o["metadata"]["name"] == name] or [None]  # fmt: skip
+    [sm] = [o for o in by_kind(objs, "ServiceMonitor")
+            if o["metadata"]["name"] == name] or [None]  # fmt: skip
+    assert (budget is not None, sm is not None) == (pdb, monitor)
+    deps = [o for o in by_kind(objs, "Deployment") if o["metadata"]["name"] == name]
+    if budget is not None:
+        [dep] = deps
+        assert budget["spec"]["maxUnavailable"] == 1
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    if sm is not None:
+        [svc] = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == name]
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        [endpoint] = sm["spec"]["endpoints"]
+        [port] = [p for p in svc["spec"]["ports"] if p["name"] == endpoint["port"]]
+        assert (endpoint["path"], port["port"]) == ("/metrics", 9466)
+
+
 def expected_policies(rules: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key, kind in (("pods", "Pods"), ("percent", "Percent")):

@@ -116,6 +116,25 @@ def test_workday_pattern(t: int, expected_per_min: float | None) -> None:
     assert minute == pytest.approx(base + surge, abs=2)
 
 
+@pytest.mark.parametrize(
+    ("options", "day", "surge_at"),
+    [
+        pytest.param("", 2, 9 * 3600, id="every-day-at-9"),
+        pytest.param(",holiday=2", 2, None, id="holiday-no-surge"),
+        pytest.param(",holiday=2", 1, 9 * 3600, id="holiday-only-that-day"),
+        pytest.param(",moved=2,moved_at=36000", 2, 10 * 3600, id="moved-to-10"),
+        pytest.param(",moved=2,moved_at=36000", 1, 9 * 3600, id="moved-only-that-day"),
+    ],
+)
+def test_workday_holiday_and_moved_surge(options: str, day: int, surge_at: int | None) -> None:
+    """The forecast's failure modes as traffic: day `day` (1-based) without or with a moved
+    surge; the surge is the only hour of the morning above 40 jobs/min."""
+    traffic = parse_pattern(f"workday:duration=172800{options}", random.Random(0))
+    start = (day - 1) * 86400
+    busy = [h for h in range(6, 12) if sum(traffic.arrivals[start + h * 3600 :][:600]) > 400]
+    assert busy == ([] if surge_at is None else [surge_at // 3600])
+
+
 def test_compare_writes_one_summary_per_trigger(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
