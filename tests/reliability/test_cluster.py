@@ -1,0 +1,47 @@
+"""The cluster fixture itself: three nodes in one cluster, a queue replicated on all, a leader
+that moves when its node is killed, and a node that comes back."""
+
+from __future__ import annotations
+
+import uuid
+
+import pika
+import pytest
+
+from tests.cluster import Cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_three_nodes_one_cluster(healthy: Cluster) -> None:
+    running = healthy.running_nodes(healthy.nodes[0])
+    assert sorted(running) == sorted(n.name for n in healthy.nodes)
+    assert len(set(healthy.urls)) == 3
+
+
+def test_kill_leader_elects_another_and_node_rejoins(healthy: Cluster) -> None:
+    name = f"ff-cluster-{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(healthy.urls[0]))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.basic_publish("", name, b"kept", pika.BasicProperties(delivery_mode=2))
+    finally:
+        conn.close()
+    info = healthy.queue_info(name)
+    assert len(info["members"]) == 3  # type: ignore[arg-type]
+    old = healthy.leader(name)
+    healthy.kill(old)
+    new = healthy.wait_leader(name, not_on=old)
+    assert new is not old
+    healthy.start(old)
+    survivor = next(n for n in healthy.nodes if n is not old)
+    conn = pika.BlockingConnection(pika.URLParameters(survivor.url))
+    try:
+        ch = conn.channel()
+        _method, _props, body = ch.basic_get(name, auto_ack=True)
+        assert body == b"kept"
+        ch.queue_delete(name)
+    finally:
+        conn.close()
