@@ -406,6 +406,8 @@ class ThreadedPublisher:
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._closing = False
+        self._renew_channel = False
+        """A nack was seen: open a fresh channel once the in-flight publishes are settled."""
         self._closed = threading.Event()
 
     # --- any thread ----------------------------------------------------------------------------
@@ -562,6 +564,7 @@ class ThreadedPublisher:
         channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._on_ready(channel))
 
     def _on_ready(self, channel: pika.channel.Channel) -> None:
+        self._renew_channel = False
         self._channel = channel
         self._next_tag = 0
         self._opened.set()
@@ -572,8 +575,9 @@ class ThreadedPublisher:
         conn = self._connection
         if conn is not None and conn.is_open and not self._closing:
             # A channel error (e.g. a publish to a missing exchange): fail what it took down,
-            # then carry on with a fresh channel.
-            log.warning("event publisher channel closed (%s); reopening", reason)
+            # then carry on with a fresh channel. (Or our own close after a nack.)
+            if not self._renew_channel:
+                log.warning("event publisher channel closed (%s); reopening", reason)
             self._requeue_unconfirmed(reason)
             conn.channel(on_open_callback=self._on_channel_open)
 
@@ -615,6 +619,10 @@ class ThreadedPublisher:
         channel = self._channel
         if channel is None or not channel.is_open:
             return  # written once the channel is (re)opened
+        if self._renew_channel:
+            if not self._unconfirmed:
+                channel.close()  # _on_channel_closed opens a fresh one, which drains
+            return
         now = time.monotonic()
         while True:
             with self._lock:
@@ -664,10 +672,16 @@ class ThreadedPublisher:
                 _resolve(item, PublishUnroutable(f"{item.exchange}/{item.routing_key}: unroutable"))
             elif nacked:
                 _resolve(item, PublishNacked(f"{item.exchange}/{item.routing_key}: nacked"))
+                # RabbitMQ 3.10: a channel whose first publish to a quorum queue met no leader
+                # (an election after a node loss) nacks every later publish to it until it is
+                # closed; a fresh channel publishes normally. Cheap insurance on any broker.
+                self._renew_channel = True
             else:
                 _resolve(item, None)
         if self._closing:
             self._close_if_settled()
+        elif self._renew_channel and not self._unconfirmed:
+            self._drain()
 
     def _expire_loop(self) -> None:
         """Fail publishes the broker has not confirmed within confirm_timeout_s. While the

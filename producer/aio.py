@@ -59,7 +59,7 @@ from facefleet.wire import (
     job_queue,
     queued_event,
 )
-from producer.errors import BrokerBlockedError, refused, unroutable
+from producer.errors import BrokerBlockedError, PublishNackedError, refused, unroutable
 from producer.sdk import (
     JobFields,
     SubmitResult,
@@ -182,6 +182,14 @@ class AsyncJobClient:
                     if loop.time() - blocked_at >= self.settings.blocked_timeout_s:
                         task.cancel()
                         raise BrokerBlockedError("resource alarm", self.settings.blocked_timeout_s)
+            except PublishNackedError:
+                # Not a full tier: the broker took no responsibility for it, so send it again
+                # on a fresh connection (RabbitMQ 3.10 keeps nacking on a channel whose first
+                # publish met a quorum queue's leader election).
+                await self._drop()
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(backoff.next_s())
             except AIO_LINK_ERRORS as exc:
                 await self._drop()
                 if loop.time() >= deadline:
@@ -250,21 +258,21 @@ class AsyncJobClient:
     async def _publish_job(self, request: JobRequest) -> None:
         async def publish() -> Any:
             assert self._jobs is not None
-            return await self._jobs.publish(
-                as_message(request.encode(), job_properties(request)),
-                request.tier,
-                mandatory=True,
-                timeout=self.settings.confirm_timeout_s,
-            )
+            try:
+                return await self._jobs.publish(
+                    as_message(request.encode(), job_properties(request)),
+                    request.tier,
+                    mandatory=True,
+                    timeout=self.settings.confirm_timeout_s,
+                )
+            except aiormq.exceptions.PublishError as exc:
+                raise unroutable(request.tier) from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                depth = await self.depth(request.tier)
+                limit = tier_max_length(self.settings, request.tier)
+                raise refused(request.tier, request.job_id, depth, limit) from exc
 
-        try:
-            await self._failover(publish)
-        except aiormq.exceptions.PublishError as exc:
-            raise unroutable(request.tier) from exc
-        except aio_pika.exceptions.DeliveryError as exc:
-            depth = await self.depth(request.tier)
-            limit = tier_max_length(self.settings, request.tier)
-            raise refused(request.tier, request.job_id, depth, limit) from exc
+        await self._failover(publish)
 
     async def publish_event(self, event: JobEvent) -> None:
         """Publish one journal event with confirm; raises if it reached no stream."""

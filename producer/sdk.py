@@ -67,6 +67,7 @@ from producer.errors import (
     BatchSubmitError,
     BrokerBlockedError,
     InvalidJobError,
+    PublishNackedError,
     SubmitError,
     refused,
     unroutable,
@@ -284,6 +285,12 @@ class JobClient:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 conn.close()
 
+    def _renew_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and channel.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                channel.close()
+
     def _failover(self, what: Callable[[BlockingChannel], T]) -> T:
         """Run one broker operation; if the link to its node goes, retry it through the other
         addresses of AMQP_URL (jittered backoff) for up to confirm_timeout_s. A job published
@@ -298,6 +305,14 @@ class JobClient:
                 reason = self.blocked or "resource alarm"
                 self._drop()
                 raise BrokerBlockedError(reason, self.settings.blocked_timeout_s) from exc
+            except PublishNackedError:
+                # Not a full tier (that is TierFullError): the broker took no responsibility
+                # for the message, so it is safe to send again, on a fresh channel (RabbitMQ
+                # 3.10 keeps nacking on a channel whose first publish met a leader election).
+                self._renew_channel()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(backoff.next_s())
             except LINK_ERRORS as exc:
                 self._drop()
                 if time.monotonic() >= deadline:

@@ -248,6 +248,8 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.proc.pid, signal.SIGKILL)
             node.proc.wait(30)
+        with contextlib.suppress(FileNotFoundError):
+            node.pid_file.unlink()
 
     def pause(self, node: Node) -> None:
         """SIGSTOP the VM: sockets stay open, nothing answers (a hung or GC-stalled node)."""
@@ -257,8 +259,9 @@ class Cluster:
 
     def resume(self, node: Node) -> None:
         pid = node.os_pid()
-        assert pid is not None, f"{node.name} has no pid"
-        os.kill(pid, signal.SIGCONT)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def stop(self, node: Node, timeout_s: float = 60) -> None:
         """A clean stop (rabbitmqctl stop), as a rolling restart does."""

@@ -34,10 +34,9 @@ def cluster() -> Iterator[Cluster]:
 def healthy(cluster: Cluster) -> Cluster:
     """The cluster with every node running and no alarm, whatever an earlier test left."""
     for node in cluster.nodes:
-        if node.os_pid():
+        if node.alive():
             cluster.resume(node)
-    for node in cluster.nodes:
-        if not node.alive():
+        else:
             cluster.start(node)
     seed = cluster.nodes[0]
     cluster.set_memory_alarm(seed, False)
