@@ -13,6 +13,7 @@ when it failed: the same keys are the same jobs, so a retry never makes a second
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import threading
@@ -173,7 +174,7 @@ def outcome(
     # Seconds to recover: the longest stretch after the fault with no job completing.
     after.sort()
     recover = (
-        max((b - a).total_seconds() for a, b in zip(after, after[1:], strict=False))
+        max((b - a).total_seconds() for a, b in itertools.pairwise(after))
         if len(after) > 1
         else float("nan")
     )
