@@ -260,8 +260,11 @@ class JobClient:
                 blocked_timeout_s=self.settings.blocked_timeout_s,
                 avoid=self._failed,
             )
-            self._connection.add_on_connection_blocked_callback(self._on_blocked)
-            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+            # On the underlying connection: BlockingConnection queues its own callbacks until the
+            # next process_data_events, and a publish that times out blocked never gets there.
+            impl = self._connection._impl
+            impl.add_on_connection_blocked_callback(self._on_blocked)
+            impl.add_on_connection_unblocked_callback(self._on_unblocked)
             self.blocked = None
             self._channel = None
         if self._channel is None or not self._channel.is_open:
@@ -326,7 +329,8 @@ class JobClient:
             self._publisher.close()
             self._publisher = None
         if self._connection is not None and self._connection.is_open:
-            self._connection.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                self._connection.close()  # a broker gone meanwhile has nothing to close
         self._connection = None
 
     def __enter__(self) -> JobClient:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -37,11 +38,27 @@ class ClusterUnavailable(RuntimeError):
     """No rabbitmq-server here, or the nodes did not start or join."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free port OUTSIDE the kernel's ephemeral range: a node that restarts must get its port
+    back, and an outgoing connection may have taken an ephemeral one meanwhile (eaddrinuse)."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(20000, 32000) if not low <= p <= high]
+    for port in random.sample(candidates, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterUnavailable("no free port outside the ephemeral range")
 
 
 def _sbin() -> Path:
@@ -283,14 +300,22 @@ class Cluster:
         self.wait_node(node, timeout_s)
 
     def restart_all(self, timeout_s: float = 120) -> None:
-        """Stop every node, then start them all again (in parallel: a node that stopped last
-        waits for its peers before it serves, so a sequential start could deadlock)."""
-        for node in reversed(self.nodes):
-            self.stop(node)
-        for node in self.nodes:
-            self.start_node(node)
+        """Stop every node at once (a whole-cluster outage), then start them all together: each
+        waits for its peers' tables, so none can be started alone first. A node that fails to
+        boot is started once more: on 3.10 a node that asks a peer still booting for its feature
+        flags can fail with incompatible_feature_flags."""
         with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(lambda n: self.wait_node(n, timeout_s), self.nodes))
+            list(pool.map(self.stop, self.nodes))
+
+        def start(node: Node) -> None:
+            self.start_node(node)
+            try:
+                self.wait_node(node, timeout_s)
+            except ClusterUnavailable:
+                self.start(node, timeout_s)
+
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(start, self.nodes))
 
     def set_memory_alarm(self, node: Node, on: bool) -> None:
         """Raise (or clear) the memory alarm: a tiny high watermark blocks every publisher of

@@ -75,11 +75,11 @@ def producer(env: Env, monkeypatch: pytest.MonkeyPatch, amqp_url: str, **extra: 
     return JobClient(ProducerSettings.load())
 
 
-def start_workers(env: Env, cluster: Cluster, n: int = 3) -> None:
+def start_workers(env: Env, cluster: Cluster, n: int = 3, processor: str = "noop") -> None:
     """n workers, spread over the nodes: worker i connects to node i first."""
     for i in range(n):
         env.start_worker(
-            processor="noop",
+            processor=processor,
             AMQP_URL=urls_from(cluster, cluster.nodes[i % len(cluster.nodes)]),
             FACEFLEET_CONCURRENCY="2",
             FACEFLEET_JOURNAL_FSYNC="false",
@@ -90,15 +90,32 @@ class Load:
     """Submits `total` jobs in batches from a thread; a failed batch is submitted again (same
     keys) until `give_up_s`. `confirmed` holds the ids the broker confirmed."""
 
-    def __init__(self, client: JobClient, env: Env, total: int, batch: int = 50) -> None:
+    def __init__(
+        self,
+        client: JobClient,
+        env: Env,
+        total: int,
+        batch: int = 50,
+        pace_s: float = 0.0,
+        options: dict[str, float] | None = None,
+    ) -> None:
         self.client = client
         src = env.data_root / "in.txt"
         src.write_text("input")
         self.requests = [
-            build_request(client.media, env.tier, str(src), str(src), idempotency_key=f"k{i}")
+            build_request(
+                client.media,
+                env.tier,
+                str(src),
+                str(src),
+                idempotency_key=f"k{i}",
+                options=dict(options or {}),
+            )
             for i in range(total)
         ]
         self.batch = batch
+        self.pace_s = pace_s
+        """Pause between batches, so the load still runs when the fault comes."""
         self.confirmed: set[str] = set()
         self.errors: list[str] = []
         self.blocked: list[BrokerBlockedError] = []
@@ -119,6 +136,7 @@ class Load:
                     try:
                         results = self.client.submit_many(chunk)
                         self.confirmed.update(r.job_id for r in results)
+                        time.sleep(self.pace_s)
                         break
                     except BatchSubmitError as exc:
                         self.confirmed.update(r.job_id for r in exc.results)
@@ -227,8 +245,12 @@ def test_restart_the_whole_cluster_mid_load(
     cluster = healthy
     client = producer(cenv, monkeypatch, cluster.amqp_url)
     client.apply_topology()
-    start_workers(cenv, cluster, 2)
-    load = Load(client, cenv, LOAD, batch=25).start()
+    # Slow jobs and a paced producer: jobs wait in the queue and batches are still being
+    # submitted while every node is down.
+    start_workers(cenv, cluster, 2, processor="sleep")
+    load = Load(
+        client, cenv, LOAD, batch=10, pace_s=0.3, options={"sleep_s": 0.05, "steps": 1}
+    ).start()
     load.wait_confirmed(LOAD // 3)
     fault_at = datetime.now(UTC)
     cluster.restart_all()
@@ -288,7 +310,7 @@ def test_alarm_raised_and_cleared_mid_load(
     client = producer(cenv, monkeypatch, urls_from(cluster, entry), FACEFLEET_BLOCKED_TIMEOUT_S="3")
     client.apply_topology()
     start_workers(cenv, cluster, 2)
-    load = Load(client, cenv, LOAD, batch=25).start()
+    load = Load(client, cenv, LOAD, batch=10, pace_s=0.3).start()  # still running at the alarm
     load.wait_confirmed(LOAD // 3)
     ALARMS[alarm](cluster, alarmed, True)
     try:
