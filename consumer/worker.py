@@ -215,7 +215,7 @@ class Worker:
         self._connection = None
         conn = connect(self.settings.amqp_urls, f"facefleet-worker-{self.name}", avoid=self._failed)
         self._connection = conn
-        feats = declare_topology(conn, self.settings.tiers())
+        feats = declare_topology(conn, self.settings.tiers(), self.settings.placement())
         if not self._timeout_checked:
             self._timeout_checked = True
             warning = consumer_timeout_warning(self.tier, feats)

@@ -54,6 +54,7 @@ from facefleet.wire import (
     SCHEMA_VERSION,
     BrokerFeatures,
     JobEvent,
+    Placement,
     TierSpec,
     control_pending_binding,
     control_pending_queue,
@@ -214,29 +215,37 @@ def features(connection: pika.BlockingConnection) -> BrokerFeatures:
 
 
 def declare_topology(
-    connection: pika.BlockingConnection, tiers: tuple[TierSpec, ...] | list[TierSpec]
+    connection: pika.BlockingConnection,
+    tiers: tuple[TierSpec, ...] | list[TierSpec],
+    placement: Placement | None = None,
 ) -> BrokerFeatures:
-    """Declare exchanges, queues and bindings; safe to run any number of times."""
+    """Declare exchanges, queues and bindings; safe to run any number of times. `placement`
+    (replicas, leader locator) applies to queues this call creates."""
     feats = features(connection)
+    place = placement or Placement()
+    quorum = place.quorum_arguments(feats)
+    dead_args = {**DEAD_QUEUE_ARGUMENTS, **quorum}
+    pending_args = {**CONTROL_PENDING_ARGUMENTS, **quorum}
+    stream_args = {**EVENTS_STREAM_ARGUMENTS, **place.stream_arguments(feats)}
     ch = connection.channel()
     try:
         ch.exchange_declare(JOBS_EXCHANGE, "direct", durable=True)
         ch.exchange_declare(DEAD_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True)
-        _declare_queue(connection, DEAD_QUEUE, DEAD_QUEUE_ARGUMENTS)
+        _declare_queue(connection, DEAD_QUEUE, dead_args)
         ch.queue_bind(DEAD_QUEUE, DEAD_EXCHANGE, "#")
-        _declare_queue(connection, EVENTS_STREAM, EVENTS_STREAM_ARGUMENTS)
+        _declare_queue(connection, EVENTS_STREAM, stream_args)
         ch.queue_bind(EVENTS_STREAM, EVENTS_EXCHANGE, "job.#")
         for tier in tiers:
             qname = job_queue(tier.name)
-            _declare_queue(connection, qname, job_queue_arguments(tier, feats))
+            _declare_queue(connection, qname, job_queue_arguments(tier, feats, place))
             ch.queue_bind(qname, JOBS_EXCHANGE, tier.name)
             notify = dead_notify_queue(tier.name)
-            _declare_queue(connection, notify, DEAD_QUEUE_ARGUMENTS)
+            _declare_queue(connection, notify, dead_args)
             ch.queue_bind(notify, DEAD_EXCHANGE, tier.name)
             pending = control_pending_queue(tier.name)
-            _declare_queue(connection, pending, CONTROL_PENDING_ARGUMENTS)
+            _declare_queue(connection, pending, pending_args)
             ch.queue_bind(pending, CONTROL_EXCHANGE, control_pending_binding(tier.name))
     finally:
         if ch.is_open:

@@ -28,7 +28,7 @@ from facefleet.management import default_management_url
 if TYPE_CHECKING:
     from facefleet.jobstore import JobStore
     from facefleet.media import MediaStore
-from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
+from facefleet.wire import DEFAULT_TIERS, Placement, TierSpec, check_tier
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 _STORE_VAR = "FACEFLEET_STORE_URL"
@@ -76,6 +76,10 @@ class CommonSettings(BaseSettings):
     tiers_json: str | None = Field(default=None, validation_alias="FACEFLEET_TIERS")
     """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
     high, standard, batch."""
+    leader_locator: Literal["client-local", "balanced"] | None = None
+    """Where a new quorum queue or stream puts its leader (x-queue-leader-locator, sent only to
+    brokers that support it): client-local (the node declaring it) or balanced (the node with
+    the fewest leaders); None: the broker's default (client-local before 4.0, balanced after)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("amqp_url")
@@ -125,6 +129,10 @@ class CommonSettings(BaseSettings):
             return open_job_store(self.store_url, data_root=self.data_root)
         except StoreError as exc:
             raise SettingsError(f"{_STORE_VAR}: {exc}") from exc
+
+    def placement(self) -> Placement:
+        """Replicas and leader placement for the queues topology apply creates."""
+        return Placement(self.quorum_group_size, self.leader_locator)
 
     def tiers(self) -> tuple[TierSpec, ...]:
         if not self.tiers_json:

@@ -220,7 +220,7 @@ class AsyncJobClient:
         def declare() -> BrokerFeatures:
             conn = connect(self.settings.amqp_urls, f"{self.connection_name}-topology")
             try:
-                return declare_topology(conn, self.settings.tiers())
+                return declare_topology(conn, self.settings.tiers(), self.settings.placement())
             finally:
                 conn.close()
 

@@ -179,7 +179,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
     settings = _settings()
     conn = connect(settings.amqp_urls, "facefleet-topology")
     try:
-        feats = declare_topology(conn, settings.tiers())
+        feats = declare_topology(conn, settings.tiers(), settings.placement())
     finally:
         conn.close()
     note = consumer_timeout_advice(settings.tiers(), feats)

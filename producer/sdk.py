@@ -342,7 +342,7 @@ class JobClient:
     def apply_topology(self) -> None:
         def apply(_ch: BlockingChannel) -> None:
             assert self._connection is not None
-            declare_topology(self._connection, self.settings.tiers())
+            declare_topology(self._connection, self.settings.tiers(), self.settings.placement())
 
         self._failover(apply)
 

@@ -45,3 +45,35 @@ def test_kill_leader_elects_another_and_node_rejoins(healthy: Cluster) -> None:
         ch.queue_delete(name)
     finally:
         conn.close()
+
+
+def test_topology_places_replicas_and_leaders_from_settings(
+    healthy: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FACEFLEET_QUORUM_GROUP_SIZE sets the replicas of the queues topology apply creates;
+    FACEFLEET_LEADER_LOCATOR=balanced spreads their leaders although one node declares them
+    all (client-local would put every leader on it)."""
+    import json
+
+    from facefleet.settings import ProducerSettings
+    from facefleet.wire import dead_notify_queue, job_queue
+    from producer.sdk import JobClient
+    from tests.conftest import delete_tier_queues
+
+    tiers = [f"p{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    monkeypatch.setenv("AMQP_URL", healthy.urls[0])
+    monkeypatch.setenv("FACEFLEET_TIERS", json.dumps([{"name": t} for t in tiers]))
+    monkeypatch.setenv("FACEFLEET_QUORUM_GROUP_SIZE", "2")
+    monkeypatch.setenv("FACEFLEET_LEADER_LOCATOR", "balanced")
+    client = JobClient(ProducerSettings.load())
+    try:
+        client.apply_topology()
+        infos = [healthy.queue_info(job_queue(t)) for t in tiers]
+        assert all(len(i["members"]) == 2 for i in infos), infos  # type: ignore[arg-type]
+        assert len(healthy.queue_info(dead_notify_queue(tiers[0]))["members"]) == 2  # type: ignore[arg-type]
+        leaders = {i["leader"] for i in infos}
+        assert len(leaders) > 1, f"every leader on {leaders}: balanced placement not applied"
+    finally:
+        client.close()
+        for t in tiers:
+            delete_tier_queues(healthy.urls[0], t)
