@@ -77,3 +77,77 @@ def test_topology_places_replicas_and_leaders_from_settings(
         client.close()
         for t in tiers:
             delete_tier_queues(healthy.urls[0], t)
+
+
+def test_doctor_finds_alarms_lost_nodes_and_drifted_arguments(
+    healthy: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`facefleet doctor` on the cluster: clean after topology apply (exit 0); an alarm, a node
+    down (its replicas offline) and arguments that differ from the declared ones are each a
+    FAIL with the fix (exit 1)."""
+    import json
+    import subprocess
+    import sys
+
+    from facefleet.settings import ProducerSettings
+    from facefleet.wire import DEAD_QUEUE, EVENTS_STREAM
+    from producer.sdk import JobClient
+    from tests.conftest import delete_queue, delete_tier_queues
+
+    tier = f"d{uuid.uuid4().hex[:8]}"
+    env = {
+        "AMQP_URL": healthy.amqp_url,
+        "FACEFLEET_TIERS": json.dumps([{"name": tier}]),
+        "FACEFLEET_MANAGEMENT_URL": healthy.nodes[0].management_url,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for name in (DEAD_QUEUE, EVENTS_STREAM):  # made by other tests, maybe with other arguments
+        delete_queue(healthy.urls[0], name)
+    client = JobClient(ProducerSettings.load())
+
+    def doctor(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "facefleet.cli", "doctor", "--quiet"],
+            env={**dict(__import__("os").environ), **env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def doctor_until(text: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+        """The management API's node and queue rows lag by a stats interval (5 s)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = doctor()
+            if text in found.stdout or time.monotonic() > deadline:
+                return found
+            time.sleep(2)
+
+    try:
+        client.apply_topology()
+        clean = doctor()
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+        assert "FAIL" not in clean.stdout
+        drifted = doctor(FACEFLEET_QUORUM_GROUP_SIZE="2")
+        assert drifted.returncode == 1
+        assert "arguments differ: x-quorum-initial-group-size" in drifted.stdout, drifted.stdout
+        healthy.set_memory_alarm(healthy.nodes[2], True)
+        try:
+            alarmed = doctor_until(f"memory alarm on {healthy.nodes[2].name}")
+        finally:
+            healthy.set_memory_alarm(healthy.nodes[2], False)
+        assert alarmed.returncode == 1
+        assert f"memory alarm on {healthy.nodes[2].name}" in alarmed.stdout, alarmed.stdout
+        healthy.kill(healthy.nodes[1])
+        down = doctor_until(f"replicas offline on {healthy.nodes[1].name}")
+        assert down.returncode == 1
+        assert "does not answer" in down.stdout, down.stdout
+        assert f"replicas offline on {healthy.nodes[1].name}" in down.stdout, down.stdout
+    finally:
+        client.close()
+        if not healthy.nodes[1].alive():
+            healthy.start(healthy.nodes[1])
+        delete_tier_queues(healthy.urls[0], tier)
