@@ -359,3 +359,45 @@ def test_alarm_raised_and_cleared_mid_load(
     client.close()
     assert load.blocked, "the batch producer never saw BrokerBlockedError"
     assert_nothing_lost(row, load)
+
+
+def test_watch_resumes_on_another_node_after_its_node_is_killed(
+    cenv: Env, healthy: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`watch` connected to a node that is killed mid-job reconnects through another one and
+    resumes after the last stream offset it read: every event once, in seq order, to the end."""
+    from producer.watch import watch_events
+
+    cluster = healthy
+    victim = cluster.nodes[1]
+    client = producer(cenv, monkeypatch, cluster.urls[0])
+    client.apply_topology()
+    cenv.start_worker(processor="sleep", AMQP_URL=cluster.urls[0])
+    src = cenv.data_root / "w.txt"
+    src.write_text("w")
+    job = client.submit(cenv.tier, str(src), str(src), options={"sleep_s": 6, "steps": 12})
+    client.close()
+    seen: list[JobEvent] = []
+    failure: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            seen.extend(
+                watch_events(urls_from(cluster, victim), job.job_id, timeout_s=90, reconnect_s=60)
+            )
+        except BaseException as exc:
+            failure.append(exc)
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 30
+    while not any(e.type == "progress" for e in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any(e.type == "progress" for e in seen), (seen, failure)
+    cluster.kill(victim)
+    watcher.join(120)
+    assert not failure, failure
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1)), [e.seq for e in seen]
+    assert seen[-1].type == "completed"
+    assert len(seen) == len(cenv.events(job.job_id))
+    assert f"link to 127.0.0.1:{victim.port} lost" in caplog.text  # it did fail over
