@@ -401,3 +401,46 @@ def test_watch_resumes_on_another_node_after_its_node_is_killed(
     assert seen[-1].type == "completed"
     assert len(seen) == len(cenv.events(job.job_id))
     assert f"link to 127.0.0.1:{victim.port} lost" in caplog.text  # it did fail over
+
+
+def test_every_producer_fails_over_when_its_node_is_killed(
+    cenv: Env, healthy: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync SDK and the async SDK, connected to a node that is then killed, submit their
+    next job through another node; the CLI, whose AMQP_URL names the dead node first, too."""
+    cluster = healthy
+    victim = cluster.nodes[2]
+    amqp_url = urls_from(cluster, victim)
+    client = producer(cenv, monkeypatch, amqp_url)
+    client.apply_topology()
+    src = cenv.data_root / "p.txt"
+    src.write_text("p")
+    ids = [client.submit(cenv.tier, str(src), str(src), idempotency_key="sync-1").job_id]
+    settings = ProducerSettings.load()
+
+    async def aio_around_the_kill() -> list[str]:
+        async with AsyncJobClient(settings) as aio:
+            before = await aio.submit(cenv.tier, str(src), str(src), idempotency_key="aio-1")
+            await asyncio.to_thread(cluster.kill, victim)
+            after = await aio.submit(cenv.tier, str(src), str(src), idempotency_key="aio-2")
+            return [before.job_id, after.job_id]
+
+    ids += asyncio.run(aio_around_the_kill())
+    ids.append(client.submit(cenv.tier, str(src), str(src), idempotency_key="sync-2").job_id)
+    client.close()
+    cli = cenv.cli(
+        *cenv.submit_args(str(src), str(src)),
+        "--idempotency-key",
+        "cli-1",
+        "--json",
+        AMQP_URL=amqp_url,
+    )
+    assert cli.returncode == 0, cli.stderr
+    ids.append(json.loads(cli.stdout)["job_id"])
+    start_workers(cenv, cluster, 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(completed_events(cenv, job_id) for job_id in ids):
+            break
+        time.sleep(0.3)
+    assert [len(completed_events(cenv, job_id)) for job_id in ids] == [1] * 5
