@@ -32,6 +32,7 @@ from producer.errors import BatchSubmitError, BrokerBlockedError
 from producer.sdk import JobClient, build_request
 from tests.cluster import Cluster, Node
 from tests.conftest import Env, delete_tier_queues
+from tests.conftest import Worker as WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 
@@ -75,15 +76,19 @@ def producer(env: Env, monkeypatch: pytest.MonkeyPatch, amqp_url: str, **extra: 
     return JobClient(ProducerSettings.load())
 
 
-def start_workers(env: Env, cluster: Cluster, n: int = 3, processor: str = "noop") -> None:
+def start_workers(
+    env: Env, cluster: Cluster, n: int = 3, processor: str = "noop"
+) -> list[WorkerProcess]:
     """n workers, spread over the nodes: worker i connects to node i first."""
-    for i in range(n):
+    return [
         env.start_worker(
             processor=processor,
             AMQP_URL=urls_from(cluster, cluster.nodes[i % len(cluster.nodes)]),
             FACEFLEET_CONCURRENCY="2",
             FACEFLEET_JOURNAL_FSYNC="false",
         )
+        for i in range(n)
+    ]
 
 
 class Load:
@@ -309,12 +314,24 @@ def test_alarm_raised_and_cleared_mid_load(
     entry = cluster.nodes[0]  # producers connect elsewhere: the alarm is cluster-wide
     client = producer(cenv, monkeypatch, urls_from(cluster, entry), FACEFLEET_BLOCKED_TIMEOUT_S="3")
     client.apply_topology()
-    start_workers(cenv, cluster, 2)
-    load = Load(client, cenv, LOAD, batch=10, pace_s=0.3).start()  # still running at the alarm
+    # Slower jobs than submissions: a backlog is still being worked (events published) when
+    # the alarm comes, and the producer is still submitting.
+    workers = start_workers(cenv, cluster, 2, processor="sleep")
+    load = Load(
+        client, cenv, LOAD, batch=10, pace_s=0.3, options={"sleep_s": 0.2, "steps": 1}
+    ).start()
     load.wait_confirmed(LOAD // 3)
     ALARMS[alarm](cluster, alarmed, True)
     try:
         wait_alarm(cluster, True)
+        # Workers: their event publishers are blocked (events wait, in order); /readyz says so.
+        readiness = [w.get("/readyz") for w in workers]
+        deadline = time.monotonic() + 15
+        while not any("blocked" in body for _code, body in readiness):
+            assert time.monotonic() < deadline, readiness
+            time.sleep(0.3)
+            readiness = [w.get("/readyz") for w in workers]
+        assert any(code == 503 and "blocked" in body for code, body in readiness), readiness
         # Sync SDK, one job: blocked, then BrokerBlockedError within the bound.
         src = cenv.data_root / "one.txt"
         src.write_text("one")
