@@ -2,7 +2,8 @@
 
 /healthz  200 while the consumer loop is alive (it ticks at least every few seconds)
 /readyz   200 only once the processor is warmed up and the worker consumes (not while draining,
-          not while paused because the job store does not answer)
+          not while paused because the job store does not answer, not while the broker blocks
+          its event publisher: a memory or disk alarm; its events wait, in order)
 /metrics  Prometheus text format
 """
 
@@ -25,6 +26,9 @@ def serve_health(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
     def readiness() -> tuple[bool, str]:
         if worker.paused is not None:
             return False, f"paused: {worker.paused}"
+        blocked = worker.publisher.blocked
+        if blocked is not None:
+            return False, f"blocked: the broker blocks publishing ({blocked}); events wait in order"
         return worker.state == WorkerState.READY, worker.state.value
 
     return health.serve_health(

@@ -56,7 +56,13 @@ from consumer.giveback import give_back
 from consumer.metrics import WorkerMetrics
 from consumer.processors.base import Processor
 from consumer.runner import JobRunner
-from facefleet.amqp import ThreadedPublisher, connect, declare_topology
+from facefleet.amqp import (
+    Backoff,
+    ThreadedPublisher,
+    connect,
+    connection_endpoint,
+    declare_topology,
+)
 from facefleet.jobstore import JobStore, store_outage
 from facefleet.media import MediaStore
 from facefleet.settings import WorkerSettings
@@ -142,7 +148,9 @@ class Worker:
         """Set by job threads when the job store stopped answering: the main loop pauses."""
         self.paused: str | None = None
         """Why the worker takes no jobs now although it runs (shown by /readyz), or None."""
-        self.publisher = ThreadedPublisher(settings.amqp_url, f"facefleet-worker-{self.name}")
+        self.publisher = ThreadedPublisher(settings.amqp_urls, f"facefleet-worker-{self.name}")
+        self._failed: str | None = None
+        """host:port of the node whose link was lost last: the next connect tries it last."""
         self.runner = JobRunner(
             settings,
             self.tier,
@@ -192,17 +200,24 @@ class Worker:
             signal.signal(signal.SIGINT, self.request_shutdown)
         self.processor.warm_up()
         self.publisher.start()
-        backoff = 1.0
+        backoff = Backoff(0.2, 30.0)
         while not self._draining.is_set():
             try:
                 self._consume()
-                backoff = 1.0
+                backoff.reset()
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+                if self._connection is not None:
+                    self._failed = connection_endpoint(self._connection) or self._failed
                 if self._draining.is_set():
                     break
-                log.warning("broker connection lost (%s); reconnecting in %.0f s", exc, backoff)
-                self._draining.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                delay = backoff.next_s()  # the next connect tries the other nodes first
+                log.warning(
+                    "broker connection lost (%s, node %s); reconnecting in %.1f s",
+                    exc,
+                    self._failed,
+                    delay,
+                )
+                self._draining.wait(delay)
         self._drain()
         self._set_state(WorkerState.STOPPED)
         self.publisher.close()
@@ -210,9 +225,10 @@ class Worker:
         return 0
 
     def _consume(self) -> None:
-        conn = connect(self.settings.amqp_url, f"facefleet-worker-{self.name}")
+        self._connection = None
+        conn = connect(self.settings.amqp_urls, f"facefleet-worker-{self.name}", avoid=self._failed)
         self._connection = conn
-        feats = declare_topology(conn, self.settings.tiers())
+        feats = declare_topology(conn, self.settings.tiers(), self.settings.placement())
         if not self._timeout_checked:
             self._timeout_checked = True
             warning = consumer_timeout_warning(self.tier, feats)

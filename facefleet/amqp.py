@@ -1,6 +1,9 @@
 """pika plumbing shared by the sync producer SDK, the CLI and the worker.
 
-- `connect()` names each connection so it can be found in the management UI.
+- `connect()` names each connection so it can be found in the management UI, and takes every
+  address of AMQP_URL (a cluster's nodes): it tries them in turn, the one that just failed last.
+- `Backoff` is the one reconnect schedule (full jitter): a fleet that lost one node does not
+  come back to the others in lockstep.
 - `declare_topology()` is the one idempotent declaration of everything in facefleet.wire; it
   feature-detects the broker (server_properties) instead of assuming a version.
 - `ThreadedPublisher` owns a pika SelectConnection on its own thread, because pika
@@ -13,14 +16,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
 import pika
 import pika.channel
 import pika.exceptions
@@ -29,6 +36,7 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.select_connection import IOLoop
 
+from facefleet.settings import split_amqp_urls
 from facefleet.wire import (
     CONTENT_TYPE,
     CONTROL_EXCHANGE,
@@ -46,6 +54,7 @@ from facefleet.wire import (
     SCHEMA_VERSION,
     BrokerFeatures,
     JobEvent,
+    Placement,
     TierSpec,
     control_pending_binding,
     control_pending_queue,
@@ -62,13 +71,142 @@ class TopologyError(RuntimeError):
     """The broker holds a queue or exchange that does not match the contract."""
 
 
-def connect(url: str, name: str, *, heartbeat: int | None = None) -> pika.BlockingConnection:
-    params = pika.URLParameters(url)
-    params.client_properties = {"connection_name": name, "product": "facefleet"}
-    if heartbeat is not None:
-        params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 60
+BLOCKED_TIMEOUT_S = 60.0
+"""Default bound on how long a blocking connection stays blocked by an alarm before pika closes
+it (ConnectionBlockedTimeout); producers pass their FACEFLEET_BLOCKED_TIMEOUT_S."""
+
+
+def as_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """AMQP_URL (one URL or a comma-separated list) or a sequence of URLs, as a tuple."""
+    return split_amqp_urls(urls) if isinstance(urls, str) else tuple(urls)
+
+
+def endpoint(params: pika.connection.Parameters) -> str:
+    return f"{params.host}:{params.port}"
+
+
+def connection_endpoint(connection: pika.BlockingConnection) -> str | None:
+    """host:port of the node a connection reached (which of AMQP_URL's addresses)."""
+    params = getattr(connection._impl, "params", None)
+    return None if params is None else endpoint(params)
+
+
+def connection_parameters(
+    urls: str | Sequence[str],
+    name: str,
+    *,
+    heartbeat: int | None = None,
+    blocked_timeout_s: float | None = BLOCKED_TIMEOUT_S,
+    avoid: str | None = None,
+) -> list[pika.URLParameters]:
+    """One URLParameters per address, named; the address `avoid` (host:port, the node that just
+    failed) goes last, so a reconnect tries the others first."""
+    out = []
+    for url in as_urls(urls):
+        params = pika.URLParameters(url)
+        params.client_properties = {"connection_name": name, "product": "facefleet"}
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
+        if blocked_timeout_s is not None:
+            params.blocked_connection_timeout = blocked_timeout_s
+        out.append(params)
+    if avoid is not None:
+        out.sort(key=lambda p: endpoint(p) == avoid)
+    return out
+
+
+def connect(
+    urls: str | Sequence[str],
+    name: str,
+    *,
+    heartbeat: int | None = None,
+    blocked_timeout_s: float | None = BLOCKED_TIMEOUT_S,
+    avoid: str | None = None,
+) -> pika.BlockingConnection:
+    """Connect to the first address that answers (pika tries each in turn); raises
+    AMQPConnectionError when none does."""
+    params = connection_parameters(
+        urls, name, heartbeat=heartbeat, blocked_timeout_s=blocked_timeout_s, avoid=avoid
+    )
+    if len(params) == 1:
+        return pika.BlockingConnection(params[0])
     return pika.BlockingConnection(params)
+
+
+AIO_LINK_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ConnectionClosed,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+)
+"""What aio-pika raises when the link to a node goes (or was never made)."""
+
+
+def ordered_urls(urls: str | Sequence[str], avoid: str | None = None) -> list[str]:
+    """The addresses in the order to try them: the one at host:port `avoid` last."""
+    out = list(as_urls(urls))
+    if avoid is not None:
+        out.sort(key=lambda u: endpoint(pika.URLParameters(u)) == avoid)
+    return out
+
+
+async def aio_connect(
+    urls: str | Sequence[str],
+    name: str,
+    *,
+    avoid: str | None = None,
+    robust: bool = False,
+) -> aio_pika.abc.AbstractConnection:
+    """aio-pika twin of connect(): the first address that answers, the one `avoid` last."""
+    last: BaseException | None = None
+    for url in ordered_urls(urls, avoid):
+        try:
+            if robust:
+                return await aio_pika.connect_robust(
+                    url, client_properties={"connection_name": name}
+                )
+            return await aio_pika.connect(url, client_properties={"connection_name": name})
+        except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def aio_endpoint(connection: aio_pika.abc.AbstractConnection) -> str | None:
+    """host:port of the node an aio-pika connection reached."""
+    url = getattr(connection, "url", None)
+    if url is None or url.host is None:
+        return None
+    return f"{url.host}:{url.port}"
+
+
+def aio_blocked(connection: aio_pika.abc.AbstractConnection | None) -> bool:
+    """Does the broker block this connection now (connection.blocked, a resource alarm)?
+    aiormq keeps the state only in a private event, which its writer waits on."""
+    transport = getattr(connection, "transport", None)
+    raw = getattr(transport, "connection", None)
+    unblocked = getattr(raw, "_Connection__connection_unblocked", None)
+    return unblocked is not None and not unblocked.is_set()
+
+
+class Backoff:
+    """Exponential backoff with jitter (a random delay between a quarter of and the whole
+    capped step base * 2^n): clients that lost the same node spread their reconnects instead of
+    arriving at once, and none retries in a tight loop."""
+
+    def __init__(self, base_s: float = 0.5, max_s: float = 15.0) -> None:
+        self.base_s = base_s
+        self.max_s = max_s
+        self.attempt = 0
+
+    def next_s(self) -> float:
+        cap = min(self.max_s, self.base_s * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return random.uniform(cap / 4, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
 
 
 def features(connection: pika.BlockingConnection) -> BrokerFeatures:
@@ -77,29 +215,37 @@ def features(connection: pika.BlockingConnection) -> BrokerFeatures:
 
 
 def declare_topology(
-    connection: pika.BlockingConnection, tiers: tuple[TierSpec, ...] | list[TierSpec]
+    connection: pika.BlockingConnection,
+    tiers: tuple[TierSpec, ...] | list[TierSpec],
+    placement: Placement | None = None,
 ) -> BrokerFeatures:
-    """Declare exchanges, queues and bindings; safe to run any number of times."""
+    """Declare exchanges, queues and bindings; safe to run any number of times. `placement`
+    (replicas, leader locator) applies to queues this call creates."""
     feats = features(connection)
+    place = placement or Placement()
+    quorum = place.quorum_arguments(feats)
+    dead_args = {**DEAD_QUEUE_ARGUMENTS, **quorum}
+    pending_args = {**CONTROL_PENDING_ARGUMENTS, **quorum}
+    stream_args = {**EVENTS_STREAM_ARGUMENTS, **place.stream_arguments(feats)}
     ch = connection.channel()
     try:
         ch.exchange_declare(JOBS_EXCHANGE, "direct", durable=True)
         ch.exchange_declare(DEAD_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True)
-        _declare_queue(connection, DEAD_QUEUE, DEAD_QUEUE_ARGUMENTS)
+        _declare_queue(connection, DEAD_QUEUE, dead_args)
         ch.queue_bind(DEAD_QUEUE, DEAD_EXCHANGE, "#")
-        _declare_queue(connection, EVENTS_STREAM, EVENTS_STREAM_ARGUMENTS)
+        _declare_queue(connection, EVENTS_STREAM, stream_args)
         ch.queue_bind(EVENTS_STREAM, EVENTS_EXCHANGE, "job.#")
         for tier in tiers:
             qname = job_queue(tier.name)
-            _declare_queue(connection, qname, job_queue_arguments(tier, feats))
+            _declare_queue(connection, qname, job_queue_arguments(tier, feats, place))
             ch.queue_bind(qname, JOBS_EXCHANGE, tier.name)
             notify = dead_notify_queue(tier.name)
-            _declare_queue(connection, notify, DEAD_QUEUE_ARGUMENTS)
+            _declare_queue(connection, notify, dead_args)
             ch.queue_bind(notify, DEAD_EXCHANGE, tier.name)
             pending = control_pending_queue(tier.name)
-            _declare_queue(connection, pending, CONTROL_PENDING_ARGUMENTS)
+            _declare_queue(connection, pending, pending_args)
             ch.queue_bind(pending, CONTROL_EXCHANGE, control_pending_binding(tier.name))
     finally:
         if ch.is_open:
@@ -188,6 +334,15 @@ class PublishLost(ConnectionError):
     """The link dropped before the broker confirmed, twice, or the publisher is closed."""
 
 
+class PublishBlocked(ConnectionError):
+    """The broker blocked this connection (a resource alarm) for longer than allowed."""
+
+    def __init__(self, reason: str, waited_s: float) -> None:
+        super().__init__(f"the broker blocks publishers ({reason}); waited {waited_s:.0f} s")
+        self.reason = reason
+        self.waited_s = waited_s
+
+
 @dataclass(eq=False)
 class _Pending:
     exchange: str
@@ -221,13 +376,28 @@ class ThreadedPublisher:
     """
 
     def __init__(
-        self, url: str, name: str, *, confirm_timeout_s: float = 30.0, reconnect_s: float = 1.0
+        self,
+        urls: str | Sequence[str],
+        name: str,
+        *,
+        confirm_timeout_s: float = 30.0,
+        reconnect_s: float = 1.0,
+        blocked_timeout_s: float | None = None,
     ) -> None:
-        self._params = pika.URLParameters(url)
-        self._params.client_properties = {"connection_name": name, "product": "facefleet"}
+        # No pika blocked timeout: a blocked publisher keeps its connection and its queue, in
+        # order, and carries on when the alarm clears (blocked_timeout_s fails them instead).
+        self._addresses = connection_parameters(urls, name, blocked_timeout_s=None)
+        self._index = 0
+        """The address in use (or tried next); a lost or refused link moves to the next."""
+        self._tried = 0
+        """Addresses tried since the last successful open (a round ends when all were)."""
+        self._backoff = Backoff(reconnect_s, 15.0)
+        self.blocked: str | None = None
+        """Why the broker blocks this publisher now (connection.blocked reason), or None."""
+        self.blocked_since: float | None = None
+        self._blocked_timeout_s = blocked_timeout_s
         self._name = name
         self._confirm_timeout_s = confirm_timeout_s
-        self._reconnect_s = reconnect_s
         self._ioloop = IOLoop()
         self._thread = threading.Thread(
             target=self._ioloop.start, name=f"{name}-publisher", daemon=True
@@ -245,6 +415,8 @@ class ThreadedPublisher:
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._closing = False
+        self._renew_channel = False
+        """A nack was seen: open a fresh channel once the in-flight publishes are settled."""
         self._closed = threading.Event()
 
     # --- any thread ----------------------------------------------------------------------------
@@ -337,9 +509,15 @@ class ThreadedPublisher:
 
     # --- I/O thread ----------------------------------------------------------------------------
 
+    @property
+    def address(self) -> str:
+        """host:port of the node in use (or tried next)."""
+        return endpoint(self._addresses[self._index])
+
     def _connect(self) -> None:
+        self._tried += 1
         self._connection = pika.SelectConnection(
-            self._params,
+            self._addresses[self._index],
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,
@@ -347,15 +525,47 @@ class ThreadedPublisher:
         )
 
     def _on_open_error(self, _conn: pika.SelectConnection, error: BaseException | str) -> None:
+        failed = self.address
+        self._index = (self._index + 1) % len(self._addresses)
+        if self._tried < len(self._addresses):
+            self._connect()  # the next address at once; backoff only between rounds
+            return
+        self._tried = 0
         if not self._opened.is_set():
             self._open_error = error if isinstance(error, BaseException) else RuntimeError(error)
             self._opened.set()
             return
-        log.warning("event publisher could not reconnect (%s); retrying", error)
-        self._ioloop.call_later(self._reconnect_s, self._connect)
+        delay = self._backoff.next_s()
+        log.warning(
+            "event publisher could not reconnect (%s, last tried %s); retrying in %.1f s",
+            error,
+            failed,
+            delay,
+        )
+        self._ioloop.call_later(delay, self._connect)
 
     def _on_connection_open(self, conn: pika.SelectConnection) -> None:
+        self._tried = 0
+        self._backoff.reset()
+        conn.add_on_connection_blocked_callback(self._on_blocked)
+        conn.add_on_connection_unblocked_callback(self._on_unblocked)
         conn.channel(on_open_callback=self._on_channel_open)
+
+    def _on_blocked(self, _conn: pika.SelectConnection, frame: pika.frame.Method) -> None:
+        self.blocked = str(getattr(frame.method, "reason", "") or "resource alarm")
+        self.blocked_since = time.monotonic()
+        log.warning("event publisher blocked by the broker: %s", self.blocked)
+
+    def _on_unblocked(self, _conn: pika.SelectConnection, _frame: pika.frame.Method) -> None:
+        log.warning("event publisher unblocked after %.1f s", self._blocked_for())
+        self.blocked = None
+        self.blocked_since = None
+        now = time.monotonic()
+        for item in self._unconfirmed.values():
+            item.sent_at = now  # the confirm clock starts again: time blocked is not theirs
+
+    def _blocked_for(self) -> float:
+        return 0.0 if self.blocked_since is None else time.monotonic() - self.blocked_since
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         channel.add_on_return_callback(self._on_return)
@@ -363,6 +573,7 @@ class ThreadedPublisher:
         channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._on_ready(channel))
 
     def _on_ready(self, channel: pika.channel.Channel) -> None:
+        self._renew_channel = False
         self._channel = channel
         self._next_tag = 0
         self._opened.set()
@@ -373,8 +584,9 @@ class ThreadedPublisher:
         conn = self._connection
         if conn is not None and conn.is_open and not self._closing:
             # A channel error (e.g. a publish to a missing exchange): fail what it took down,
-            # then carry on with a fresh channel.
-            log.warning("event publisher channel closed (%s); reopening", reason)
+            # then carry on with a fresh channel. (Or our own close after a nack.)
+            if not self._renew_channel:
+                log.warning("event publisher channel closed (%s); reopening", reason)
             self._requeue_unconfirmed(reason)
             conn.channel(on_open_callback=self._on_channel_open)
 
@@ -385,9 +597,20 @@ class ThreadedPublisher:
             self._fail_all(PublishLost(f"publisher closed: {reason}"))
             self._closed.set()
             return
-        log.warning("event publisher link lost (%s); resending once restored", reason)
+        self.blocked = None
+        self.blocked_since = None
+        lost = self.address
+        self._index = (self._index + 1) % len(self._addresses)
+        self._tried = 0
+        delay = self._backoff.next_s() if len(self._addresses) == 1 else 0.0
+        log.warning(
+            "event publisher link to %s lost (%s); resending through %s once restored",
+            lost,
+            reason,
+            self.address,
+        )
         self._requeue_unconfirmed(reason)
-        self._ioloop.call_later(self._reconnect_s, self._connect)
+        self._ioloop.call_later(delay, self._connect)
 
     def _requeue_unconfirmed(self, reason: BaseException) -> None:
         """Put unconfirmed messages back at the front, in order; the second loss fails them."""
@@ -405,6 +628,10 @@ class ThreadedPublisher:
         channel = self._channel
         if channel is None or not channel.is_open:
             return  # written once the channel is (re)opened
+        if self._renew_channel:
+            if not self._unconfirmed:
+                channel.close()  # _on_channel_closed opens a fresh one, which drains
+            return
         now = time.monotonic()
         while True:
             with self._lock:
@@ -454,19 +681,32 @@ class ThreadedPublisher:
                 _resolve(item, PublishUnroutable(f"{item.exchange}/{item.routing_key}: unroutable"))
             elif nacked:
                 _resolve(item, PublishNacked(f"{item.exchange}/{item.routing_key}: nacked"))
+                # RabbitMQ 3.10: a channel whose first publish to a quorum queue met no leader
+                # (an election after a node loss) nacks every later publish to it until it is
+                # closed; a fresh channel publishes normally. Cheap insurance on any broker.
+                self._renew_channel = True
             else:
                 _resolve(item, None)
         if self._closing:
             self._close_if_settled()
+        elif self._renew_channel and not self._unconfirmed:
+            self._drain()
 
     def _expire_loop(self) -> None:
-        """Fail publishes the broker has not confirmed within confirm_timeout_s."""
+        """Fail publishes the broker has not confirmed within confirm_timeout_s. While the
+        broker blocks us the clock stops (nothing is lost, order is kept), unless a
+        blocked_timeout_s was given: past it everything waiting fails with PublishBlocked."""
+        self._ioloop.call_later(1.0, self._expire_loop)
+        if self.blocked is not None:
+            limit = self._blocked_timeout_s
+            if limit is not None and self._blocked_for() > limit:
+                self._fail_all(PublishBlocked(self.blocked, self._blocked_for()))
+            return
         cutoff = time.monotonic() - self._confirm_timeout_s
         for tag, item in list(self._unconfirmed.items()):
             if item.sent_at < cutoff:
                 del self._unconfirmed[tag]
                 _resolve(item, TimeoutError(f"no confirm within {self._confirm_timeout_s} s"))
-        self._ioloop.call_later(1.0, self._expire_loop)
 
     def _close_when_settled(self, deadline: float) -> None:
         self._close_if_settled()

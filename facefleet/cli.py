@@ -29,6 +29,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("jobs", "facefleet.storecli", "list and inspect jobs in the job store"),
     ("dead", "facefleet.storecli", "list and replay dead-lettered jobs"),
     ("demo", "facefleet.demo", "run one job end to end on a local broker"),
+    ("doctor", "facefleet.doctor", "check the broker or cluster for what FaceFleet needs"),
 )
 
 

@@ -48,6 +48,33 @@ class ManagementUnavailable(RuntimeError):
     """The management API did not answer with queue rows; the message says why and how to fix."""
 
 
+def amqp_auth(amqp_url: str) -> tuple[str, tuple[str, str]]:
+    """(vhost, (user, password)) of an AMQP URL: the management API takes the same login."""
+    parsed = urlparse(amqp_url)
+    vhost = unquote(parsed.path[1:]) or "/"
+    return vhost, (unquote(parsed.username or "guest"), unquote(parsed.password or "guest"))
+
+
+def get_json(management_url: str, path: str, auth: tuple[str, str], timeout_s: float = 5.0) -> Any:
+    """GET one management API path; raises ManagementUnavailable saying why."""
+    req = urllib.request.Request(f"{management_url.rstrip('/')}{path}")
+    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ManagementUnavailable(
+            f"the management API at {management_url} answered HTTP {exc.code} {exc.reason} "
+            f"for {path} (check the AMQP user's credentials and its management tag)"
+        ) from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ManagementUnavailable(
+            f"the management API at {management_url} is not reachable ({reason}); {ENABLE_HINT}"
+        ) from exc
+
+
 def read_queues(
     amqp_url: str, management_url: str, timeout_s: float = 2.0
 ) -> dict[str, dict[str, Any]]:

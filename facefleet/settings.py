@@ -29,10 +29,16 @@ if TYPE_CHECKING:
     from facefleet.costmodel import CostModel
     from facefleet.jobstore import JobStore
     from facefleet.media import MediaStore
-from facefleet.wire import DEFAULT_TIERS, TierSpec, check_tier
+from facefleet.wire import DEFAULT_TIERS, Placement, TierSpec, check_tier
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 _STORE_VAR = "FACEFLEET_STORE_URL"
+
+
+def split_amqp_urls(value: str) -> tuple[str, ...]:
+    """AMQP_URL's addresses: one URL, or several separated by commas (a cluster's nodes). The
+    one place that parses it; a comma inside a password must be percent-encoded (%2C)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 class SettingsError(SystemExit):
@@ -52,7 +58,13 @@ class CommonSettings(BaseSettings):
     amqp_url: str = Field(
         default=DEFAULT_AMQP_URL, validation_alias=AliasChoices("AMQP_URL", "FACEFLEET_AMQP_URL")
     )
-    """Broker URL with credentials; heartbeat and timeouts may ride in its query string."""
+    """Broker URL with credentials; heartbeat and timeouts may ride in its query string. Several
+    URLs separated by commas name the nodes of a cluster: every client tries them in turn and
+    fails over to the next when its node goes (see `amqp_urls`)."""
+    quorum_group_size: int | None = Field(default=None, ge=1, le=99)
+    """Replicas of each quorum queue and of the events stream when `topology apply` creates them
+    (x-quorum-initial-group-size / x-initial-cluster-size); None: the broker's default (every
+    node up to its limit). Existing queues keep theirs (`facefleet doctor` shows them)."""
     data_root: Path = Path("./var/facefleet")
     """Workers' job state (journals, claims, cancel markers) and file:// media; URIs outside it
     are refused. Producers need it only when media_url is file:// (the embedded default)."""
@@ -65,6 +77,10 @@ class CommonSettings(BaseSettings):
     tiers_json: str | None = Field(default=None, validation_alias="FACEFLEET_TIERS")
     """JSON list of tiers ({"name", "max_job_s", "max_length", "delivery_limit"}); default:
     high, standard, batch."""
+    leader_locator: Literal["client-local", "balanced"] | None = None
+    """Where a new quorum queue or stream puts its leader (x-queue-leader-locator, sent only to
+    brokers that support it): client-local (the node declaring it) or balanced (the node with
+    the fewest leaders); None: the broker's default (client-local before 4.0, balanced after)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     cost_model_json: str | None = Field(default=None, validation_alias="FACEFLEET_COST_MODEL")
     """Cost model coefficients (facefleet/costmodel.py): JSON {"default": {...}, "<tier>":
@@ -88,9 +104,19 @@ class CommonSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp(cls, v: str) -> str:
-        if not v.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+        urls = split_amqp_urls(v)
+        if not urls:
+            raise ValueError("at least one amqp:// or amqps:// URL is needed")
+        for n, url in enumerate(urls, 1):
+            if not url.startswith(("amqp://", "amqps://")):
+                which = "" if len(urls) == 1 else f"URL #{n} "
+                raise ValueError(f"{which}must start with amqp:// or amqps://")
         return v
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker addresses of AMQP_URL, in the order clients try them."""
+        return split_amqp_urls(self.amqp_url)
 
     @field_validator("media_url")
     @classmethod
@@ -122,6 +148,10 @@ class CommonSettings(BaseSettings):
             return open_job_store(self.store_url, data_root=self.data_root)
         except StoreError as exc:
             raise SettingsError(f"{_STORE_VAR}: {exc}") from exc
+
+    def placement(self) -> Placement:
+        """Replicas and leader placement for the queues topology apply creates."""
+        return Placement(self.quorum_group_size, self.leader_locator)
 
     def tiers(self) -> tuple[TierSpec, ...]:
         if not self.tiers_json:
@@ -176,6 +206,9 @@ class ProducerSettings(CommonSettings):
 
     confirm_timeout_s: float = 30.0
     """How long a publish waits for the broker's confirm before it is reported as failed."""
+    blocked_timeout_s: float = Field(default=30.0, gt=0)
+    """How long a publish may wait while the broker blocks publishers (a memory or disk alarm)
+    before it fails with BrokerBlockedError (the CLI then exits 75, the gateway answers 503)."""
     gateway_url: str | None = None
     """When set, `watch` and `submit --wait` follow events through the gateway over WebSocket."""
     management_url: str | None = Field(default=None, validate_default=True)
@@ -187,7 +220,8 @@ class ProducerSettings(CommonSettings):
     def _management(cls, v: str | None, info: ValidationInfo) -> str:
         if v:
             return v.rstrip("/")
-        return default_management_url(str(info.data.get("amqp_url", DEFAULT_AMQP_URL)))
+        urls = split_amqp_urls(str(info.data.get("amqp_url", DEFAULT_AMQP_URL)))
+        return default_management_url(urls[0] if urls else DEFAULT_AMQP_URL)
 
 
 UPLOAD_KINDS: tuple[str, ...] = (

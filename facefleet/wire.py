@@ -251,8 +251,43 @@ class BrokerFeatures:
     def stream_filtering(self) -> bool:
         return self.version >= (3, 13)
 
+    @property
+    def leader_locator(self) -> bool:
+        """x-queue-leader-locator (client-local, balanced) on quorum queues and streams arrived
+        in RabbitMQ 3.10 (queue_leader_locator); balanced became the default in 4.0. An older
+        broker would keep the argument without acting on it, so it is not sent there."""
+        return self.version >= (3, 10)
 
-def job_queue_arguments(tier: TierSpec, features: BrokerFeatures) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a cluster keeps a queue's replicas and its leader (FACEFLEET_QUORUM_GROUP_SIZE,
+    FACEFLEET_LEADER_LOCATOR); None leaves the broker's default. Applied when a queue is
+    created: existing queues keep theirs (`facefleet doctor` shows the difference)."""
+
+    group_size: int | None = None
+    leader_locator: str | None = None
+
+    def quorum_arguments(self, features: BrokerFeatures) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.group_size is not None:
+            args["x-quorum-initial-group-size"] = self.group_size
+        if self.leader_locator is not None and features.leader_locator:
+            args["x-queue-leader-locator"] = self.leader_locator
+        return args
+
+    def stream_arguments(self, features: BrokerFeatures) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.group_size is not None:
+            args["x-initial-cluster-size"] = self.group_size
+        if self.leader_locator is not None and features.leader_locator:
+            args["x-queue-leader-locator"] = self.leader_locator
+        return args
+
+
+def job_queue_arguments(
+    tier: TierSpec, features: BrokerFeatures, placement: Placement | None = None
+) -> dict[str, Any]:
     args: dict[str, Any] = {
         "x-queue-type": "quorum",
         "x-delivery-limit": tier.delivery_limit,
@@ -266,6 +301,8 @@ def job_queue_arguments(tier: TierSpec, features: BrokerFeatures) -> dict[str, A
         args["x-dead-letter-strategy"] = "at-least-once"
     if features.queue_consumer_timeout:
         args["x-consumer-timeout"] = tier.consumer_timeout_ms()
+    if placement is not None:
+        args.update(placement.quorum_arguments(features))
     return args
 
 

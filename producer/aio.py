@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aio_pika.abc
@@ -31,7 +32,17 @@ import aio_pika.exceptions
 import aiormq.exceptions
 from typing_extensions import Unpack
 
-from facefleet.amqp import as_message, connect, declare_topology, event_properties
+from facefleet.amqp import (
+    AIO_LINK_ERRORS,
+    Backoff,
+    aio_blocked,
+    aio_connect,
+    aio_endpoint,
+    as_message,
+    connect,
+    declare_topology,
+    event_properties,
+)
 from facefleet.media import MediaStore
 from facefleet.settings import ProducerSettings
 from facefleet.wire import (
@@ -48,7 +59,7 @@ from facefleet.wire import (
     job_queue,
     queued_event,
 )
-from producer.errors import refused, unroutable
+from producer.errors import BrokerBlockedError, PublishNackedError, refused, unroutable
 from producer.sdk import (
     JobFields,
     SubmitResult,
@@ -60,6 +71,9 @@ from producer.sdk import (
     unroutable_cancel,
 )
 from producer.watch import EndOfWatch, SeqOrderer, WatchTimeout, stream_arguments
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def event_message(event: JobEvent) -> aio_pika.Message:
@@ -73,9 +87,12 @@ def server_features(connection: aio_pika.abc.AbstractConnection) -> BrokerFeatur
 
 
 class AsyncJobClient:
-    """aio-pika client: one robust connection, one confirming publisher channel.
+    """aio-pika client: one connection, one confirming publisher channel.
 
-    Safe for many concurrent tasks on one event loop; not shared across loops.
+    Safe for many concurrent tasks on one event loop; not shared across loops. A publish whose
+    node goes is retried through AMQP_URL's other addresses (jittered backoff, for up to
+    confirm_timeout_s); a broker that blocks publishers for longer than blocked_timeout_s
+    fails it with BrokerBlockedError.
     """
 
     def __init__(
@@ -90,7 +107,9 @@ class AsyncJobClient:
         self.cost_model = settings.cost_model()
         """Prices each job at submit (see JobClient.cost_model)."""
         self.connection_name = connection_name
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._failed: str | None = None
+        """host:port of the node whose link was lost last: the next connect tries it last."""
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._jobs: aio_pika.abc.AbstractExchange | None = None
         self._events: aio_pika.abc.AbstractExchange | None = None
@@ -103,12 +122,11 @@ class AsyncJobClient:
 
     # --- connection ----------------------------------------------------------------------------
 
-    async def connect(self) -> aio_pika.abc.AbstractRobustConnection:
+    async def connect(self) -> aio_pika.abc.AbstractConnection:
         async with self._connect_lock:
             if self._connection is None or self._connection.is_closed:
-                self._connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url,
-                    client_properties={"connection_name": self.connection_name},
+                self._connection = await aio_connect(
+                    self.settings.amqp_urls, self.connection_name, avoid=self._failed
                 )
                 self._features = server_features(self._connection)
                 self._channel = await self._connection.channel(
@@ -130,6 +148,61 @@ class AsyncJobClient:
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
 
+    @property
+    def blocked(self) -> bool:
+        """The broker blocks this client's publishes now (a memory or disk alarm)."""
+        return aio_blocked(self._connection)
+
+    async def _drop(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is None:
+            return
+        self._failed = aio_endpoint(conn) or self._failed
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    async def _failover(self, publish: Callable[[], Awaitable[T]]) -> T:
+        """Run one publish; if its node goes, reconnect through the other addresses and run it
+        again (a job published twice is one job id: the worker runs it once), for up to
+        confirm_timeout_s. While the broker blocks us, wait at most blocked_timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.confirm_timeout_s
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            await self.connect()
+            task = asyncio.ensure_future(publish())
+            blocked_at: float | None = None
+            try:
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=0.25)
+                    if done:
+                        return task.result()
+                    if not self.blocked:
+                        blocked_at = None
+                        continue
+                    blocked_at = blocked_at or loop.time()
+                    if loop.time() - blocked_at >= self.settings.blocked_timeout_s:
+                        task.cancel()
+                        raise BrokerBlockedError("resource alarm", self.settings.blocked_timeout_s)
+            except PublishNackedError:
+                # Not a full tier: the broker took no responsibility for it, so send it again
+                # on a fresh connection (RabbitMQ 3.10 keeps nacking on a channel whose first
+                # publish met a quorum queue's leader election).
+                await self._drop()
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(backoff.next_s())
+            except AIO_LINK_ERRORS as exc:
+                await self._drop()
+                if loop.time() >= deadline:
+                    raise
+                delay = backoff.next_s()
+                log.warning("broker link lost (%r); trying another node in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                if not task.done():
+                    task.cancel()
+
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
@@ -147,9 +220,9 @@ class AsyncJobClient:
         at start-up, and a second implementation could drift from the contract."""
 
         def declare() -> BrokerFeatures:
-            conn = connect(self.settings.amqp_url, f"{self.connection_name}-topology")
+            conn = connect(self.settings.amqp_urls, f"{self.connection_name}-topology")
             try:
-                return declare_topology(conn, self.settings.tiers())
+                return declare_topology(conn, self.settings.tiers(), self.settings.placement())
             finally:
                 conn.close()
 
@@ -193,31 +266,37 @@ class AsyncJobClient:
         return SubmitResult(request.job_id, duplicate=not fresh, request=request if fresh else None)
 
     async def _publish_job(self, request: JobRequest) -> None:
-        assert self._jobs is not None
-        try:
-            await self._jobs.publish(
-                as_message(request.encode(), job_properties(request)),
-                request.tier,
-                mandatory=True,
-                timeout=self.settings.confirm_timeout_s,
-            )
-        except aiormq.exceptions.PublishError as exc:
-            raise unroutable(request.tier) from exc
-        except aio_pika.exceptions.DeliveryError as exc:
-            depth = await self.depth(request.tier)
-            limit = tier_max_length(self.settings, request.tier)
-            raise refused(request.tier, request.job_id, depth, limit) from exc
+        async def publish() -> Any:
+            assert self._jobs is not None
+            try:
+                return await self._jobs.publish(
+                    as_message(request.encode(), job_properties(request)),
+                    request.tier,
+                    mandatory=True,
+                    timeout=self.settings.confirm_timeout_s,
+                )
+            except aiormq.exceptions.PublishError as exc:
+                raise unroutable(request.tier) from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                depth = await self.depth(request.tier)
+                limit = tier_max_length(self.settings, request.tier)
+                raise refused(request.tier, request.job_id, depth, limit) from exc
+
+        await self._failover(publish)
 
     async def publish_event(self, event: JobEvent) -> None:
         """Publish one journal event with confirm; raises if it reached no stream."""
-        await self.connect()
-        assert self._events is not None
-        await self._events.publish(
-            event_message(event),
-            event_routing_key(event.job_id, event.type),
-            mandatory=True,
-            timeout=self.settings.confirm_timeout_s,
-        )
+
+        async def publish() -> Any:
+            assert self._events is not None
+            return await self._events.publish(
+                event_message(event),
+                event_routing_key(event.job_id, event.type),
+                mandatory=True,
+                timeout=self.settings.confirm_timeout_s,
+            )
+
+        await self._failover(publish)
 
     async def depth(self, tier: str) -> int | None:
         """Jobs ready in a tier's queue, or None if it cannot be read."""
@@ -241,15 +320,18 @@ class AsyncJobClient:
     ) -> None:
         """Ask for cancellation through the broker alone (see JobClient.cancel)."""
         msg = await asyncio.to_thread(cancel_request, self.media, job_id, reason, tier)
-        await self.connect()
-        assert self._control is not None
-        try:
-            await self._control.publish(
+
+        async def publish() -> Any:
+            assert self._control is not None
+            return await self._control.publish(
                 as_message(msg.encode(), cancel_properties(msg)),
                 cancel_routing_key(msg.job_id, str(msg.tier)),
                 mandatory=True,
                 timeout=self.settings.confirm_timeout_s,
             )
+
+        try:
+            await self._failover(publish)
         except aiormq.exceptions.PublishError as exc:
             raise unroutable_cancel(msg) from exc
 

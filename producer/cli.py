@@ -1,7 +1,8 @@
 """Producer commands: topology apply, submit, watch, cancel, status.
 
 Exit codes: 0 ok / job completed; 1 job failed or dead-lettered; 2 usage or settings error;
-3 job cancelled; 4 broker unreachable or submission refused; 5 tier full; 124 watch timed out.
+3 job cancelled; 4 broker unreachable or submission refused; 5 tier full; 75 (EX_TEMPFAIL) the
+broker blocks publishers (memory or disk alarm): retry later; 124 watch timed out.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from facefleet.wire import (
 )
 
 EXIT_FOR_TERMINAL = {"completed": 0, "failed": 1, "dead_lettered": 1, "cancelled": 3}
+EX_TEMPFAIL = 75
+"""sysexits.h: a temporary failure; the caller may retry later (a broker alarm)."""
 
 
 def register(sub: Any, name: str) -> None:
@@ -137,7 +140,12 @@ def parse_options(items: list[str]) -> dict[str, JobOptionValue]:
 
 def _guard(func: Any) -> Any:
     def wrapper(args: argparse.Namespace) -> int:
-        from producer.errors import InvalidJobError, SubmitError, TierFullError
+        from producer.errors import (
+            BrokerBlockedError,
+            InvalidJobError,
+            SubmitError,
+            TierFullError,
+        )
 
         try:
             result: int = func(args)
@@ -151,6 +159,9 @@ def _guard(func: Any) -> Any:
         except TierFullError as exc:
             print(f"facefleet: {exc}", file=sys.stderr)
             return 5
+        except BrokerBlockedError as exc:
+            print(f"facefleet: {exc}", file=sys.stderr)
+            return EX_TEMPFAIL
         except SubmitError as exc:
             print(f"facefleet: {exc}", file=sys.stderr)
             return 4
@@ -166,9 +177,9 @@ def cmd_topology(args: argparse.Namespace) -> int:
     from facefleet.amqp import connect, declare_topology
 
     settings = _settings()
-    conn = connect(settings.amqp_url, "facefleet-topology")
+    conn = connect(settings.amqp_urls, "facefleet-topology")
     try:
-        feats = declare_topology(conn, settings.tiers())
+        feats = declare_topology(conn, settings.tiers(), settings.placement())
     finally:
         conn.close()
     note = consumer_timeout_advice(settings.tiers(), feats)
@@ -276,7 +287,7 @@ def _event_source(
 
     since = since or _created_at(settings, job_id)
     return watch_events(
-        settings.amqp_url, job_id, after_seq=after_seq, since=since, timeout_s=timeout_s
+        settings.amqp_urls, job_id, after_seq=after_seq, since=since, timeout_s=timeout_s
     )
 
 

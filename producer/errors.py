@@ -5,6 +5,8 @@ SubmitError
 ├── UnroutableJobError   no queue is bound for the tier: topology not applied or tier unknown
 ├── PublishNackedError   the broker refused the message for another reason
 ├── InvalidJobError      the request itself is invalid (bad URI, option, tier name); HTTP 400
+├── BrokerBlockedError   the broker blocks publishers (memory or disk alarm) longer than
+│                        FACEFLEET_BLOCKED_TIMEOUT_S: retry later; HTTP 503, CLI exit 75
 └── BatchSubmitError     some jobs of a `submit_many` failed (each with one of the above);
                          the others were queued
 """
@@ -38,6 +40,44 @@ class PublishNackedError(SubmitError):
 
 class InvalidJobError(SubmitError):
     pass
+
+
+class BrokerBlockedError(SubmitError):
+    """The broker refuses to read from publishers: a resource alarm (memory high watermark or
+    disk free limit) is on somewhere in the cluster. Nothing is wrong with the job; retry it
+    (with the same idempotency key: a job the broker takes in late runs once) when the alarm
+    clears. Consumers keep working meanwhile, which is what frees memory and disk."""
+
+    def __init__(self, reason: str, waited_s: float) -> None:
+        self.reason = reason
+        """The broker's words (connection.blocked), e.g. "low on memory" or "low on disk"."""
+        self.alarm = alarm_kind(reason)
+        """memory, disk or unknown."""
+        self.waited_s = waited_s
+        super().__init__(
+            f"the broker blocks publishers: {self.alarm} alarm ({reason}); gave up after "
+            f"{waited_s:.0f} s (FACEFLEET_BLOCKED_TIMEOUT_S). {ALARM_ADVICE[self.alarm]} "
+            "Then submit again with the same idempotency key."
+        )
+
+
+ALARM_ADVICE = {
+    "memory": "The broker is above its memory high watermark: let consumers drain queues, add "
+    "memory, or raise vm_memory_high_watermark (`rabbitmq-diagnostics alarms` shows the node).",
+    "disk": "The broker is below its disk free limit: free disk space on the node or raise its "
+    "disk (`rabbitmq-diagnostics alarms` shows the node; disk_free_limit sets the limit).",
+    "unknown": "A resource alarm is on: `rabbitmq-diagnostics alarms` shows which and where.",
+}
+
+
+def alarm_kind(reason: str) -> str:
+    """memory / disk / unknown, from a connection.blocked reason ("low on memory", ...)."""
+    text = reason.lower()
+    if "memory" in text:
+        return "memory"
+    if "disk" in text:
+        return "disk"
+    return "unknown"
 
 
 class BatchSubmitError(SubmitError):

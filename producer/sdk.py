@@ -13,13 +13,15 @@ job records the same `queued` event in the job state (wire.queued_event).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlparse
 
 import pika
@@ -28,10 +30,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 from typing_extensions import Unpack
 
 from facefleet.amqp import (
+    Backoff,
+    PublishBlocked,
     PublishNacked,
     PublishUnroutable,
     ThreadedPublisher,
     connect,
+    connection_endpoint,
     declare_topology,
     publish_event,
 )
@@ -62,13 +67,23 @@ from facefleet.wire import (
 )
 from producer.errors import (
     BatchSubmitError,
+    BrokerBlockedError,
     InvalidJobError,
+    PublishNackedError,
     SubmitError,
     refused,
     unroutable,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LINK_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.ChannelWrongStateError,
+)
+"""The link to the node went (or its connection was closed under us): try another node."""
 
 
 @dataclass(frozen=True)
@@ -251,24 +266,92 @@ class JobClient:
         """Pipelined confirms for submit_many (started on its first use)."""
         self.management_problem: str | None = None
         """Why the last status() has no unacked counts (management API unreachable), or None."""
+        self.blocked: str | None = None
+        """Why the broker blocks this connection now (connection.blocked reason), or None."""
+        self._failed: str | None = None
+        """host:port of the node whose link was lost last: the next connect tries it last."""
 
     # --- connection ----------------------------------------------------------------------------
 
     def _ch(self) -> BlockingChannel:
         if self._connection is None or not self._connection.is_open:
-            self._connection = connect(self.settings.amqp_url, "facefleet-producer")
+            self._connection = connect(
+                self.settings.amqp_urls,
+                "facefleet-producer",
+                blocked_timeout_s=self.settings.blocked_timeout_s,
+                avoid=self._failed,
+            )
+            # On the underlying connection: BlockingConnection queues its own callbacks until the
+            # next process_data_events, and a publish that times out blocked never gets there.
+            impl = self._connection._impl
+            impl.add_on_connection_blocked_callback(self._on_blocked)
+            impl.add_on_connection_unblocked_callback(self._on_unblocked)
+            self.blocked = None
             self._channel = None
         if self._channel is None or not self._channel.is_open:
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
         return self._channel
 
+    def _on_blocked(self, _conn: Any, frame: Any) -> None:
+        self.blocked = str(getattr(frame.method, "reason", "") or "resource alarm")
+
+    def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
+        self.blocked = None
+
+    def _drop(self) -> None:
+        """Forget a connection that failed (closing it quietly if it is still half open)."""
+        conn, self._connection, self._channel = self._connection, None, None
+        if conn is None:
+            return
+        self._failed = connection_endpoint(conn) or self._failed
+        if conn.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                conn.close()
+
+    def _renew_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and channel.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                channel.close()
+
+    def _failover(self, what: Callable[[BlockingChannel], T]) -> T:
+        """Run one broker operation; if the link to its node goes, retry it through the other
+        addresses of AMQP_URL (jittered backoff) for up to confirm_timeout_s. A job published
+        again after a lost confirm is the same job id: the worker runs it once. A broker that
+        blocks us longer than blocked_timeout_s is BrokerBlockedError, not a retry."""
+        deadline = time.monotonic() + self.settings.confirm_timeout_s
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                return what(self._ch())
+            except pika.exceptions.ConnectionBlockedTimeout as exc:
+                reason = self.blocked or "resource alarm"
+                self._drop()
+                raise BrokerBlockedError(reason, self.settings.blocked_timeout_s) from exc
+            except PublishNackedError:
+                # Not a full tier (that is TierFullError): the broker took no responsibility
+                # for the message, so it is safe to send again, on a fresh channel (RabbitMQ
+                # 3.10 keeps nacking on a channel whose first publish met a leader election).
+                self._renew_channel()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(backoff.next_s())
+            except LINK_ERRORS as exc:
+                self._drop()
+                if time.monotonic() >= deadline:
+                    raise
+                delay = backoff.next_s()
+                log.warning("broker link lost (%r); trying another node in %.1f s", exc, delay)
+                time.sleep(delay)
+
     def close(self) -> None:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
         if self._connection is not None and self._connection.is_open:
-            self._connection.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                self._connection.close()  # a broker gone meanwhile has nothing to close
         self._connection = None
 
     def __enter__(self) -> JobClient:
@@ -278,9 +361,11 @@ class JobClient:
         self.close()
 
     def apply_topology(self) -> None:
-        self._ch()
-        assert self._connection is not None
-        declare_topology(self._connection, self.settings.tiers())
+        def apply(_ch: BlockingChannel) -> None:
+            assert self._connection is not None
+            declare_topology(self._connection, self.settings.tiers(), self.settings.placement())
+
+        self._failover(apply)
 
     # --- jobs --------------------------------------------------------------------------------
 
@@ -301,9 +386,9 @@ class JobClient:
         and exactly one of them reports duplicate=False."""
         if self.media.submitted(request.job_id):
             return SubmitResult(request.job_id, duplicate=True)
-        self._publish_job(request)
+        self._failover(lambda ch: self._publish_job(ch, request))
         fresh = self.media.mark_submitted(request.job_id, request.encode())
-        publish_event(self._ch(), queued_event(request))
+        self._failover(lambda ch: publish_event(ch, queued_event(request)))
         return SubmitResult(request.job_id, duplicate=not fresh, request=request if fresh else None)
 
     def submit_many(self, requests: Sequence[JobRequest]) -> list[SubmitResult]:
@@ -318,9 +403,10 @@ class JobClient:
         """
         if self._publisher is None:
             self._publisher = ThreadedPublisher(
-                self.settings.amqp_url,
+                self.settings.amqp_urls,
                 "facefleet-producer-batch",
                 confirm_timeout_s=self.settings.confirm_timeout_s,
+                blocked_timeout_s=self.settings.blocked_timeout_s,
             )
             self._publisher.start()
         pub = self._publisher
@@ -343,13 +429,19 @@ class JobClient:
             except PublishNacked:
                 errors[request.job_id] = self._refusal(request)
                 continue
+            except PublishBlocked as exc:
+                errors[request.job_id] = BrokerBlockedError(exc.reason, exc.waited_s)
+                continue
             if not self.media.mark_submitted(request.job_id, request.encode()):
                 duplicate.add(request.job_id)
             queued.append(request)
         with pub.burst():
             events = [pub.publish_event(queued_event(r)) for r in queued]
         for event in events:
-            event.result(timeout=self.settings.confirm_timeout_s + 5)
+            try:
+                event.result(timeout=self.settings.confirm_timeout_s + 5)
+            except PublishBlocked as exc:
+                raise BrokerBlockedError(exc.reason, exc.waited_s) from exc
         results = []
         seen: set[str] = set()
         for r in requests:
@@ -362,8 +454,7 @@ class JobClient:
             raise BatchSubmitError(results, errors)
         return results
 
-    def _publish_job(self, request: JobRequest) -> None:
-        ch = self._ch()
+    def _publish_job(self, ch: BlockingChannel, request: JobRequest) -> None:
         try:
             ch.basic_publish(
                 JOBS_EXCHANGE,
@@ -403,12 +494,14 @@ class JobClient:
         step. The tier comes from the job's submission record unless given."""
         msg = cancel_request(self.media, job_id, reason, tier)
         try:
-            self._ch().basic_publish(
-                CONTROL_EXCHANGE,
-                cancel_routing_key(msg.job_id, str(msg.tier)),
-                msg.encode(),
-                cancel_properties(msg),
-                mandatory=True,
+            self._failover(
+                lambda ch: ch.basic_publish(
+                    CONTROL_EXCHANGE,
+                    cancel_routing_key(msg.job_id, str(msg.tier)),
+                    msg.encode(),
+                    cancel_properties(msg),
+                    mandatory=True,
+                )
             )
         except pika.exceptions.UnroutableError as exc:
             raise unroutable_cancel(msg) from exc
@@ -422,7 +515,7 @@ class JobClient:
         """
         out = []
         try:
-            mgmt = read_queues(self.settings.amqp_url, self.settings.management_url or "")
+            mgmt = read_queues(self.settings.amqp_urls[0], self.settings.management_url or "")
             self.management_problem = None
         except ManagementUnavailable as exc:
             mgmt = {}

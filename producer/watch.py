@@ -4,14 +4,15 @@ The stream (facefleet.events.log) keeps every event for days, so a watcher that 
 reconnects, misses nothing. Events are delivered to the caller in seq order, each seq once:
 duplicates (an event republished after a crash) are dropped and out-of-order arrivals wait in a
 small buffer. On RabbitMQ 3.13+ the broker filters the stream by job id; older brokers send every
-event and the watcher filters them here.
+event and the watcher filters them here. A watcher whose node goes reconnects through the other
+addresses of AMQP_URL and resumes at the stream offset after the last one it read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol
 
@@ -19,8 +20,10 @@ import pika
 import pika.exceptions
 from typing_extensions import TypeVar
 
-from facefleet.amqp import connect, features
+from facefleet.amqp import Backoff, connect, connection_endpoint, features
 from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
+
+log = logging.getLogger(__name__)
 
 STREAM_START_MARGIN = timedelta(minutes=1)
 """Start this long before `since`: stream timestamps are per chunk and clocks drift."""
@@ -103,11 +106,16 @@ class SeqOrderer(Generic[E]):
         return bool(self._pending)
 
 
-def stream_arguments(job_id: str, since: datetime | None, feats: BrokerFeatures) -> dict[str, Any]:
+def stream_arguments(
+    job_id: str, since: datetime | None, feats: BrokerFeatures, *, offset: int | None = None
+) -> dict[str, Any]:
     """basic.consume arguments that read one job's events from the stream, shared by the sync
-    watcher, the async SDK and the gateway's per-job replay."""
+    watcher, the async SDK and the gateway's per-job replay. `offset` (the next stream offset
+    after the last message read) resumes a reader after a reconnect."""
     args: dict[str, Any] = {"x-stream-offset": "first"}
-    if since is not None:
+    if offset is not None:
+        args["x-stream-offset"] = offset
+    elif since is not None:
         args["x-stream-offset"] = since - STREAM_START_MARGIN
     if feats.stream_filtering:
         args["x-stream-filter"] = job_id
@@ -138,64 +146,103 @@ class BatchAcker:
         self.pending = 0
 
 
+def stream_offset(headers: dict[str, Any] | None) -> int | None:
+    """The stream offset of one delivery (the x-stream-offset header streams add)."""
+    value = (headers or {}).get("x-stream-offset")
+    return value if isinstance(value, int) else None
+
+
 def watch_events(
-    amqp_url: str,
+    amqp_urls: str | Sequence[str],
     job_id: str,
     *,
     after_seq: int = 0,
     since: datetime | None = None,
     timeout_s: float | None = None,
     idle_poll_s: float = 0.5,
+    reconnect_s: float = 60.0,
 ) -> Iterator[JobEvent]:
     """Yield the job's events with seq > after_seq in order; stops after the terminal event
     (after a `dead_lettered`, once no `replayed` follows: see `EndOfWatch`).
 
     `since` (e.g. the job's created_at) lets the stream start near the job instead of at its
-    first retained chunk. Raises WatchTimeout if no terminal event arrives within timeout_s.
+    first retained chunk. A lost link is retried through every address (jittered backoff) for
+    up to `reconnect_s`, resuming after the last offset read. Raises WatchTimeout if no terminal
+    event arrives within timeout_s.
     """
-    connection = connect(amqp_url, f"facefleet-watch-{job_id[:8]}")
-    try:
-        feats = features(connection)
-        ch = connection.channel()
-        ch.basic_qos(prefetch_count=1000)
-        args = stream_arguments(job_id, since, feats)
-        orderer = SeqOrderer(after_seq)
-        buffered: list[JobEvent] = []
-        prefix = f"job.{job_id}."
-        acks = BatchAcker(ch)
-        end = EndOfWatch()
-        delivered = [0]
+    orderer = SeqOrderer(after_seq)
+    buffered: list[JobEvent] = []
+    prefix = f"job.{job_id}."
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    end = EndOfWatch()
+    delivered = [0]
+    last_offset: list[int] = []
+    failed: str | None = None
+    backoff = Backoff(0.2, 5.0)
+    lost_since: float | None = None
+    while True:
+        try:
+            connection = connect(amqp_urls, f"facefleet-watch-{job_id[:8]}", avoid=failed)
+        except pika.exceptions.AMQPConnectionError:
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > reconnect_s:
+                raise
+            time.sleep(backoff.next_s())
+            continue
+        lost_since = None
+        backoff.reset()
+        try:
+            feats = features(connection)
+            ch = connection.channel()
+            ch.basic_qos(prefetch_count=1000)
+            resume = last_offset[-1] + 1 if last_offset else None
+            args = stream_arguments(job_id, since, feats, offset=resume)
+            acks = BatchAcker(ch)
 
-        def on_message(
-            channel: Any, method: Any, _props: pika.BasicProperties, body: bytes
-        ) -> None:
-            delivered[0] += 1
-            acks.took(method.delivery_tag)
-            if not method.routing_key.startswith(prefix):
-                return
-            try:
-                event = JobEvent.decode(body)
-            except DecodeError:
-                return
-            buffered.extend(orderer.push(event))
-
-        ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            before = delivered[0]
-            connection.process_data_events(time_limit=idle_poll_s)
-            acks.flush()
-            while buffered:
-                event = buffered.pop(0)
-                yield event
-                if end.saw(event):
+            def on_message(
+                channel: Any,
+                method: Any,
+                props: pika.BasicProperties,
+                body: bytes,
+                acks: BatchAcker = acks,
+            ) -> None:
+                delivered[0] += 1
+                acks.took(method.delivery_tag)
+                offset = stream_offset(props.headers)
+                if offset is not None:
+                    last_offset[:] = [offset]
+                if not method.routing_key.startswith(prefix):
                     return
-            if end.idle(caught_up=delivered[0] == before):
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise WatchTimeout(f"no terminal event for job {job_id} within {timeout_s} s")
-    finally:
-        close_stream_consumer(connection)
+                try:
+                    event = JobEvent.decode(body)
+                except DecodeError:
+                    return
+                buffered.extend(orderer.push(event))
+
+            ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
+            while True:
+                before = delivered[0]
+                connection.process_data_events(time_limit=idle_poll_s)
+                acks.flush()
+                while buffered:
+                    event = buffered.pop(0)
+                    yield event
+                    if end.saw(event):
+                        return
+                if end.idle(caught_up=delivered[0] == before):
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WatchTimeout(f"no terminal event for job {job_id} within {timeout_s} s")
+        except (
+            pika.exceptions.AMQPConnectionError,
+            pika.exceptions.ConnectionWrongStateError,
+            pika.exceptions.ChannelWrongStateError,
+        ) as exc:
+            failed = connection_endpoint(connection) or failed
+            lost_since = time.monotonic()
+            log.warning("watch: link to %s lost (%r); resuming on another node", failed, exc)
+        finally:
+            close_stream_consumer(connection)
 
 
 def close_stream_consumer(connection: pika.BlockingConnection) -> None:

@@ -44,6 +44,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
+from facefleet.amqp import Backoff, aio_connect, aio_endpoint
 from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
 from producer.aio import server_features
 from producer.gateway.direct import FrameSink, encode_text_frame
@@ -235,6 +236,8 @@ class Fanout:
         self._task: asyncio.Task[None] | None = None
         self._attached = asyncio.Event()
         self._unacked = 0
+        self._failed: str | None = None
+        """host:port of the node the tail lost last: the next attach tries it last."""
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -287,27 +290,30 @@ class Fanout:
                 await conn.close()
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.2, 10.0)
         while True:
             lost = asyncio.Event()
+            delay = 0.0
             try:
                 await self._attach(lost)
-                backoff = 0.5
+                backoff.reset()
                 await lost.wait()
                 log.warning("events stream consumer lost its connection; re-attaching")
             except asyncio.CancelledError:
                 raise
             except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
-                log.warning("events stream unreachable (%r); retrying in %.1f s", exc, backoff)
+                delay = backoff.next_s()
+                log.warning("events stream unreachable (%r); retrying in %.1f s", exc, delay)
+            if self._connection is not None:
+                self._failed = aio_endpoint(self._connection) or self._failed
             await self._close_connection()
             self._set_state(TailState.RECONNECTING)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            # A lost link tries the other nodes at once (resuming at `position`); a round of
+            # refusals waits a jittered, growing delay.
+            await asyncio.sleep(delay)
 
     async def _attach(self, lost: asyncio.Event) -> None:
-        conn = await aio_pika.connect(
-            self.amqp_url, client_properties={"connection_name": f"{self.name}-tail"}
-        )
+        conn = await aio_connect(self.amqp_url, f"{self.name}-tail", avoid=self._failed)
         self._connection = conn
         self._features = server_features(conn)
         conn.close_callbacks.add(lambda *_: lost.set())
@@ -466,10 +472,7 @@ class Fanout:
             conn = self._history_connection
             if conn is None or conn.is_closed:
                 try:
-                    conn = await aio_pika.connect(
-                        self.amqp_url,
-                        client_properties={"connection_name": f"{self.name}-history"},
-                    )
+                    conn = await aio_connect(self.amqp_url, f"{self.name}-history")
                 except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
                     raise HistoryUnavailable(f"the events stream is not reachable: {exc}") from exc
                 self._history_connection = conn

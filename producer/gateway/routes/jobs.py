@@ -3,7 +3,8 @@
 Every refusal is decided before anything is queued and carries a reason:
 400 bad input, 401 no credential, 403 wrong credential, 413 too large, 415 unknown media,
 429 tier full or the API key over one of its limits (Retry-After; limits.py), 503 broker,
-media store or (for a key with limits) job store unavailable.
+media store or (for a key with limits) job store unavailable, or the broker blocking publishers
+(a memory or disk alarm: Retry-After, and the alarm in the body).
 
 Uploads stream into the media store (forms.py, uploads.py), a job's state is derived from its
 events in the durable stream, and its result is served from the media store (a redirect to a
@@ -46,7 +47,13 @@ from facefleet.wire import (
     scoped_idempotency_key,
     utcnow,
 )
-from producer.errors import InvalidJobError, SubmitError, TierFullError, UnroutableJobError
+from producer.errors import (
+    BrokerBlockedError,
+    InvalidJobError,
+    SubmitError,
+    TierFullError,
+    UnroutableJobError,
+)
 from producer.gateway.app import MAX_UPLOADS, Gateway
 from producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
 from producer.gateway.fanout import HistoryUnavailable
@@ -325,6 +332,13 @@ async def submit_job(request: Request) -> JSONResponse:
             return JSONResponse(
                 {"detail": str(exc), "tier": tier},
                 status_code=429,
+                headers={"Retry-After": str(gw.settings.retry_after_s)},
+            )
+        except BrokerBlockedError as exc:
+            gw.metrics.submits.labels(key_id, "broker_blocked").inc()
+            return JSONResponse(
+                {"detail": str(exc), "alarm": exc.alarm},
+                status_code=503,
                 headers={"Retry-After": str(gw.settings.retry_after_s)},
             )
         except InvalidJobError as exc:

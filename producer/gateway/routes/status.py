@@ -51,7 +51,15 @@ async def readyz(request: Request) -> JSONResponse:
             problems.append(f"publisher: {exc!r}")
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-    return JSONResponse({"status": "ready", "subscribers": gw.fanout.subscriber_count})
+    # A broker alarm keeps the gateway ready: submits answer 503 + Retry-After, which a client
+    # can act on, rather than every replica leaving the Service (connection refused).
+    return JSONResponse(
+        {
+            "status": "ready",
+            "subscribers": gw.fanout.subscriber_count,
+            "broker_blocked": gw.client.blocked,
+        }
+    )
 
 
 @router.get("/metrics")
@@ -88,7 +96,7 @@ async def tiers(request: Request) -> dict[str, Any]:
 
 async def management_queues(gw: Gateway) -> dict[str, dict[str, Any]]:
     """Queue rows from the RabbitMQ management API, {} when it is not enabled or unreachable."""
-    url, auth = queues_request(gw.settings.amqp_url, gw.settings.management_url or "")
+    url, auth = queues_request(gw.settings.amqp_urls[0], gw.settings.management_url or "")
     try:
         resp = await gw.http.get(url, auth=auth)
         resp.raise_for_status()
