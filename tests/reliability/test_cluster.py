@@ -3,6 +3,7 @@ that moves when its node is killed, and a node that comes back."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pika
@@ -128,7 +129,10 @@ def test_doctor_finds_alarms_lost_nodes_and_drifted_arguments(
 
     try:
         client.apply_topology()
-        clean = doctor()
+        # A queue just declared shows its replicas online only after a stats interval: poll.
+        deadline = time.monotonic() + 30
+        while (clean := doctor()).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(2)
         assert clean.returncode == 0, clean.stdout + clean.stderr
         assert "FAIL" not in clean.stdout
         drifted = doctor(FACEFLEET_QUORUM_GROUP_SIZE="2")
