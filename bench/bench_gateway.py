@@ -297,8 +297,8 @@ async def publish(amqp_url: str, jobs: list[str], rate: int, duration: float) ->
     Each event's ts is taken just before its publish: receipt time - ts is the latency."""
     import aio_pika
 
+    from facefleet.producer.aio import event_message
     from facefleet.wire import EVENTS_EXCHANGE, EventPayload, JobEvent, event_routing_key, utcnow
-    from producer.aio import event_message
 
     conn = await aio_pika.connect(amqp_url)
     channel = await conn.channel(publisher_confirms=True)
@@ -390,8 +390,8 @@ def main() -> int:
 
 def drive(args: argparse.Namespace) -> int:
     from facefleet.amqp import connect, publish_event
+    from facefleet.producer.gateway.auth import TokenSigner
     from facefleet.wire import EventPayload, JobEvent, utcnow
-    from producer.gateway.auth import TokenSigner
 
     fd_limit = raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="facefleet-bench-"))

@@ -49,9 +49,9 @@ import numpy as np
 
 from bench.bench_spine import CpuMeter, _env, _wait_consumers
 from facefleet.broker import discover
+from facefleet.producer.sdk import JobClient, build_request
 from facefleet.settings import ProducerSettings
 from facefleet.wire import control_pending_queue, dead_notify_queue, job_queue
-from producer.sdk import JobClient, build_request
 
 MODEL_TIMES_MS = (30.0, 8.0)
 PIPELINED_DEPTH = 3

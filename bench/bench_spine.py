@@ -38,6 +38,7 @@ import pika
 
 from bench import floor
 from facefleet.broker import discover
+from facefleet.producer.sdk import JobClient
 from facefleet.settings import ProducerSettings
 from facefleet.wire import (
     EVENTS_EXCHANGE,
@@ -45,7 +46,6 @@ from facefleet.wire import (
     dead_notify_queue,
     job_queue,
 )
-from producer.sdk import JobClient
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -232,7 +232,7 @@ def run_facefleet(
     ]
     _wait_consumers(amqp_url, job_queue(tier), workers)
     requests = []
-    from producer.sdk import build_request
+    from facefleet.producer.sdk import build_request
 
     for _ in range(jobs):
         requests.append(build_request(client.media, tier, str(src), str(src)))

@@ -33,11 +33,11 @@ import av
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap import FaceSwapProcessor
-from consumer.processors.faceswap.media import VideoWriter
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.processors.faceswap.media import VideoWriter
+from facefleet.models.tiny import write_tiny_models
 from facefleet.settings import WorkerSettings
 from facefleet.wire import JobRequest
-from models.tiny import write_tiny_models
 
 IMAGES = Path(__import__("insightface").__file__).parent / "data" / "images"
 ASTRONAUT = Path(__import__("skimage").__file__).parent / "data" / "astronaut.png"

@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
-    from consumer.errors import JobError
-    from consumer.health import serve_health
-    from consumer.processors import create_processor
-    from consumer.worker import Worker
+    from facefleet.consumer.errors import JobError
+    from facefleet.consumer.health import serve_health
+    from facefleet.consumer.processors import create_processor
+    from facefleet.consumer.worker import Worker
 
     try:
         processor = create_processor(settings.processor, settings)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     on_busy = None
     if settings.deletion_cost:
         try:
-            from consumer.podcost import PodDeletionCost
+            from facefleet.consumer.podcost import PodDeletionCost
 
             cost = PodDeletionCost(settings.pod_name, settings.pod_namespace, True)
             on_busy = lambda busy: cost.busy() if busy else cost.idle()  # noqa: E731

@@ -22,10 +22,10 @@ from typing import Any
 
 import pika
 
-from consumer.delivery import Action, Delivery
-from consumer.errors import JobError
-from consumer.metrics import WorkerMetrics
 from facefleet.amqp import ThreadedPublisher
+from facefleet.consumer.delivery import Action, Delivery
+from facefleet.consumer.errors import JobError
+from facefleet.consumer.metrics import WorkerMetrics
 from facefleet.jobstore import JobLog, JobStore, last_replay_seq, replay_generation
 from facefleet.wire import (
     CONTENT_TYPE,

@@ -14,9 +14,9 @@ import logging
 
 import pika
 
-from consumer.delivery import Action, Delivery
-from consumer.metrics import WorkerMetrics
 from facefleet.amqp import ThreadedPublisher
+from facefleet.consumer.delivery import Action, Delivery
+from facefleet.consumer.metrics import WorkerMetrics
 from facefleet.wire import CONTENT_TYPE, JOBS_EXCHANGE
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 from facefleet import health
 
 if TYPE_CHECKING:
-    from consumer.worker import Worker
+    from facefleet.consumer.worker import Worker
 
 STALE_AFTER_S = health.STALE_AFTER_S
 
 
 def serve_health(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
-    from consumer.worker import WorkerState
+    from facefleet.consumer.worker import WorkerState
 
     def readiness() -> tuple[bool, str]:
         if worker.paused is not None:

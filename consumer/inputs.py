@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from consumer.errors import PermanentJobError, TransientJobError
+from facefleet.consumer.errors import PermanentJobError, TransientJobError
 from facefleet.fetch import FetchError, FetchPolicy, fetch_to_file, parse_allow
 from facefleet.media import MediaStore, safe_name
 from facefleet.settings import SettingsError, WorkerSettings

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from consumer.device import Device
+from facefleet.consumer.device import Device
 
 
 class WorkerMetrics:

@@ -17,8 +17,8 @@ import random
 import threading
 import time
 
-from consumer.delivery import Delivery
-from consumer.errors import TransientJobError
+from facefleet.consumer.delivery import Delivery
+from facefleet.consumer.errors import TransientJobError
 from facefleet.jobstore import Claim, JobLog, attempts_since_replay
 from facefleet.settings import WorkerSettings
 from facefleet.wire import TierSpec

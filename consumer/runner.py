@@ -49,9 +49,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from consumer.deadletter import DeadLetters
-from consumer.delivery import Action, Delivery
-from consumer.errors import (
+from facefleet.amqp import ThreadedPublisher
+from facefleet.consumer.deadletter import DeadLetters
+from facefleet.consumer.delivery import Action, Delivery
+from facefleet.consumer.errors import (
     JobCancelled,
     JobError,
     PermanentJobError,
@@ -59,11 +60,10 @@ from consumer.errors import (
     TransientJobError,
     classify,
 )
-from consumer.inputs import Inputs, Scratch, fetch_policy
-from consumer.metrics import WorkerMetrics
-from consumer.processors.base import Processor, ProcessorOutput
-from consumer.retry import RetryPolicy, attempts_so_far
-from facefleet.amqp import ThreadedPublisher
+from facefleet.consumer.inputs import Inputs, Scratch, fetch_policy
+from facefleet.consumer.metrics import WorkerMetrics
+from facefleet.consumer.processors.base import Processor, ProcessorOutput
+from facefleet.consumer.retry import RetryPolicy, attempts_so_far
 from facefleet.jobstore import Claim, JobLog, JobStore, gpu_seconds_of, store_outage
 from facefleet.journal import FileJobStore
 from facefleet.media import FileMediaStore, MediaStore, Staged

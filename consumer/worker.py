@@ -50,12 +50,6 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 
-from consumer.delivery import Action, Delivery
-from consumer.device import Device
-from consumer.giveback import give_back
-from consumer.metrics import WorkerMetrics
-from consumer.processors.base import Processor
-from consumer.runner import JobRunner
 from facefleet.amqp import (
     Backoff,
     ThreadedPublisher,
@@ -63,6 +57,12 @@ from facefleet.amqp import (
     connection_endpoint,
     declare_topology,
 )
+from facefleet.consumer.delivery import Action, Delivery
+from facefleet.consumer.device import Device
+from facefleet.consumer.giveback import give_back
+from facefleet.consumer.metrics import WorkerMetrics
+from facefleet.consumer.processors.base import Processor
+from facefleet.consumer.runner import JobRunner
 from facefleet.jobstore import JobStore, store_outage
 from facefleet.media import MediaStore
 from facefleet.settings import WorkerSettings

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 4
     processor = args.processor or (
         "faceswap"
-        if importlib.util.find_spec("consumer.processors.faceswap") is not None
+        if importlib.util.find_spec("facefleet.consumer.processors.faceswap") is not None
         else "sleep"
     )
     data_root = Path(args.data_root).resolve()
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"broker: {broker.origin} ({_redact(broker.url)})")
     if processor == "sleep":
         print("note: the faceswap processor is not in this build; running the `sleep` processor")
+    from facefleet.producer.cli import follow
+    from facefleet.producer.sdk import JobClient
     from facefleet.settings import ProducerSettings
-    from producer.cli import follow
-    from producer.sdk import JobClient
 
     settings = ProducerSettings.load()
     log_path = data_root / "demo-worker.log"

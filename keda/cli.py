@@ -15,13 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keda.simulator.config import SCALING_TRIGGERS, ConfigError, TierConfig, load_tier
-from keda.simulator.dist import SpecError, parse_spec
-from keda.simulator.engine import SimInput, simulate, stats_phase
-from keda.simulator.plan import default_grid, helm_set_line, parse_grid, search
-from keda.simulator.report import plot_compare, plot_timeline, write_summary, write_timeline
-from keda.simulator.stats import summarize
-from keda.simulator.traffic import Traffic, TrafficError, load_trace, parse_pattern
+from facefleet.keda.simulator.config import SCALING_TRIGGERS, ConfigError, TierConfig, load_tier
+from facefleet.keda.simulator.dist import SpecError, parse_spec
+from facefleet.keda.simulator.engine import SimInput, simulate, stats_phase
+from facefleet.keda.simulator.plan import default_grid, helm_set_line, parse_grid, search
+from facefleet.keda.simulator.report import (
+    plot_compare,
+    plot_timeline,
+    write_summary,
+    write_timeline,
+)
+from facefleet.keda.simulator.stats import summarize
+from facefleet.keda.simulator.traffic import Traffic, TrafficError, load_trace, parse_pattern
 
 EXAMPLES = """\
 examples:

@@ -1,7 +1,7 @@
 """The model catalogue: which weight files exist, how big they are, what they hash to, where from.
 
 One YAML file (the packaged `models/catalog.yaml` by default, or the tiny one written by
-`models.tiny`) is the single source of truth for the init container (`facefleet models pull`)
+`facefleet.models.tiny`) is the single source of truth for the init container (`facefleet models pull`)
 and for the worker's start-up check (`verify_present`), so the two can never disagree about
 which file a model is.
 """
@@ -16,7 +16,7 @@ from typing import Literal, cast, get_args
 
 import yaml
 
-from models.integrity import Hasher, sha256_file, trusted_digest
+from facefleet.models.integrity import Hasher, sha256_file, trusted_digest
 
 Role = Literal[
     "detector", "recognizer", "swapper", "enhancer", "landmark", "attribute", "checkpoint"

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from models.catalog import Catalog, CatalogError
-from models.pull import ExitCode, Puller, PullOptions
+from facefleet.models.catalog import Catalog, CatalogError
+from facefleet.models.pull import ExitCode, Puller, PullOptions
 
 PULL_EPILOG = """\
 exit codes:
@@ -163,7 +163,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from models.tiny import write_tiny_models
+    from facefleet.models.tiny import write_tiny_models
 
     catalog = write_tiny_models(args.dest, dynamic_detector=args.dynamic_detector)
     print(catalog)
@@ -171,7 +171,7 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from models.convert_gfpgan import TorchMissing, convert
+    from facefleet.models.convert_gfpgan import TorchMissing, convert
 
     try:
         out = convert(args.pth, args.onnx)

@@ -22,7 +22,7 @@ the ONNX model is deterministic; PyTorch's GFPGANer draws fresh noise on every c
 results differ from the ONNX model's by that noise term only.
 
 torch, torchvision and gfpgan are imported inside the functions: importing this module (or
-`models.cli`) never loads torch.
+`facefleet.models.cli`) never loads torch.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from models.torch_compat import import_gfpgan_clean
+from facefleet.models.torch_compat import import_gfpgan_clean
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"

@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TextIO
 
-from models.catalog import Catalog, ModelEntry
-from models.integrity import (
+from facefleet.models.catalog import Catalog, ModelEntry
+from facefleet.models.integrity import (
     CHUNK,
     Hasher,
     Stamp,
@@ -40,7 +40,7 @@ from models.integrity import (
     trusted_digest,
     write_stamp,
 )
-from models.sources import (
+from facefleet.models.sources import (
     Opened,
     RangeNotSatisfiable,
     SourceError,

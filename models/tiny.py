@@ -44,9 +44,9 @@ import onnx  # type: ignore[import-untyped,unused-ignore]
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from models.catalog import ModelEntry, Role, entries_to_mapping
-from models.integrity import sha256_file
-from models.templates import ARCFACE_DST
+from facefleet.models.catalog import ModelEntry, Role, entries_to_mapping
+from facefleet.models.integrity import sha256_file
+from facefleet.models.templates import ARCFACE_DST
 
 OPSET = 13
 IR_VERSION = 8

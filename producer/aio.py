@@ -1,4 +1,4 @@
-"""Asynchronous producer SDK on aio-pika: the same contract as `producer.sdk.JobClient`.
+"""Asynchronous producer SDK on aio-pika: the same contract as `facefleet.producer.sdk.JobClient`.
 
     async with AsyncJobClient(ProducerSettings.load()) as client:
         result = await client.submit("standard", "photos/me.jpg", "photos/group.jpg")
@@ -8,7 +8,7 @@
 Why it shares rather than copies: the request is built by `sdk.build_request`, message
 properties come from `sdk.job_properties` / `amqp.event_properties` (converted once, below), the
 `queued` event is `wire.queued_event`, duplicate detection is the media store's submission
-record, stream arguments and ordering come from `producer.watch`. Only the transport differs.
+record, stream arguments and ordering come from `facefleet.producer.watch`. Only the transport differs.
 
 The event loop never blocks on files or the store: uploads and the submission record run in
 worker threads (`asyncio.to_thread`). A per-process asyncio lock per job id makes concurrent
@@ -44,6 +44,18 @@ from facefleet.amqp import (
     event_properties,
 )
 from facefleet.media import MediaStore
+from facefleet.producer.errors import BrokerBlockedError, PublishNackedError, refused, unroutable
+from facefleet.producer.sdk import (
+    JobFields,
+    SubmitResult,
+    build_request,
+    cancel_properties,
+    cancel_request,
+    job_properties,
+    tier_max_length,
+    unroutable_cancel,
+)
+from facefleet.producer.watch import EndOfWatch, SeqOrderer, WatchTimeout, stream_arguments
 from facefleet.settings import ProducerSettings
 from facefleet.wire import (
     CONTROL_EXCHANGE,
@@ -59,18 +71,6 @@ from facefleet.wire import (
     job_queue,
     queued_event,
 )
-from producer.errors import BrokerBlockedError, PublishNackedError, refused, unroutable
-from producer.sdk import (
-    JobFields,
-    SubmitResult,
-    build_request,
-    cancel_properties,
-    cancel_request,
-    job_properties,
-    tier_max_length,
-    unroutable_cancel,
-)
-from producer.watch import EndOfWatch, SeqOrderer, WatchTimeout, stream_arguments
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -140,7 +140,7 @@ def parse_options(items: list[str]) -> dict[str, JobOptionValue]:
 
 def _guard(func: Any) -> Any:
     def wrapper(args: argparse.Namespace) -> int:
-        from producer.errors import (
+        from facefleet.producer.errors import (
             BrokerBlockedError,
             InvalidJobError,
             SubmitError,
@@ -191,7 +191,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_submit(args: argparse.Namespace) -> int:
-    from producer.sdk import JobClient
+    from facefleet.producer.sdk import JobClient
 
     settings = _settings()
     options = parse_options(args.option)
@@ -241,7 +241,7 @@ def follow(
     since: datetime | None = None,
 ) -> int:
     """Print a job's events until it ends; the exit code follows the terminal event."""
-    from producer.watch import WatchTimeout
+    from facefleet.producer.watch import WatchTimeout
 
     events = _event_source(settings, job_id, after_seq=after_seq, timeout_s=timeout_s, since=since)
     bar = ProgressBar(sys.stderr) if not json_lines else None
@@ -269,7 +269,7 @@ def _event_source(
 ) -> Iterator[JobEvent]:
     if settings.gateway_url:
         try:
-            from producer.gateway.client import watch_via_gateway
+            from facefleet.producer.gateway.client import watch_via_gateway
         except ImportError:
             pass
         else:
@@ -283,7 +283,7 @@ def _event_source(
                 settings, job_id, after_seq=after_seq, timeout_s=timeout_s
             )
             return events
-    from producer.watch import watch_events
+    from facefleet.producer.watch import watch_events
 
     since = since or _created_at(settings, job_id)
     return watch_events(
@@ -340,7 +340,7 @@ class ProgressBar:
 
 @_guard
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from producer.sdk import JobClient
+    from facefleet.producer.sdk import JobClient
 
     with JobClient(_settings()) as client:
         client.cancel(args.job_id, args.reason, tier=args.tier)
@@ -350,7 +350,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_status(args: argparse.Namespace) -> int:
-    from producer.sdk import JobClient
+    from facefleet.producer.sdk import JobClient
 
     with JobClient(_settings()) as client:
         rows = client.status()

@@ -43,6 +43,15 @@ from facefleet.amqp import (
 from facefleet.costmodel import CostModel, estimate_for
 from facefleet.management import ManagementUnavailable, read_queues
 from facefleet.media import MediaStore
+from facefleet.producer.errors import (
+    BatchSubmitError,
+    BrokerBlockedError,
+    InvalidJobError,
+    PublishNackedError,
+    SubmitError,
+    refused,
+    unroutable,
+)
 from facefleet.settings import ProducerSettings, SettingsError
 from facefleet.storage import StorageError
 from facefleet.wire import (
@@ -64,15 +73,6 @@ from facefleet.wire import (
     job_queue,
     queued_event,
     utcnow,
-)
-from producer.errors import (
-    BatchSubmitError,
-    BrokerBlockedError,
-    InvalidJobError,
-    PublishNackedError,
-    SubmitError,
-    refused,
-    unroutable,
 )
 
 log = logging.getLogger(__name__)

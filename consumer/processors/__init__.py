@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from consumer.processors.base import Processor
+    from facefleet.consumer.processors.base import Processor
     from facefleet.settings import WorkerSettings
 
 PROCESSORS: dict[str, str] = {
-    "sleep": "consumer.processors.sleep",
-    "noop": "consumer.processors.noop",
-    "faceswap": "consumer.processors.faceswap",
+    "sleep": "facefleet.consumer.processors.sleep",
+    "noop": "facefleet.consumer.processors.noop",
+    "faceswap": "facefleet.consumer.processors.faceswap",
 }
 
 

@@ -3,7 +3,7 @@
 A processor is built once per worker process (models loaded, sessions created, warm-up run in
 `warm_up()`), then `run()` is called once per job, possibly from several threads at once when
 the worker's concurrency is above 1. A processor never touches AMQP: it reports through the
-context and raises `consumer.errors` exceptions.
+context and raises `facefleet.consumer.errors` exceptions.
 """
 
 from __future__ import annotations

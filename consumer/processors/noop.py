@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from consumer.processors.base import JobContext, ProcessorOutput
+from facefleet.consumer.processors.base import JobContext, ProcessorOutput
 from facefleet.settings import WorkerSettings
 
 

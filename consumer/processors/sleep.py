@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from consumer.errors import PermanentJobError, TransientJobError
-from consumer.processors.base import JobContext, ProcessorOutput
+from facefleet.consumer.errors import PermanentJobError, TransientJobError
+from facefleet.consumer.processors.base import JobContext, ProcessorOutput
 from facefleet.settings import WorkerSettings
 
 

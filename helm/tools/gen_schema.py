@@ -24,10 +24,10 @@ SCHEMA_PATH = REPO_ROOT / "helm" / "facefleet" / "values.schema.json"
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from consumer.processors import PROCESSORS  # noqa: E402
+from facefleet.consumer.processors import PROCESSORS  # noqa: E402
+from facefleet.keda.scaling import TRIGGERS  # noqa: E402
 from facefleet.settings import CommonSettings, ScalerSettings, WorkerSettings  # noqa: E402
 from facefleet.wire import TIER_PATTERN  # noqa: E402
-from keda.scaling import TRIGGERS  # noqa: E402
 
 # tiers.<tier>.scaling.trigger: KEDA's own rabbitmq trigger, or a mode of `facefleet scaler`
 # (keda/scaling.py TRIGGERS, the names the scaler accepts as trigger metadata).

@@ -28,12 +28,12 @@ from typing import Any
 
 import grpc
 
+from facefleet.keda.scaler import externalscaler_pb2 as pb
+from facefleet.keda.scaler import externalscaler_pb2_grpc as pb_grpc
+from facefleet.keda.scaler.state import BrokerCounts, ScalerState, follow_stream
+from facefleet.keda.scaling import ParameterError, Params, Reading, params_from_metadata, read
 from facefleet.management import ManagementUnavailable
 from facefleet.settings import ScalerSettings, SettingsError, die
-from keda.scaler import externalscaler_pb2 as pb
-from keda.scaler import externalscaler_pb2_grpc as pb_grpc
-from keda.scaler.state import BrokerCounts, ScalerState, follow_stream
-from keda.scaling import ParameterError, Params, Reading, params_from_metadata, read
 
 log = logging.getLogger("facefleet.scaler")
 

@@ -32,9 +32,9 @@ import pika.exceptions
 
 from facefleet.amqp import connect
 from facefleet.costmodel import CostModel
+from facefleet.keda.scaling import Running, SeasonalForecast, TierView
 from facefleet.management import read_queues
 from facefleet.wire import EVENTS_STREAM, DecodeError, JobEvent, WorkEstimate, job_queue
-from keda.scaling import Running, SeasonalForecast, TierView
 
 log = logging.getLogger("facefleet.scaler")
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, cast, get_args
 
 import yaml
 
-from keda.scaling import DEFAULT_STARTUP_S, DEFAULT_WAIT_OBJECTIVE_S, TRIGGERS
+from facefleet.keda.scaling import DEFAULT_STARTUP_S, DEFAULT_WAIT_OBJECTIVE_S, TRIGGERS
 
 SCALING_TRIGGERS: tuple[str, ...] = ("queueLength", *TRIGGERS)
 """`tiers.<tier>.scaling.trigger`: KEDA's rabbitmq trigger or a mode of `facefleet scaler`."""

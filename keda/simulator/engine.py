@@ -26,15 +26,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from keda.scaling import Params, Reading, Running, SeasonalForecast, TierView, read
-from keda.simulator.config import TierConfig
-from keda.simulator.dist import Distribution
-from keda.simulator.hpa import Hpa
-from keda.simulator.keda_operator import KedaOperator
-from keda.simulator.pods import Fleet, FleetStats
-from keda.simulator.queue import STATS_INTERVAL_S, Broker, Counting, Message
-from keda.simulator.scaledjob import JobRunner, jobs_to_create
-from keda.simulator.traffic import Traffic
+from facefleet.keda.scaling import Params, Reading, Running, SeasonalForecast, TierView, read
+from facefleet.keda.simulator.config import TierConfig
+from facefleet.keda.simulator.dist import Distribution
+from facefleet.keda.simulator.hpa import Hpa
+from facefleet.keda.simulator.keda_operator import KedaOperator
+from facefleet.keda.simulator.pods import Fleet, FleetStats
+from facefleet.keda.simulator.queue import STATS_INTERVAL_S, Broker, Counting, Message
+from facefleet.keda.simulator.scaledjob import JobRunner, jobs_to_create
+from facefleet.keda.simulator.traffic import Traffic
 
 TIMELINE_COLUMNS = (
     "t",

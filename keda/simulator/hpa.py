@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from keda.simulator.config import (
+from facefleet.keda.simulator.config import (
     HPA_DOWNSCALE_STABILIZATION_S,
     Behavior,
     ScalingRules,

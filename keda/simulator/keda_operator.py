@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keda.simulator.config import TierConfig
+from facefleet.keda.simulator.config import TierConfig
 
 
 def is_active(metric: float, activation_value: float) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keda.simulator.config import (
+from facefleet.keda.simulator.config import (
     DEFAULT_DOWN,
     DEFAULT_UP,
     ConfigError,
@@ -28,8 +28,8 @@ from keda.simulator.config import (
     behavior_values,
     tier_from_mapping,
 )
-from keda.simulator.engine import SimInput, simulate
-from keda.simulator.stats import summarize
+from facefleet.keda.simulator.engine import SimInput, simulate
+from facefleet.keda.simulator.stats import summarize
 
 Grid = dict[str, tuple[Any, ...]]
 

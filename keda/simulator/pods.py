@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from keda.simulator.dist import Distribution
-from keda.simulator.queue import Broker, Message
+from facefleet.keda.simulator.dist import Distribution
+from facefleet.keda.simulator.queue import Broker, Message
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from keda.simulator.engine import TIMELINE_COLUMNS, Row
+from facefleet.keda.simulator.engine import TIMELINE_COLUMNS, Row
 
 
 def write_timeline(path: Path, rows: list[Row]) -> None:

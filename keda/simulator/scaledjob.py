@@ -12,11 +12,11 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from keda.simulator.config import TierConfig
-from keda.simulator.dist import Distribution
-from keda.simulator.keda_operator import is_active
-from keda.simulator.pods import FleetStats
-from keda.simulator.queue import Broker, Message
+from facefleet.keda.simulator.config import TierConfig
+from facefleet.keda.simulator.dist import Distribution
+from facefleet.keda.simulator.keda_operator import is_active
+from facefleet.keda.simulator.pods import FleetStats
+from facefleet.keda.simulator.queue import Broker, Message
 
 DEFAULT_MAX_REPLICAS = 100
 

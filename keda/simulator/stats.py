@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from keda.simulator.engine import SimResult
+from facefleet.keda.simulator.engine import SimResult
 
 
 def percentile(values: list[int], q: float) -> int:

@@ -9,6 +9,6 @@ as it arrives), routes/ (jobs, uploads, ws, status), cli (`facefleet gateway`), 
 through the gateway), static/ (the status page). No module reads the data root.
 """
 
-from producer.gateway.app import create_app
+from facefleet.producer.gateway.app import create_app
 
 __all__ = ["create_app"]

@@ -34,11 +34,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from facefleet.jobstore import JobStore
 from facefleet.media import MediaStore
+from facefleet.producer.aio import AsyncJobClient
+from facefleet.producer.gateway.auth import ApiKeys, TokenSigner
+from facefleet.producer.gateway.fanout import Fanout
+from facefleet.producer.gateway.metrics import GatewayMetrics
 from facefleet.settings import GatewaySettings, SettingsError
-from producer.aio import AsyncJobClient
-from producer.gateway.auth import ApiKeys, TokenSigner
-from producer.gateway.fanout import Fanout
-from producer.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def create_app(
 ) -> FastAPI:
     """The gateway app. `apply_topology` declares exchanges/queues at start (idempotent);
     `media` overrides the store FACEFLEET_MEDIA_URL names (tests)."""
-    from producer.gateway.routes import jobs, keys, status, uploads, ws
+    from facefleet.producer.gateway.routes import jobs, keys, status, uploads, ws
 
     gateway = build_gateway(settings, media)
 

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import uvicorn
 
-    from producer.gateway.app import create_app, tune_gc
-    from producer.gateway.direct import protocol_class
+    from facefleet.producer.gateway.app import create_app, tune_gc
+    from facefleet.producer.gateway.direct import protocol_class
 
     try:
         app = create_app(settings)

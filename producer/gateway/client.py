@@ -1,6 +1,6 @@
 """Follow a job through the gateway's WebSocket, for `facefleet watch` / `submit --wait`.
 
-Same contract as `producer.watch.watch_events`: yields JobEvents in seq order, once each, stops
+Same contract as `facefleet.producer.watch.watch_events`: yields JobEvents in seq order, once each, stops
 after the terminal event, raises WatchTimeout. The token goes in the first message (not the
 URL). A dropped connection (gateway restart, slow-client close, network) is resumed with
 after_seq = the last seq received, so the caller never sees a gap or a duplicate. A normal
@@ -18,10 +18,10 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import connect
 
+from facefleet.producer.errors import SubmitError
+from facefleet.producer.watch import WatchTimeout
 from facefleet.settings import GatewayClientSettings, ProducerSettings
 from facefleet.wire import DecodeError, JobEvent
-from producer.errors import SubmitError
-from producer.watch import WatchTimeout
 
 FINAL_CLOSE_CODES = {1008: "refused", 4400: "bad request"}
 

@@ -45,11 +45,11 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from facefleet.amqp import Backoff, aio_connect, aio_endpoint
+from facefleet.producer.aio import server_features
+from facefleet.producer.gateway.direct import FrameSink, encode_text_frame
+from facefleet.producer.gateway.metrics import GatewayMetrics
+from facefleet.producer.watch import SeqOrderer, stream_arguments
 from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
-from producer.aio import server_features
-from producer.gateway.direct import FrameSink, encode_text_frame
-from producer.gateway.metrics import GatewayMetrics
-from producer.watch import SeqOrderer, stream_arguments
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from facefleet.media import MediaStore
-from producer.gateway.uploads import StreamingUpload, UploadRejected
+from facefleet.producer.gateway.uploads import StreamingUpload, UploadRejected
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -55,7 +55,7 @@ class FakeContext:
         )
 
     def checkpoint(self) -> None:
-        from consumer.errors import JobCancelled
+        from facefleet.consumer.errors import JobCancelled
 
         self.checkpoints += 1
         if self.cancel_at is not None and self.checkpoints >= self.cancel_at:
@@ -88,7 +88,7 @@ def make_ctx(tmp_path: Path) -> MakeContext:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model_dir, catalogue) of the tiny stand-in models from models.tiny."""
-    from models.tiny import write_tiny_models
+    from facefleet.models.tiny import write_tiny_models
 
     dest = tmp_path_factory.mktemp("tiny-models")
     catalog = write_tiny_models(dest)
@@ -102,7 +102,7 @@ def settings_classic() -> WorkerSettings:
 
 @pytest.fixture(scope="session")
 def insight_processor(tiny_models: tuple[Path, Path]):  # type: ignore[no-untyped-def]
-    from consumer.processors.faceswap import FaceSwapProcessor
+    from facefleet.consumer.processors.faceswap import FaceSwapProcessor
 
     model_dir, catalog = tiny_models
     settings = WorkerSettings(
@@ -118,7 +118,7 @@ def insight_processor(tiny_models: tuple[Path, Path]):  # type: ignore[no-untype
 
 @pytest.fixture(scope="session")
 def classic_processor(settings_classic: WorkerSettings):  # type: ignore[no-untyped-def]
-    from consumer.processors.faceswap import FaceSwapProcessor
+    from facefleet.consumer.processors.faceswap import FaceSwapProcessor
 
     proc = FaceSwapProcessor(settings_classic)
     proc.warm_up()

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from consumer.errors import PermanentJobError
-from consumer.processors.faceswap import FaceSwapProcessor, media
+from facefleet.consumer.errors import PermanentJobError
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor, media
 from facefleet.settings import WorkerSettings
 from facefleet.sniff import HEAD_BYTES, sniff
 from tests.faceswap.conftest import ASTRONAUT, MakeContext, write_video

@@ -27,16 +27,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from consumer.processors.faceswap import FaceSwapProcessor, media, pipeline
-from consumer.processors.faceswap import backend as backend_module
-from consumer.processors.faceswap.detector import Detector
-from consumer.processors.faceswap.enhancer import Enhancer
-from consumer.processors.faceswap.geometry import Face, Frame
-from consumer.processors.faceswap.options import parse_options
-from consumer.processors.faceswap.selector import by_size
-from consumer.processors.faceswap.sessions import create_session
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor, media, pipeline
+from facefleet.consumer.processors.faceswap import backend as backend_module
+from facefleet.consumer.processors.faceswap.detector import Detector
+from facefleet.consumer.processors.faceswap.enhancer import Enhancer
+from facefleet.consumer.processors.faceswap.geometry import Face, Frame
+from facefleet.consumer.processors.faceswap.options import parse_options
+from facefleet.consumer.processors.faceswap.selector import by_size
+from facefleet.consumer.processors.faceswap.sessions import create_session
+from facefleet.models.tiny import write_tiny_models
 from facefleet.settings import WorkerSettings
-from models.tiny import write_tiny_models
 from tests.faceswap.conftest import ASTRONAUT, T1, MakeContext, pan_frames, write_video
 
 CPU = ["CPUExecutionProvider"]

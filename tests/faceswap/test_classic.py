@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from consumer.processors.faceswap import FaceSwapProcessor
-from consumer.processors.faceswap.classic import ClassicBackend, estimate_five_points
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.processors.faceswap.classic import ClassicBackend, estimate_five_points
 from tests.faceswap.conftest import ASTRONAUT, HANKS, T1, MakeContext
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
 from facefleet.settings import SettingsError, WorkerSettings, parse_model_ms
 from tests.faceswap.conftest import T1, MakeContext
 

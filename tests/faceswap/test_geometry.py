@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.transform import SimilarityTransform
 
-from consumer.processors.faceswap.geometry import ARCFACE_DST, arcface_template, umeyama
+from facefleet.consumer.processors.faceswap.geometry import ARCFACE_DST, arcface_template, umeyama
 
 
 @pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed-{s}") for s in range(5)])

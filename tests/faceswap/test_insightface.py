@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from consumer.errors import PermanentJobError
-from consumer.processors.faceswap import FaceSwapProcessor
-from consumer.processors.faceswap.backend import InsightfaceBackend
-from consumer.processors.faceswap.geometry import crop_corners_in_frame
-from consumer.processors.faceswap.paste import paste_swapped
-from consumer.processors.faceswap.sessions import ModelMissingError, provider_config
+from facefleet.consumer.errors import PermanentJobError
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.processors.faceswap.backend import InsightfaceBackend
+from facefleet.consumer.processors.faceswap.geometry import crop_corners_in_frame
+from facefleet.consumer.processors.faceswap.paste import paste_swapped
+from facefleet.consumer.processors.faceswap.sessions import ModelMissingError, provider_config
 from facefleet.settings import WorkerSettings
 from tests.faceswap.conftest import ASTRONAUT, T1, MakeContext
 
@@ -203,7 +203,7 @@ def test_hot_path_never_imports_torch(tiny_models: tuple[Path, Path]) -> None:
     code = f"""
 import sys, cv2
 from pathlib import Path
-from consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
 from facefleet.settings import WorkerSettings
 s = WorkerSettings(backend="insightface", model_dir=Path({str(model_dir)!r}),
                    execution_providers="cpu")

@@ -13,16 +13,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from consumer.device import Device
-from consumer.processors.faceswap import FaceSwapProcessor
-from consumer.processors.faceswap.sessions import (
+from facefleet.consumer.device import Device
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.processors.faceswap.sessions import (
     BatchingSession,
     SessionPool,
     open_model,
     symbolic_batch,
 )
+from facefleet.models.tiny import write_tiny_models
 from facefleet.settings import WorkerSettings
-from models.tiny import write_tiny_models
 from tests.faceswap.conftest import T1, MakeContext
 
 CPU = ["CPUExecutionProvider"]

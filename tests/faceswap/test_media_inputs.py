@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from consumer.errors import PermanentJobError
-from consumer.processors.faceswap import FaceSwapProcessor, media
-from consumer.processors.faceswap.media import MediaLimits
+from facefleet.consumer.errors import PermanentJobError
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor, media
+from facefleet.consumer.processors.faceswap.media import MediaLimits
+from facefleet.producer.gateway.uploads import UploadRejected, check_kind
 from facefleet.settings import GatewaySettings, WorkerSettings
 from facefleet.sniff import HEAD_BYTES
-from producer.gateway.uploads import UploadRejected, check_kind
 from tests.faceswap.conftest import HANKS, T1, MakeContext, write_video
 
 T = Image.Transpose

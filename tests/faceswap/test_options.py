@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.errors import PermanentJobError
-from consumer.processors.faceswap.options import FaceSwapOptions, parse_options
+from facefleet.consumer.errors import PermanentJobError
+from facefleet.consumer.processors.faceswap.options import FaceSwapOptions, parse_options
 
 
 @pytest.mark.parametrize(

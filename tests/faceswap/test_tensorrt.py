@@ -8,9 +8,9 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from consumer.processors.faceswap import tensorrt as trt
-from consumer.processors.faceswap.sessions import provider_config
-from consumer.processors.faceswap.tensorrt import TensorrtTarget
+from facefleet.consumer.processors.faceswap import tensorrt as trt
+from facefleet.consumer.processors.faceswap.sessions import provider_config
+from facefleet.consumer.processors.faceswap.tensorrt import TensorrtTarget
 from facefleet.settings import WorkerSettings
 
 GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from consumer.errors import JobCancelled
-from consumer.processors.faceswap import FaceSwapProcessor
+from facefleet.consumer.errors import JobCancelled
+from facefleet.consumer.processors.faceswap import FaceSwapProcessor
 from tests.faceswap.conftest import ASTRONAUT, T1, MakeContext, pan_frames, write_video
 
 FRAMES = 18

@@ -15,9 +15,9 @@ import pika
 import pytest
 
 from facefleet.amqp import connect, declare_topology
+from facefleet.producer.gateway.fanout import Fanout
+from facefleet.producer.gateway.metrics import GatewayMetrics
 from facefleet.wire import EVENTS_EXCHANGE, EventPayload, JobEvent, utcnow
-from producer.gateway.fanout import Fanout
-from producer.gateway.metrics import GatewayMetrics
 
 pytestmark = pytest.mark.integration
 

@@ -25,10 +25,10 @@ from websockets.sync.client import connect
 from websockets.uri import parse_uri
 
 from facefleet.amqp import publish_event
+from facefleet.producer.gateway.auth import TokenSigner
+from facefleet.producer.gateway.client import watch_via_gateway
 from facefleet.settings import GatewayClientSettings, ProducerSettings
 from facefleet.wire import EventPayload, JobEvent, utcnow
-from producer.gateway.auth import TokenSigner
-from producer.gateway.client import watch_via_gateway
 from tests.conftest import free_port
 from tests.gateway.conftest import (
     API_KEY,

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from facefleet.broker import Broker
-from producer.gateway.auth import key_id
+from facefleet.producer.gateway.auth import key_id
 from tests.conftest import Env, Worker, delete_tier_queues, free_port
 from tests.gateway.conftest import API_KEY, SECRET, Gateway, GatewayWorld, png
 

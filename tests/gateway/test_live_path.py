@@ -19,9 +19,14 @@ from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 from websockets.protocol import Protocol, Side, State
 
-from producer.gateway import direct
-from producer.gateway.direct import DIRECT_SEND, encode_text_frame, protocol_class, sink_of
-from producer.gateway.fanout import Delivery, Frame, Signal, Subscriber
+from facefleet.producer.gateway import direct
+from facefleet.producer.gateway.direct import (
+    DIRECT_SEND,
+    encode_text_frame,
+    protocol_class,
+    sink_of,
+)
+from facefleet.producer.gateway.fanout import Delivery, Frame, Signal, Subscriber
 from tests.gateway.test_session import (
     SIGNER,
     FakeHistoryFanout,
@@ -314,7 +319,7 @@ def test_switched_off_or_incompatible_falls_back_to_plain_websockets_sansio(
     assert protocol_class(direct=False) == "websockets-sansio"
     monkeypatch.setattr(direct, "_NEEDED", (*direct._NEEDED, "method_uvicorn_never_had"))
     monkeypatch.setattr(direct, "_warned", set())
-    with caplog.at_level(logging.ERROR, logger="producer.gateway.direct"):
+    with caplog.at_level(logging.ERROR, logger="facefleet.producer.gateway.direct"):
         assert protocol_class() == "websockets-sansio"
     assert "method_uvicorn_never_had" in caplog.text
     assert "direct WebSocket writes disabled" in caplog.text

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from producer.gateway.auth import TokenSigner
+from facefleet.producer.gateway.auth import TokenSigner
 from tests.conftest import free_port
 from tests.gateway.conftest import (
     API_KEY,

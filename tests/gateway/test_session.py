@@ -17,11 +17,11 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import Message
 
+from facefleet.producer.gateway.auth import TokenSigner
+from facefleet.producer.gateway.fanout import Fanout, Frame, Subscriber
+from facefleet.producer.gateway.metrics import GatewayMetrics
+from facefleet.producer.gateway.routes import ws
 from facefleet.wire import EventType, JobEvent, utcnow
-from producer.gateway.auth import TokenSigner
-from producer.gateway.fanout import Fanout, Frame, Subscriber
-from producer.gateway.metrics import GatewayMetrics
-from producer.gateway.routes import ws
 
 SIGNER = TokenSigner("f" * 40, ttl_s=600)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from facefleet.media import FileMediaStore
-from producer.gateway.auth import TokenError, TokenProblem, TokenSigner
-from producer.gateway.forms import SubmitForm, parse_submit_form
-from producer.gateway.uploads import Pipe, UploadRejected, check_uri, stored_name
+from facefleet.producer.gateway.auth import TokenError, TokenProblem, TokenSigner
+from facefleet.producer.gateway.forms import SubmitForm, parse_submit_form
+from facefleet.producer.gateway.uploads import Pipe, UploadRejected, check_uri, stored_name
 from tests.gateway.conftest import png
 from tests.gateway.forms import JPEG_HEAD, Form, Part, form
 

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
+from facefleet.producer.gateway.auth import ApiKeys, TokenError, TokenProblem, TokenSigner, bearer
+from facefleet.producer.gateway.uploads import UploadRejected, check_media
 from facefleet.settings import GatewaySettings, SettingsError
-from producer.gateway.auth import ApiKeys, TokenError, TokenProblem, TokenSigner, bearer
-from producer.gateway.uploads import UploadRejected, check_media
 from tests.gateway.conftest import png
 
 JOB = str(uuid.uuid4())

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from consumer.metrics import WorkerMetrics
+from facefleet.consumer.metrics import WorkerMetrics
+from facefleet.producer.gateway.metrics import GatewayMetrics
 from facefleet.webhooks import WebhookMetrics
-from producer.gateway.metrics import GatewayMetrics
 from tests.helm.chart import CHART, by_kind, missing, render
 
 RULES = CHART / "files" / "prometheus" / "rules.yaml"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from consumer.podcost import ANNOTATION, PodDeletionCost
+from facefleet.consumer.podcost import ANNOTATION, PodDeletionCost
 
 
 class FakeApi:
@@ -71,7 +71,7 @@ def test_disabled_never_calls_the_api(
 def test_api_errors_are_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     api = FakeApi(fail=1)
     pc = PodDeletionCost("w-abc", "ns", enabled=True, api=api)
-    with caplog.at_level(logging.WARNING, logger="consumer.podcost"):
+    with caplog.at_level(logging.WARNING, logger="facefleet.consumer.podcost"):
         pc.busy()  # fails: logged
     assert pc.current is None
     assert "403 Forbidden" in caplog.text and "ns/w-abc" in caplog.text

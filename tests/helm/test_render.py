@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-import consumer.podcost as podcost
+import facefleet.consumer.podcost as podcost
 from facefleet.settings import CommonSettings
 from tests.helm.chart import (
     CHART,
@@ -297,7 +297,7 @@ def check_scaler_trigger(
     """An `external`/`external-push` trigger: it dials the scaler's Service, its metadata is what
     keda/scaling.py's params_from_metadata parses to the tier's values, and TLS material comes
     only from Secrets through a TriggerAuthentication."""
-    from keda.scaling import params_from_metadata
+    from facefleet.keda.scaling import params_from_metadata
 
     s = values["tiers"][name]["scaling"]
     sc = values["scaler"]

@@ -18,10 +18,10 @@ from typing import Any
 import pika
 import pytest
 
-from consumer.delivery import Delivery
-from consumer.metrics import WorkerMetrics
-from consumer.processors.sleep import SleepProcessor
-from consumer.runner import JobRunner
+from facefleet.consumer.delivery import Delivery
+from facefleet.consumer.metrics import WorkerMetrics
+from facefleet.consumer.processors.sleep import SleepProcessor
+from facefleet.consumer.runner import JobRunner
 from facefleet.jobstore import (
     REPLAY_HEADER,
     JobStore,

@@ -24,12 +24,12 @@ import pytest
 
 from facefleet import broker as brokers
 from facefleet.amqp import publish_event
+from facefleet.keda.scaler import externalscaler_pb2 as pb
+from facefleet.keda.scaler import externalscaler_pb2_grpc as pb_grpc
 from facefleet.management import ManagementUnavailable, default_management_url, read_queues
+from facefleet.producer.sdk import JobClient
 from facefleet.settings import ProducerSettings
 from facefleet.wire import EventPayload, JobRequest, WorkEstimate, job_queue, queued_event
-from keda.scaler import externalscaler_pb2 as pb
-from keda.scaler import externalscaler_pb2_grpc as pb_grpc
-from producer.sdk import JobClient
 from tests.conftest import Env, delete_tier_queues, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]

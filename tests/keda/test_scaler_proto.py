@@ -13,7 +13,7 @@ GENERATED = ("externalscaler_pb2.py", "externalscaler_pb2.pyi", "externalscaler_
 
 def test_stubs_match_the_vendored_proto(tmp_path: Path) -> None:
     protoc = pytest.importorskip("grpc_tools.protoc")
-    target = tmp_path / "keda" / "scaler"
+    target = tmp_path / "facefleet" / "keda" / "scaler"
     target.mkdir(parents=True)
     shutil.copy(ROOT / "keda/scaler/externalscaler.proto", target)
     rc = protoc.main(

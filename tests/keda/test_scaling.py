@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from keda.scaling import (
+from facefleet.keda.scaling import (
     ParameterError,
     Params,
     Running,

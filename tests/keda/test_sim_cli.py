@@ -14,11 +14,17 @@ import pytest
 import yaml
 
 from facefleet.cli import main
-from keda.simulator.config import DEFAULT_DOWN, Policy, ScalingRules, deep_merge, load_tier
-from keda.simulator.dist import parse_spec
-from keda.simulator.engine import SimInput
-from keda.simulator.plan import default_grid, search
-from keda.simulator.traffic import load_trace
+from facefleet.keda.simulator.config import (
+    DEFAULT_DOWN,
+    Policy,
+    ScalingRules,
+    deep_merge,
+    load_tier,
+)
+from facefleet.keda.simulator.dist import parse_spec
+from facefleet.keda.simulator.engine import SimInput
+from facefleet.keda.simulator.plan import default_grid, search
+from facefleet.keda.simulator.traffic import load_trace
 
 EXAMPLES = Path(__file__).parents[2] / "keda" / "examples"
 RECOMMENDED = EXAMPLES / "values-high-recommended.yaml"

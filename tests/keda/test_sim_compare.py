@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-import keda.scaling
-import keda.simulator.engine as engine
+import facefleet.keda.simulator.engine as engine
+from facefleet import keda
 from facefleet.cli import main
-from keda.simulator.config import TierConfig, load_tier
-from keda.simulator.dist import SpecError, parse_spec
-from keda.simulator.hpa import MAX_INT32, Hpa, _Rec, external_average_value_proposal
-from keda.simulator.traffic import parse_pattern
+from facefleet.keda.simulator.config import TierConfig, load_tier
+from facefleet.keda.simulator.dist import SpecError, parse_spec
+from facefleet.keda.simulator.hpa import MAX_INT32, Hpa, _Rec, external_average_value_proposal
+from facefleet.keda.simulator.traffic import parse_pattern
 
 CHART_VALUES = Path(__file__).parents[2] / "helm" / "facefleet" / "values.yaml"
 MIX = "mix:0.9*2,0.1*300,sd=0.2"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from keda.simulator.config import (
+from facefleet.keda.simulator.config import (
     BUILTIN_TIERS,
     BUILTIN_VALUES,
     DEFAULT_DOWN,

@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from keda.simulator.config import Strategy, TierConfig, load_tier
-from keda.simulator.dist import parse_spec
-from keda.simulator.engine import SimInput, SimResult, simulate, stats_phase
-from keda.simulator.pods import Fleet
-from keda.simulator.queue import Broker, Counting, Message
-from keda.simulator.stats import drain_time, percentile, summarize
-from keda.simulator.traffic import Traffic, parse_pattern
+from facefleet.keda.simulator.config import Strategy, TierConfig, load_tier
+from facefleet.keda.simulator.dist import parse_spec
+from facefleet.keda.simulator.engine import SimInput, SimResult, simulate, stats_phase
+from facefleet.keda.simulator.pods import Fleet
+from facefleet.keda.simulator.queue import Broker, Counting, Message
+from facefleet.keda.simulator.stats import drain_time, percentile, summarize
+from facefleet.keda.simulator.traffic import Traffic, parse_pattern
 
 FIXED_0 = parse_spec("0")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from keda.simulator.config import Behavior, Policy, ScalingRules, TierConfig
-from keda.simulator.hpa import Hpa, external_average_value_proposal
+from facefleet.keda.simulator.config import Behavior, Policy, ScalingRules, TierConfig
+from facefleet.keda.simulator.hpa import Hpa, external_average_value_proposal
 
 UP_4_PODS_100_PCT = ScalingRules(0, "Max", (Policy("Pods", 4, 15), Policy("Percent", 100, 15)))
 DOWN_FAST = ScalingRules(0, "Max", (Policy("Percent", 100, 15),))

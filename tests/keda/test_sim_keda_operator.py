@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from keda.simulator.config import TierConfig
-from keda.simulator.keda_operator import KedaOperator
+from facefleet.keda.simulator.config import TierConfig
+from facefleet.keda.simulator.keda_operator import KedaOperator
 
 
 def _tier(min_r: int = 0, idle: int | None = None, activation: float = 0) -> TierConfig:

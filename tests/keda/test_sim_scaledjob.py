@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from keda.simulator.config import Strategy, TierConfig
-from keda.simulator.dist import parse_spec
-from keda.simulator.queue import Broker, Message
-from keda.simulator.scaledjob import JobRunner, jobs_to_create, max_replica_count
+from facefleet.keda.simulator.config import Strategy, TierConfig
+from facefleet.keda.simulator.dist import parse_spec
+from facefleet.keda.simulator.queue import Broker, Message
+from facefleet.keda.simulator.scaledjob import JobRunner, jobs_to_create, max_replica_count
 
 
 def _tier(

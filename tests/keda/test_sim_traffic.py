@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from keda.simulator.dist import SpecError, parse_spec
-from keda.simulator.traffic import TRACE_TAIL_S, TrafficError, load_trace, parse_pattern
+from facefleet.keda.simulator.dist import SpecError, parse_spec
+from facefleet.keda.simulator.traffic import TRACE_TAIL_S, TrafficError, load_trace, parse_pattern
 
 
 def test_seed_spike_pattern_is_300_jobs_over_a_10_per_minute_base() -> None:

@@ -18,8 +18,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from models.catalog import Catalog
-from models.tiny import write_tiny_models
+from facefleet.models.catalog import Catalog
+from facefleet.models.tiny import write_tiny_models
 
 Fault = Literal["cut-once", "status-503", "gate"]
 _RANGE = re.compile(r"bytes=(\d+)-$")

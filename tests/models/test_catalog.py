@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.catalog import (
+from facefleet.models.catalog import (
     DEFAULT_CATALOG,
     Catalog,
     CatalogError,
@@ -16,7 +16,7 @@ from models.catalog import (
     UnknownModelError,
     verify_present,
 )
-from models.integrity import Stamp, sha256_file, write_stamp
+from facefleet.models.integrity import Stamp, sha256_file, write_stamp
 
 PIPELINE = {
     "det_10g": "detector",

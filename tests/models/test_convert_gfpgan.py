@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.torch_compat import install_functional_tensor_shim
+from facefleet.models.torch_compat import install_functional_tensor_shim
 
 torch = pytest.importorskip(
     "torch", reason="needs the torch extra; `make test` runs this file in `make torch-check`"
@@ -31,7 +31,7 @@ pytestmark = [
 
 
 def test_shim_lets_gfpgan_import_on_current_torchvision() -> None:
-    from models.torch_compat import SHIM_NAME, import_gfpgan_clean
+    from facefleet.models.torch_compat import SHIM_NAME, import_gfpgan_clean
 
     assert import_gfpgan_clean().__name__ == "GFPGANv1Clean"
     import sys
@@ -43,7 +43,7 @@ def test_random_checkpoint_converts_and_matches_torch(tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort
 
-    from models.convert_gfpgan import build_gfpgan_v14, convert, exportable
+    from facefleet.models.convert_gfpgan import build_gfpgan_v14, convert, exportable
 
     torch.manual_seed(0)
     net = build_gfpgan_v14()

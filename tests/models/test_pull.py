@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from models.catalog import Catalog
-from models.integrity import sha256_file, stamp_path
-from models.pull import PARTIAL_DIR, ExitCode, Puller, PullOptions, PullReport
+from facefleet.models.catalog import Catalog
+from facefleet.models.integrity import sha256_file, stamp_path
+from facefleet.models.pull import PARTIAL_DIR, ExitCode, Puller, PullOptions, PullReport
 from tests.models.conftest import Mirror
 
 DET = "det_10g.onnx"
@@ -411,7 +411,7 @@ def test_partial_dir_unwritable_exits_5(
 
 
 def test_unknown_name_is_rejected_before_any_io(tiny_catalog: Catalog, tmp_path: Path) -> None:
-    from models.catalog import UnknownModelError
+    from facefleet.models.catalog import UnknownModelError
 
     with pytest.raises(UnknownModelError, match="det_10g, w600k_r50"):
         pull(tiny_catalog, tmp_path / "m", names=["det_10g", "nope"])

@@ -16,9 +16,9 @@ from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.inswapper import INSwapper
 from insightface.model_zoo.scrfd import SCRFD
 
-from models.catalog import Catalog
-from models.integrity import sha256_file
-from models.tiny import write_tiny_models
+from facefleet.models.catalog import Catalog
+from facefleet.models.integrity import sha256_file
+from facefleet.models.tiny import write_tiny_models
 
 CPU = ["CPUExecutionProvider"]
 

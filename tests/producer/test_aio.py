@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 import pytest
 
 from facefleet.journal import JobJournal
+from facefleet.producer.aio import AsyncJobClient
+from facefleet.producer.errors import InvalidJobError, TierFullError, UnroutableJobError
+from facefleet.producer.watch import WatchTimeout
 from facefleet.settings import ProducerSettings
 from facefleet.storage import Storage
 from facefleet.wire import EventPayload, JobEvent, utcnow
-from producer.aio import AsyncJobClient
-from producer.errors import InvalidJobError, TierFullError, UnroutableJobError
-from producer.watch import WatchTimeout
 from tests.conftest import Env
 
 pytestmark = pytest.mark.integration

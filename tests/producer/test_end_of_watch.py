@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from facefleet.producer.watch import EndOfWatch
 from facefleet.wire import EventType, JobEvent, utcnow
-from producer.watch import EndOfWatch
 
 
 def event(seq: int, kind: EventType) -> JobEvent:

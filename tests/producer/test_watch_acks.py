@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from producer.watch import BatchAcker
+from facefleet.producer.watch import BatchAcker
 
 
 @dataclass

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from facefleet.producer.aio import AsyncJobClient
+from facefleet.producer.errors import BatchSubmitError, BrokerBlockedError
+from facefleet.producer.sdk import JobClient, build_request
 from facefleet.settings import ProducerSettings
 from facefleet.wire import JobEvent, job_queue
-from producer.aio import AsyncJobClient
-from producer.errors import BatchSubmitError, BrokerBlockedError
-from producer.sdk import JobClient, build_request
 from tests.cluster import Cluster, Node
 from tests.conftest import Env, delete_tier_queues
 from tests.conftest import Worker as WorkerProcess
@@ -383,7 +383,7 @@ def test_watch_resumes_on_another_node_after_its_node_is_killed(
 ) -> None:
     """`watch` connected to a node that is killed mid-job reconnects through another one and
     resumes after the last stream offset it read: every event once, in seq order, to the end."""
-    from producer.watch import watch_events
+    from facefleet.producer.watch import watch_events
 
     cluster = healthy
     victim = cluster.nodes[1]

@@ -56,9 +56,9 @@ def test_topology_places_replicas_and_leaders_from_settings(
     all (client-local would put every leader on it)."""
     import json
 
+    from facefleet.producer.sdk import JobClient
     from facefleet.settings import ProducerSettings
     from facefleet.wire import dead_notify_queue, job_queue
-    from producer.sdk import JobClient
     from tests.conftest import delete_tier_queues
 
     tiers = [f"p{uuid.uuid4().hex[:8]}" for _ in range(6)]
@@ -90,9 +90,9 @@ def test_doctor_finds_alarms_lost_nodes_and_drifted_arguments(
     import subprocess
     import sys
 
+    from facefleet.producer.sdk import JobClient
     from facefleet.settings import ProducerSettings
     from facefleet.wire import DEAD_QUEUE, EVENTS_STREAM
-    from producer.sdk import JobClient
     from tests.conftest import delete_queue, delete_tier_queues
 
     tier = f"d{uuid.uuid4().hex[:8]}"

@@ -7,10 +7,10 @@ import contextlib
 
 import pytest
 
+from facefleet.producer.errors import BatchSubmitError, TierFullError, UnroutableJobError
+from facefleet.producer.sdk import JobClient, build_request
+from facefleet.producer.watch import watch_events
 from facefleet.wire import JobRequest
-from producer.errors import BatchSubmitError, TierFullError, UnroutableJobError
-from producer.sdk import JobClient, build_request
-from producer.watch import watch_events
 from tests.conftest import Env
 from tests.spine.test_integration import (
     assert_gapless,

@@ -20,10 +20,10 @@ from datetime import datetime, timedelta
 import pika
 import pytest
 
+from facefleet.producer.sdk import JobClient
+from facefleet.producer.watch import watch_events
 from facefleet.settings import ProducerSettings
 from facefleet.wire import DEAD_QUEUE, JobEvent, JobOptionValue, utcnow
-from producer.sdk import JobClient
-from producer.watch import watch_events
 from tests.conftest import Env
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import pytest
 
+from facefleet.models.tiny import write_tiny_models
+from facefleet.producer.sdk import JobClient
 from facefleet.settings import ProducerSettings
 from facefleet.wire import JobEvent
-from models.tiny import write_tiny_models
-from producer.sdk import JobClient
 from tests.conftest import Env
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]

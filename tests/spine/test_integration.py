@@ -15,6 +15,9 @@ import uuid
 import pika
 import pytest
 
+from facefleet.producer.errors import InvalidJobError, TierFullError, UnroutableJobError
+from facefleet.producer.sdk import JobClient
+from facefleet.producer.watch import watch_events
 from facefleet.settings import ProducerSettings
 from facefleet.wire import (
     HEADER_DEAD_CODE,
@@ -23,9 +26,6 @@ from facefleet.wire import (
     JobEvent,
     job_queue,
 )
-from producer.errors import InvalidJobError, TierFullError, UnroutableJobError
-from producer.sdk import JobClient
-from producer.watch import watch_events
 from tests.conftest import DeadLetters, Env
 
 pytestmark = pytest.mark.integration

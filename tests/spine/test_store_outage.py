@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from facefleet.producer.sdk import JobClient
 from facefleet.settings import ProducerSettings
-from producer.sdk import JobClient
 from tests.conftest import Env
 from tests.spine.tcpproxy import TcpProxy
 

@@ -15,10 +15,10 @@ from typing import Any
 import pika
 import pytest
 
-from consumer.delivery import Delivery
-from consumer.processors.noop import NoopProcessor
-from consumer.processors.sleep import SleepProcessor
-from consumer.runner import JobRunner
+from facefleet.consumer.delivery import Delivery
+from facefleet.consumer.processors.noop import NoopProcessor
+from facefleet.consumer.processors.sleep import SleepProcessor
+from facefleet.consumer.runner import JobRunner
 from facefleet.journal import JobClaim, JobJournal
 from facefleet.wire import DEAD_EXCHANGE, EventPayload, JobRequest, utcnow
 from tests.unit.test_runner import FakePublisher, job_delivery, make_runner
@@ -236,7 +236,7 @@ def test_a_batch_leaves_results_where_one_by_one_would(tmp_path: Path, fsync: bo
     "name", ["plain", "with space", "ünïcode", "percent%20sign", "hash#and?query"]
 )
 def test_completed_uris_are_what_pathlib_would_give(tmp_path: Path, name: str) -> None:
-    from consumer.runner import ResultRef, completed_payload
+    from facefleet.consumer.runner import ResultRef, completed_payload
     from facefleet.media import FileMediaStore
 
     job_id = str(uuid.uuid4())

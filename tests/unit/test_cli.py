@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from facefleet.cli import main
-from producer.cli import parse_options
+from facefleet.producer.cli import parse_options
 
 
 @pytest.mark.parametrize(
@@ -69,8 +69,8 @@ def test_bad_settings_exit_2_with_the_variable_named(
     ],
 )
 def test_since_accepts_durations_ago(value: str, seconds_ago: int) -> None:
+    from facefleet.producer.cli import parse_since
     from facefleet.wire import utcnow
-    from producer.cli import parse_since
 
     delta = (utcnow() - parse_since(value)).total_seconds()
     assert seconds_ago - 1 < delta < seconds_ago + 5
@@ -84,7 +84,7 @@ def test_since_accepts_durations_ago(value: str, seconds_ago: int) -> None:
     ],
 )
 def test_since_accepts_iso_times(value: str, iso: str) -> None:
-    from producer.cli import parse_since
+    from facefleet.producer.cli import parse_since
 
     assert parse_since(value).isoformat() == iso
 
@@ -95,7 +95,7 @@ def test_since_accepts_iso_times(value: str, iso: str) -> None:
 def test_since_refuses_other_text(value: str) -> None:
     import argparse
 
-    from producer.cli import parse_since
+    from facefleet.producer.cli import parse_since
 
     with pytest.raises(argparse.ArgumentTypeError, match="ISO-8601"):
         parse_since(value)

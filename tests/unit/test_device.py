@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from consumer.device import Device
+from facefleet.consumer.device import Device
 
 
 def test_holds_are_granted_in_arrival_order() -> None:

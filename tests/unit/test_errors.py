@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.errors import PublishNackedError, TierFullError, refused
+from facefleet.producer.errors import PublishNackedError, TierFullError, refused
 
 
 @pytest.mark.parametrize(

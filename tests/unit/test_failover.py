@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from facefleet.amqp import Backoff, connection_parameters, endpoint, ordered_urls
+from facefleet.producer.errors import BrokerBlockedError, alarm_kind
 from facefleet.settings import ProducerSettings, SettingsError, WorkerSettings
-from producer.errors import BrokerBlockedError, alarm_kind
 
 A = "amqp://u:p@10.0.0.1:5672/%2F"
 B = "amqps://u:p@10.0.0.2:5671/v?heartbeat=10"

@@ -13,14 +13,14 @@ from typing import Any
 import pika
 import pytest
 
-from consumer.delivery import Delivery
-from consumer.giveback import give_back
-from consumer.metrics import WorkerMetrics
-from consumer.processors.base import JobContext, ProcessorOutput
-from consumer.processors.noop import NoopProcessor
-from consumer.processors.sleep import SleepProcessor
-from consumer.retry import claim_wait_s, retry_in_process
-from consumer.runner import JobRunner
+from facefleet.consumer.delivery import Delivery
+from facefleet.consumer.giveback import give_back
+from facefleet.consumer.metrics import WorkerMetrics
+from facefleet.consumer.processors.base import JobContext, ProcessorOutput
+from facefleet.consumer.processors.noop import NoopProcessor
+from facefleet.consumer.processors.sleep import SleepProcessor
+from facefleet.consumer.retry import claim_wait_s, retry_in_process
+from facefleet.consumer.runner import JobRunner
 from facefleet.journal import JobClaim, JobJournal
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage
@@ -307,8 +307,8 @@ def test_results_outside_the_data_root_fail_the_job_instead_of_looping(tmp_path:
 
 def test_a_submission_with_results_outside_the_data_root_is_refused(tmp_path: Path) -> None:
     from facefleet.media import FileMediaStore
-    from producer.errors import InvalidJobError
-    from producer.sdk import build_request
+    from facefleet.producer.errors import InvalidJobError
+    from facefleet.producer.sdk import build_request
 
     store = FileMediaStore(tmp_path)
     media = tmp_path / "in.txt"

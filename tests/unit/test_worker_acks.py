@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.processors.noop import NoopProcessor
-from consumer.worker import Worker
+from facefleet.consumer.processors.noop import NoopProcessor
+from facefleet.consumer.worker import Worker
 from facefleet.settings import WorkerSettings
 
 
@@ -102,7 +102,7 @@ def test_every_delivery_held_has_a_job_thread(
 def test_a_processor_device_is_exported_as_held_seconds(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    from consumer.processors.faceswap import FaceSwapProcessor
+    from facefleet.consumer.processors.faceswap import FaceSwapProcessor
 
     settings = WorkerSettings(
         data_root=tmp_path, processor="faceswap", backend="emulated", emulated_model_ms="swap=50"

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook
 
+from facefleet.producer.aio import AsyncJobClient
+from facefleet.producer.sdk import JobClient
 from facefleet.settings import ProducerSettings
 from facefleet.wire import (
     HEADER_WEBHOOK_ATTEMPT,
@@ -26,8 +28,6 @@ from facefleet.wire import (
     JobRequest,
     webhook_failed_queue,
 )
-from producer.aio import AsyncJobClient
-from producer.sdk import JobClient
 from tests.conftest import Env
 from tests.webhooks.conftest import Receiver, Webhooks, queue_depth, take_all
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from facefleet.producer.errors import InvalidJobError
+from facefleet.producer.sdk import build_request
 from facefleet.settings import (
     WEBHOOK_RETRY_SCHEDULE,
     SettingsError,
@@ -46,8 +48,6 @@ from facefleet.wire import (
     webhook_id,
     webhook_retry_queue,
 )
-from producer.errors import InvalidJobError
-from producer.sdk import build_request
 from tests.webhooks.conftest import new_secret
 
 REPO = Path(__file__).resolve().parents[2]

@@ -46,14 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consumer.device import Device
-from consumer.errors import PermanentJobError
-from consumer.processors.base import JobContext, ProcessorOutput, Step, run_steps
-from consumer.processors.faceswap import media, pipeline
-from consumer.processors.faceswap.backend import MODEL_NAMES, Backend, InsightfaceBackend
-from consumer.processors.faceswap.options import FaceSwapOptions, parse_options
-from consumer.processors.faceswap.selector import by_size, select_faces
-from consumer.processors.faceswap.sessions import resolve_model_files
+from facefleet.consumer.device import Device
+from facefleet.consumer.errors import PermanentJobError
+from facefleet.consumer.processors.base import JobContext, ProcessorOutput, Step, run_steps
+from facefleet.consumer.processors.faceswap import media, pipeline
+from facefleet.consumer.processors.faceswap.backend import MODEL_NAMES, Backend, InsightfaceBackend
+from facefleet.consumer.processors.faceswap.options import FaceSwapOptions, parse_options
+from facefleet.consumer.processors.faceswap.selector import by_size, select_faces
+from facefleet.consumer.processors.faceswap.sessions import resolve_model_files
 from facefleet.settings import WorkerSettings
 
 __all__ = ["FaceSwapProcessor", "create"]
@@ -110,11 +110,11 @@ class FaceSwapProcessor:
             assert self.device is not None
             return InsightfaceBackend.load(self.settings, self.catalog_path, self.device)
         if self.backend_name == "emulated":
-            from consumer.processors.faceswap.emulated import EmulatedBackend
+            from facefleet.consumer.processors.faceswap.emulated import EmulatedBackend
 
             assert self.device is not None
             return EmulatedBackend(self.device, self.settings.emulated_times())
-        from consumer.processors.faceswap.classic import ClassicBackend
+        from facefleet.consumer.processors.faceswap.classic import ClassicBackend
 
         return ClassicBackend()
 

@@ -14,11 +14,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from consumer.device import Device
-from consumer.processors.faceswap import detector, enhancer, recognizer, swapper
-from consumer.processors.faceswap.geometry import Face, Frame
-from consumer.processors.faceswap.paste import paste_swapped
-from consumer.processors.faceswap.sessions import create_session, open_model, resolve_model_files
+from facefleet.consumer.device import Device
+from facefleet.consumer.processors.faceswap import detector, enhancer, recognizer, swapper
+from facefleet.consumer.processors.faceswap.geometry import Face, Frame
+from facefleet.consumer.processors.faceswap.paste import paste_swapped
+from facefleet.consumer.processors.faceswap.sessions import (
+    create_session,
+    open_model,
+    resolve_model_files,
+)
 from facefleet.settings import WorkerSettings
 
 INSIGHTFACE_QUALITY_NOTE = (

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap.geometry import (
+from facefleet.consumer.processors.faceswap.geometry import (
     Face,
     Frame,
     align_matrix,

@@ -15,8 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap.geometry import Face, Frame
-from consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
+from facefleet.consumer.processors.faceswap.geometry import Face, Frame
+from facefleet.consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
 
 MODEL_NAME = "det_10g"
 DEFAULT_INPUT_SIZE = (640, 640)

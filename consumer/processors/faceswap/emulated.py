@@ -23,11 +23,16 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from consumer.device import Device
-from consumer.processors.faceswap.geometry import Face, Frame, align_matrix, arcface_template
-from consumer.processors.faceswap.paste import paste_swapped
-from consumer.processors.faceswap.swapper import SwappedFace
-from models.templates import ARCFACE_DST
+from facefleet.consumer.device import Device
+from facefleet.consumer.processors.faceswap.geometry import (
+    Face,
+    Frame,
+    align_matrix,
+    arcface_template,
+)
+from facefleet.consumer.processors.faceswap.paste import paste_swapped
+from facefleet.consumer.processors.faceswap.swapper import SwappedFace
+from facefleet.models.templates import ARCFACE_DST
 
 QUALITY_NOTE = "emulated: no models; each model call holds an emulated device (measurement only)"
 CROP = 128

@@ -14,15 +14,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap.geometry import (
+from facefleet.consumer.processors.faceswap.geometry import (
     FFHQ_512,
     Face,
     Frame,
     align_matrix,
     crop_corners_in_frame,
 )
-from consumer.processors.faceswap.paste import box_mask, paste_crop
-from consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
+from facefleet.consumer.processors.faceswap.paste import box_mask, paste_crop
+from facefleet.consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
 
 MODEL_NAME = "gfpgan_1.4"
 

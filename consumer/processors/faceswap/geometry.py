@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.templates import ARCFACE_DST
+from facefleet.models.templates import ARCFACE_DST
 
 Frame = np.ndarray
 """HxWx3 uint8 BGR image."""

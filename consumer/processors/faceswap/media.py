@@ -36,7 +36,7 @@ from typing import Any, Literal, cast
 import cv2
 import numpy as np
 
-from consumer.errors import PermanentJobError
+from facefleet.consumer.errors import PermanentJobError
 from facefleet.settings import WorkerSettings
 from facefleet.sniff import HEAD_BYTES, MediaKind, sniff
 from facefleet.wire import ErrorCode

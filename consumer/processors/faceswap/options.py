@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from consumer.errors import PermanentJobError
+from facefleet.consumer.errors import PermanentJobError
 
 FaceSelector = Literal["one", "many", "reference"]
 FACE_SELECTORS: tuple[str, ...] = get_args(FaceSelector)

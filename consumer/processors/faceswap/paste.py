@@ -19,7 +19,7 @@ import math
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap.geometry import Frame, Matrix, crop_corners_in_frame
+from facefleet.consumer.processors.faceswap.geometry import Frame, Matrix, crop_corners_in_frame
 
 
 def _bounds(

@@ -25,13 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from consumer.errors import PermanentJobError
-from consumer.processors.base import JobContext, Step
-from consumer.processors.faceswap.backend import Backend
-from consumer.processors.faceswap.geometry import Face, Frame
-from consumer.processors.faceswap.media import MediaInfo, MediaLimits, VideoWriter, read_frames
-from consumer.processors.faceswap.options import FaceSwapOptions
-from consumer.processors.faceswap.selector import by_size, select_faces
+from facefleet.consumer.errors import PermanentJobError
+from facefleet.consumer.processors.base import JobContext, Step
+from facefleet.consumer.processors.faceswap.backend import Backend
+from facefleet.consumer.processors.faceswap.geometry import Face, Frame
+from facefleet.consumer.processors.faceswap.media import (
+    MediaInfo,
+    MediaLimits,
+    VideoWriter,
+    read_frames,
+)
+from facefleet.consumer.processors.faceswap.options import FaceSwapOptions
+from facefleet.consumer.processors.faceswap.selector import by_size, select_faces
 
 QUEUE_BATCHES = 2
 DEFAULT_BATCH_SIZE = 8

@@ -15,8 +15,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap.geometry import Face, Frame, align_matrix, arcface_template
-from consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
+from facefleet.consumer.processors.faceswap.geometry import (
+    Face,
+    Frame,
+    align_matrix,
+    arcface_template,
+)
+from facefleet.consumer.processors.faceswap.sessions import batch_capacity, run_in_batches
 
 MODEL_NAME = "w600k_r50"
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from consumer.processors.faceswap.geometry import Face
-from consumer.processors.faceswap.options import FaceSelector
+from facefleet.consumer.processors.faceswap.geometry import Face
+from facefleet.consumer.processors.faceswap.options import FaceSelector
 
 
 def by_size(faces: Sequence[Face]) -> list[Face]:

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from consumer.device import Device
-from consumer.errors import TransientJobError
-from consumer.processors.faceswap import tensorrt as trt
-from consumer.processors.faceswap.tensorrt import TensorrtTarget
+from facefleet.consumer.device import Device
+from facefleet.consumer.errors import TransientJobError
+from facefleet.consumer.processors.faceswap import tensorrt as trt
+from facefleet.consumer.processors.faceswap.tensorrt import TensorrtTarget
 from facefleet.settings import WorkerSettings
 
 
@@ -38,7 +38,7 @@ def resolve_model_files(
 ) -> dict[str, Path]:
     """Map catalogue names to checked files in model_dir (presence and size, and the sha256 when
     a verified-stamp exists); the error names each file and its catalogue entry."""
-    from models.catalog import Catalog, CatalogError
+    from facefleet.models.catalog import Catalog, CatalogError
 
     try:
         catalog = Catalog.load(catalog_path)

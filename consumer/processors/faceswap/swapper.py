@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from consumer.processors.faceswap.geometry import (
+from facefleet.consumer.processors.faceswap.geometry import (
     Face,
     Frame,
     Matrix,

@@ -34,6 +34,20 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 
 from facefleet.jobstore import StoreError, store_outage
 from facefleet.media import MediaStore
+from facefleet.producer.errors import (
+    BrokerBlockedError,
+    InvalidJobError,
+    SubmitError,
+    TierFullError,
+    UnroutableJobError,
+)
+from facefleet.producer.gateway.app import MAX_UPLOADS, Gateway
+from facefleet.producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
+from facefleet.producer.gateway.fanout import HistoryUnavailable
+from facefleet.producer.gateway.forms import parse_submit_form
+from facefleet.producer.gateway.limits import LimitExceeded, check_limits, has_limits
+from facefleet.producer.gateway.uploads import UploadRejected, check_uri
+from facefleet.producer.sdk import build_request
 from facefleet.storage import StorageError
 from facefleet.wire import (
     EVENT_TYPES,
@@ -47,20 +61,6 @@ from facefleet.wire import (
     scoped_idempotency_key,
     utcnow,
 )
-from producer.errors import (
-    BrokerBlockedError,
-    InvalidJobError,
-    SubmitError,
-    TierFullError,
-    UnroutableJobError,
-)
-from producer.gateway.app import MAX_UPLOADS, Gateway
-from producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
-from producer.gateway.fanout import HistoryUnavailable
-from producer.gateway.forms import parse_submit_form
-from producer.gateway.limits import LimitExceeded, check_limits, has_limits
-from producer.gateway.uploads import UploadRejected, check_uri
-from producer.sdk import build_request
 
 log = logging.getLogger(__name__)
 

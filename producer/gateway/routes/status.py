@@ -10,9 +10,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from facefleet.management import queues_request, rows_by_name
+from facefleet.producer.gateway.app import STATIC_DIR, Gateway
+from facefleet.producer.gateway.routes.jobs import gateway, require_api_key
 from facefleet.wire import job_queue
-from producer.gateway.app import STATIC_DIR, Gateway
-from producer.gateway.routes.jobs import gateway, require_api_key
 
 router = APIRouter()
 

@@ -23,11 +23,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from facefleet.producer.gateway.auth import TokenError
+from facefleet.producer.gateway.forms import drain
+from facefleet.producer.gateway.routes.jobs import gateway, require_api_key, upload_slot
+from facefleet.producer.gateway.uploads import StreamingUpload, UploadRejected, stored_name
 from facefleet.storage import StorageError
-from producer.gateway.auth import TokenError
-from producer.gateway.forms import drain
-from producer.gateway.routes.jobs import gateway, require_api_key, upload_slot
-from producer.gateway.uploads import StreamingUpload, UploadRejected, stored_name
 
 router = APIRouter(prefix="/v1")
 

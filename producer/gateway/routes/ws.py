@@ -35,11 +35,11 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from producer.gateway.app import Gateway
-from producer.gateway.auth import JobClaims, TokenError
-from producer.gateway.direct import FrameSink, sink_of
-from producer.gateway.fanout import Frame, HistoryUnavailable, Signal, Subscriber
-from producer.watch import SeqOrderer
+from facefleet.producer.gateway.app import Gateway
+from facefleet.producer.gateway.auth import JobClaims, TokenError
+from facefleet.producer.gateway.direct import FrameSink, sink_of
+from facefleet.producer.gateway.fanout import Frame, HistoryUnavailable, Signal, Subscriber
+from facefleet.producer.watch import SeqOrderer
 
 router = APIRouter()
 
