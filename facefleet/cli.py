@@ -37,6 +37,38 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+EXTRA_FOR_MODULE: dict[str, str] = {
+    "numpy": "worker",
+    "cv2": "worker",
+    "av": "worker",
+    "PIL": "worker",
+    "onnxruntime": "worker",
+    "kubernetes": "worker",
+    "fastapi": "gateway",
+    "uvicorn": "gateway",
+    "multipart": "gateway",
+    "websockets": "gateway",
+    "grpc": "scaler",
+    "google": "scaler",
+    "matplotlib": "sim",
+    "insightface": "demo",
+}
+"""Which extra brings a module the base install leaves out (pyproject: the base install is the
+producer SDK and CLI)."""
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """A clear line for a command run without its extra, instead of an ImportError trace."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(top)
+    if extra is None:
+        return None
+    return (
+        f"facefleet: this command needs the `{extra}` extra (module {top!r} is not installed): "
+        f"pip install 'facefleet[{extra}]'"
+    )
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facefleet",
@@ -61,15 +93,21 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(args_list)
-    args = parser.parse_args(args_list)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.error(f"{args.command}: not available in this build")
     try:
+        parser = build_parser(args_list)
+        args = parser.parse_args(args_list)
+        func = getattr(args, "func", None)
+        if func is None:
+            parser.error(f"{args.command}: not available in this build")
         return int(func(args))
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        line = missing_extra(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
