@@ -106,12 +106,18 @@ def test_dockerfile_shape(dockerfile: str, base: str) -> None:
     assert len(re.findall(r"^FROM ", text, re.MULTILINE)) >= 2, "multi-stage"
     assert base in text
     assert re.search(r"^USER 10001:10001$", text, re.MULTILINE), "non-root, the chart's UID"
-    deps = text.index("pip install -r requirements.txt")
+    deps = re.search(r"pip install '\.\[([a-z,]+)\]'", text)
+    assert deps is not None, "dependencies come from the extras of pyproject.toml"
     code = text.index("COPY facefleet")
-    assert deps < code, "dependencies must get their own layer before the code"
+    assert deps.start() < code, "dependencies must get their own layer before the code"
+    assert "pip install --no-deps ." in text[code:], "the code layer installs no dependencies"
     assert not re.search(r"\.(onnx|pth|safetensors)\b", text), "no model weights baked in"
+    extras = set(deps.group(1).split(","))
     if "nvidia/cuda" in base:
-        assert "cudnn-runtime" in text and "'gpu'" in text  # onnxruntime-gpu from the gpu extra
+        assert "cudnn-runtime" in text and "gpu" in extras  # onnxruntime-gpu from the gpu extra
+        assert "worker" not in extras  # the CPU onnxruntime would shadow the GPU build
+    else:
+        assert not extras & {"worker", "gpu", "pipeline"}, "the slim image stays slim"
 
 
 EXAMPLES = sorted((REPO / "keda" / "examples").glob("values-*.yaml"))
