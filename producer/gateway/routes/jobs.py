@@ -41,8 +41,8 @@ from facefleet.producer.errors import (
     TierFullError,
     UnroutableJobError,
 )
-from facefleet.producer.gateway.app import MAX_UPLOADS, Gateway
 from facefleet.producer.gateway.auth import JobClaims, TokenError, TokenSigner, bearer
+from facefleet.producer.gateway.core import MAX_UPLOADS, Gateway
 from facefleet.producer.gateway.fanout import HistoryUnavailable
 from facefleet.producer.gateway.forms import parse_submit_form
 from facefleet.producer.gateway.limits import LimitExceeded, check_limits, has_limits

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, HTTPException, Request
 
 from facefleet.jobstore import ACTIVE_STATES, JobStore, JobSummary, StoreError, store_outage
-from facefleet.producer.gateway.app import Gateway
+from facefleet.producer.gateway.core import Gateway
 from facefleet.producer.gateway.routes.jobs import gateway, require_api_key
 from facefleet.wire import TERMINAL_EVENTS, check_tier
 

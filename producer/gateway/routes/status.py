@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from facefleet.management import queues_request, rows_by_name
-from facefleet.producer.gateway.app import STATIC_DIR, Gateway
+from facefleet.producer.gateway.core import STATIC_DIR, Gateway
 from facefleet.producer.gateway.routes.jobs import gateway, require_api_key
 from facefleet.wire import job_queue
 

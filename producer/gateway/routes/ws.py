@@ -35,8 +35,8 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from facefleet.producer.gateway.app import Gateway
 from facefleet.producer.gateway.auth import JobClaims, TokenError
+from facefleet.producer.gateway.core import Gateway
 from facefleet.producer.gateway.direct import FrameSink, sink_of
 from facefleet.producer.gateway.fanout import Frame, HistoryUnavailable, Signal, Subscriber
 from facefleet.producer.watch import SeqOrderer
