@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Any
 
+from facefleet.logs import configure as configure_logs
 from facefleet.settings import SettingsError, WorkerSettings, die
 
 
@@ -61,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         die(exc)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(settings.log_level, settings.log_format)
     logging.getLogger("pika").setLevel(logging.WARNING)
     from facefleet.consumer.errors import JobError
     from facefleet.consumer.health import serve_health

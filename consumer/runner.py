@@ -38,6 +38,7 @@ Giving a job back (consumer/giveback.py) is done by the worker once the runner s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -47,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from facefleet.amqp import ThreadedPublisher
 from facefleet.consumer.deadletter import DeadLetters
@@ -66,6 +67,7 @@ from facefleet.consumer.processors.base import Processor, ProcessorOutput
 from facefleet.consumer.retry import RetryPolicy, attempts_so_far
 from facefleet.jobstore import Claim, JobLog, JobStore, gpu_seconds_of, store_outage
 from facefleet.journal import FileJobStore
+from facefleet.logs import bind_stage, job_context
 from facefleet.media import FileMediaStore, MediaStore, Staged
 from facefleet.settings import WorkerSettings
 from facefleet.storage import Storage, StorageError
@@ -82,6 +84,25 @@ from facefleet.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def in_job_context(
+    method: Callable[Concatenate[JobRunner, JobRun, P], R],
+) -> Callable[Concatenate[JobRunner, JobRun, P], R]:
+    """Every line logged while `method` handles one job (by any module, in this thread) carries
+    the job's id, tier, attempt and this worker's name (facefleet.logs)."""
+
+    @functools.wraps(method)
+    def wrapper(self: JobRunner, run: JobRun, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with job_context(
+            job_id=run.job_id, tier=self.tier.name, attempt=run.attempt, worker=self.name
+        ):
+            return method(self, run, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -190,6 +211,8 @@ class RunContext:
         ):
             return
         self._last_progress = now
+        if stage != self._last_stage:
+            bind_stage(stage)
         self._last_stage = stage
         self.runner.emit(
             self.journal,
@@ -428,6 +451,7 @@ class JobRunner:
         if self.on_store_outage is not None:
             self.on_store_outage(exc)
 
+    @in_job_context
     def _run_when_claimed(self, run: JobRun) -> None:
         """A job another delivery holds the claim of (another worker runs it, or it came twice
         in this batch): done already ─▶ ack; else wait for the claim (bounded, see
@@ -519,6 +543,7 @@ class JobRunner:
         self.store.unlock([r.journal for r in ordered if r.action is not None])
         return running
 
+    @in_job_context
     def _precheck(self, run: JobRun, cancel: str | None) -> Action | None:
         """What to do instead of running a claimed job, or None to run it (under its lock);
         `cancel`: the job's cancel reason, if any (read for the whole batch at once)."""
@@ -592,6 +617,7 @@ class JobRunner:
             run.journal.unlock()
         self._commit(staged)
 
+    @in_job_context
     def _outcome(self, run: JobRun, out: Action | TransientJobError) -> None:
         """An attempt that did not complete the job: its duration, then its action or retry."""
         self.metrics.duration.labels(self.tier.name).observe(time.monotonic() - run.t0)
@@ -650,6 +676,7 @@ class JobRunner:
             self._count_usage(run.job.api_key_id, "completed", timings.get("total"))
             run.action = "ack"
 
+    @in_job_context
     def _retry(self, run: JobRun) -> None:
         """A transient failure: `retrying`, back off, and run the next attempt through the same
         steps while the retry policy lets it run on this delivery; else give the job back, or
@@ -696,6 +723,7 @@ class JobRunner:
             run.attempt += 1
             self._attempt([run])
 
+    @in_job_context
     def _lost_commit(self, run: JobRun) -> Action:
         """Another delivery's result is in place: ours is dropped. If the journal has not
         ended (that delivery crashed after its commit), its result completes the job."""
@@ -707,6 +735,7 @@ class JobRunner:
             self._emit_completed(run.journal, ref, manifest)
         return "ack"
 
+    @in_job_context
     def _produce(self, run: JobRun) -> Produced | Action | TransientJobError:
         """Run the processor into a fresh work dir; the result is not committed yet."""
         tier = self.tier.name
@@ -754,6 +783,7 @@ class JobRunner:
             if work_dir is not None:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
+    @in_job_context
     def _classified(self, run: JobRun, exc: Exception) -> Action | TransientJobError:
         """A job's exception, mapped to what happens next: `failed` now, or a retry. The job
         store being down is no failure of the job: it propagates to `_run`, which gives the

@@ -82,6 +82,8 @@ class CommonSettings(BaseSettings):
     brokers that support it): client-local (the node declaring it) or balanced (the node with
     the fewest leaders); None: the broker's default (client-local before 4.0, balanced after)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """auto: one JSON object per line unless stderr is a terminal (facefleet.logs)."""
     cost_model_json: str | None = Field(default=None, validation_alias="FACEFLEET_COST_MODEL")
     """Cost model coefficients (facefleet/costmodel.py): JSON {"default": {...}, "<tier>":
     {...}} with overhead_s, image_s_per_mp, video_s_per_mp_frame, face_factor,

@@ -82,6 +82,7 @@ from facefleet.amqp import PublishLost, ThreadedPublisher, _declare_queue, conne
 from facefleet.fetch import FetchError, FetchPolicy, Reply, parse_allow, redact
 from facefleet.fetch import request as http_request
 from facefleet.jobstore import JobStore
+from facefleet.logs import configure as configure_logs
 from facefleet.settings import SettingsError, WebhookSettings, die
 from facefleet.wire import (
     CONTENT_TYPE,
@@ -884,9 +885,7 @@ def run(args: argparse.Namespace) -> int:
                 return 4
             print(f"moved {moved} parked delivery(ies) from {settings.webhook_queue}.failed back")
             return 0
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logs(settings.log_level, settings.log_format)
         logging.getLogger("pika").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         sender = WebhookSender(settings)

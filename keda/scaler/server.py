@@ -32,6 +32,7 @@ from facefleet.keda.scaler import externalscaler_pb2 as pb
 from facefleet.keda.scaler import externalscaler_pb2_grpc as pb_grpc
 from facefleet.keda.scaler.state import BrokerCounts, ScalerState, follow_stream
 from facefleet.keda.scaling import ParameterError, Params, Reading, params_from_metadata, read
+from facefleet.logs import configure as configure_logs
 from facefleet.management import ManagementUnavailable
 from facefleet.settings import ScalerSettings, SettingsError, die
 
@@ -257,9 +258,7 @@ def register(sub: Any, name: str) -> None:
 def cmd_scaler(_args: argparse.Namespace) -> int:
     try:
         settings = ScalerSettings.load()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logs(settings.log_level, settings.log_format)
         server, port, scaler, stop = serve(settings)
     except SettingsError as exc:
         die(exc)

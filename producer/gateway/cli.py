@@ -14,6 +14,7 @@ import argparse
 import logging
 from typing import Any
 
+from facefleet.logs import configure as configure_logs
 from facefleet.settings import GatewaySettings, SettingsError, die
 
 
@@ -41,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         die(exc)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(settings.log_level, settings.log_format)
     for noisy in ("aio_pika", "aiormq", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import uvicorn
@@ -70,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         access_log=bool(args.access_log),
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers go through facefleet.logs like the rest
     )
     uvicorn.Server(config).run()
     return 0
