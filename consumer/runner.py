@@ -50,6 +50,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from opentelemetry.trace import Span
+
+from facefleet import tracing
 from facefleet.amqp import ThreadedPublisher
 from facefleet.consumer.deadletter import DeadLetters
 from facefleet.consumer.delivery import Action, Delivery
@@ -93,12 +96,16 @@ def in_job_context(
     method: Callable[Concatenate[JobRunner, JobRun, P], R],
 ) -> Callable[Concatenate[JobRunner, JobRun, P], R]:
     """Every line logged while `method` handles one job (by any module, in this thread) carries
-    the job's id, tier, attempt and this worker's name (facefleet.logs)."""
+    the job's id, tier, attempt and this worker's name (facefleet.logs), and the job's `process`
+    span is current: step spans, log lines' trace ids and published events hang off it."""
 
     @functools.wraps(method)
     def wrapper(self: JobRunner, run: JobRun, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with job_context(
-            job_id=run.job_id, tier=self.tier.name, attempt=run.attempt, worker=self.name
+        with (
+            job_context(
+                job_id=run.job_id, tier=self.tier.name, attempt=run.attempt, worker=self.name
+            ),
+            tracing.use(run.span),
         ):
             return method(self, run, *args, **kwargs)
 
@@ -142,6 +149,9 @@ class JobRun:
     """This attempt failed with a transient error: retry, give back or dead-letter."""
     released: bool = False
     """Its claim was let go."""
+    span: Span | None = None
+    """Its CONSUMER `process` span (facefleet/tracing.py), from decode to the delivery's
+    outcome; a child of the producer's `send` span when the message carried its context."""
 
     @property
     def job_id(self) -> str:
@@ -189,6 +199,7 @@ class RunContext:
         self.output_dir = output_dir
         self._last_progress = 0.0
         self._last_stage: str | None = None
+        self._stage_span: Span | None = None
         self._store_asked = time.monotonic()
         """When the store was last asked for a cancel (the batch's start step asked just now)."""
 
@@ -213,6 +224,9 @@ class RunContext:
         self._last_progress = now
         if stage != self._last_stage:
             bind_stage(stage)
+            # One span per stage, a child of the runner's `process` step.
+            self.end_stage()
+            self._stage_span = tracing.start_step(stage, attributes={"facefleet.stage": stage})
         self._last_stage = stage
         self.runner.emit(
             self.journal,
@@ -226,6 +240,11 @@ class RunContext:
             ),
             wait=False,
         )
+
+    def end_stage(self) -> None:
+        """The current stage's span ends (at the next stage, or when the processor returns)."""
+        span, self._stage_span = self._stage_span, None
+        tracing.end(span)
 
     def checkpoint(self) -> None:
         job_id = self.job.job_id
@@ -405,8 +424,9 @@ class JobRunner:
             acquired = self.store.acquire([run.claim for _, run in runs])
         except Exception as exc:
             action = self._unexpected(exc)
-            for i, _ in runs:
+            for i, run in runs:
                 actions[i] = action
+                tracing.end(run.span, **{"facefleet.outcome": action})
             return [action or "requeue" for action in actions]
         for (_, run), ok in zip(runs, acquired, strict=True):
             (ready if ok else waiting).append(run)
@@ -416,6 +436,11 @@ class JobRunner:
         for i, run in runs:
             if actions[i] is None:
                 actions[i] = run.action
+            # Ends with the batch: the delivery is held (and acked) until then.
+            tracing.end(
+                run.span,
+                **{"facefleet.outcome": actions[i] or "requeue", "facefleet.attempt": run.attempt},
+            )
         return [action or "requeue" for action in actions]
 
     def _open(
@@ -429,12 +454,26 @@ class JobRunner:
             return None
         if on_job is not None:
             on_job(delivery, job.job_id)
-        ref: ResultRef | StorageError
+        span = tracing.start_process(
+            delivery.properties.headers,
+            job.job_id,
+            self.tier.name,
+            worker=self.name,
+            queue_wait_s=max(0.0, (utcnow() - job.created_at).total_seconds()),
+            redelivered=delivery.redelivered,
+        )
         try:
-            ref = self._result_ref(job)
-        except StorageError as exc:  # e.g. an output prefix outside the media store: bad input
-            ref = exc
-        return JobRun(delivery, job, self._journal(job), self.store.claim(job.job_id), ref)
+            ref: ResultRef | StorageError
+            try:
+                ref = self._result_ref(job)
+            except StorageError as exc:  # e.g. an output prefix outside the media store
+                ref = exc
+            return JobRun(
+                delivery, job, self._journal(job), self.store.claim(job.job_id), ref, span=span
+            )
+        except BaseException:
+            tracing.end(span, **{"facefleet.outcome": "requeue"})
+            raise
 
     def _unexpected(self, exc: Exception) -> Action:
         """What an exception outside any job's own failure handling means for the deliveries it
@@ -536,7 +575,8 @@ class JobRunner:
             self._sync([r.journal for r in running], results=False)
             with self.publisher.burst():
                 for run in running:
-                    run.journal.publish_written(publish)
+                    with tracing.use(run.span), tracing.step("publish events"):
+                        run.journal.publish_written(publish)
         except BaseException:
             self.store.unlock([r.journal for r in ordered])
             raise
@@ -604,9 +644,10 @@ class JobRunner:
             if isinstance(out, Produced):
                 ref = run.result
                 try:
-                    run.staged = self.media.stage_result(
-                        out.work_dir, ref.prefix, ref.job_id, out.manifest, sync=False
-                    )
+                    with tracing.use(run.span), tracing.step("stage result"):
+                        run.staged = self.media.stage_result(
+                            out.work_dir, ref.prefix, ref.job_id, out.manifest, sync=False
+                        )
                     run.manifest = out.manifest
                     staged.append(run)
                     continue
@@ -634,6 +675,8 @@ class JobRunner:
             return
         tier = self.tier.name
         publish = self.publisher.publish_event
+        # One `commit` span per job, over the batch's shared commit (its syncs are shared).
+        spans = [tracing.start_step("commit", run.span) for run in staged]
         self._sync([], results=True)  # every staged result is durable before any is placed
         ordered = sorted(staged, key=lambda r: r.job_id)
         placed: list[JobRun] = []
@@ -662,10 +705,13 @@ class JobRunner:
             self._sync([r.journal for r in placed], results=False)
             with self.publisher.burst():
                 for run in placed:
-                    run.journal.publish_written(publish)
+                    with tracing.use(run.span), tracing.step("publish events"):
+                        run.journal.publish_written(publish)
             self.store.settle([r.journal for r in placed], publish)
         finally:
             self.store.unlock([r.journal for r in ordered])
+            for span in spans:
+                tracing.end(span)
         for run in placed:
             self.metrics.duration.labels(tier).observe(time.monotonic() - run.t0)
             self.metrics.jobs.labels(tier, "completed").inc()
@@ -743,16 +789,21 @@ class JobRunner:
         work_dir: Path | None = None
         scratch = Scratch(self.settings.scratch_dir, job.job_id)
         try:
-            source = self.inputs.localize(job.source_uri, "source", scratch)
-            target = self.inputs.localize(job.target_uri, "target", scratch)
+            with tracing.step("fetch inputs"):
+                source = self.inputs.localize(job.source_uri, "source", scratch)
+                target = self.inputs.localize(job.target_uri, "target", scratch)
             try:
                 work_dir = self.media.new_work_dir(ref.prefix, ref.job_id)
             except StorageError as exc:
                 raise TransientJobError(exc.code, exc.message) from exc
             ctx = RunContext(self, job, journal, source, target, work_dir)
             started = time.monotonic()
-            output: ProcessorOutput = self.processor.run(ctx)
-            ctx.checkpoint()
+            with tracing.step("process", **{"facefleet.processor": self.processor.name}):
+                try:
+                    output: ProcessorOutput = self.processor.run(ctx)
+                finally:
+                    ctx.end_stage()
+                ctx.checkpoint()
             manifest = {
                 "job_id": job.job_id,
                 "tier": job.tier,

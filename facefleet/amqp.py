@@ -36,6 +36,7 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.select_connection import IOLoop
 
+from facefleet import tracing
 from facefleet.settings import split_amqp_urls
 from facefleet.wire import (
     CONTENT_TYPE,
@@ -287,15 +288,19 @@ def _declare_queue(connection: pika.BlockingConnection, name: str, args: dict[st
 
 
 def event_properties(event: JobEvent) -> pika.BasicProperties:
+    """An event's properties; built where it is published, so it carries the trace context of
+    the span current there (the worker's job span, the producer's send span)."""
+    headers: dict[str, Any] = {
+        HEADER_SCHEMA: SCHEMA_VERSION,
+        HEADER_JOB_ID: event.job_id,
+        HEADER_STREAM_FILTER: event.job_id,
+    }
+    tracing.inject(headers)
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=pika.DeliveryMode.Persistent,
         message_id=f"{event.job_id}:{event.seq}",
-        headers={
-            HEADER_SCHEMA: SCHEMA_VERSION,
-            HEADER_JOB_ID: event.job_id,
-            HEADER_STREAM_FILTER: event.job_id,
-        },
+        headers=headers,
     )
 
 

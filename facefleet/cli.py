@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from facefleet import tracing
+
 # (command, module, one-line help). The module's register() adds the subcommand's arguments and
 # sets `func` (argparse.Namespace -> exit code).
 COMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -99,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         func = getattr(args, "func", None)
         if func is None:
             parser.error(f"{args.command}: not available in this build")
+        # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set (README "Tracing"); else no-op.
+        tracing.configure(f"facefleet-{args.command}")
         return int(func(args))
     except KeyboardInterrupt:
         return 130

@@ -5,7 +5,8 @@ pipelines (Loki, Cloud Logging, Elasticsearch) parse without a regex; text when 
 a terminal (or FACEFLEET_LOG_FORMAT=text). The code logs through the standard library
 (`logging.getLogger(__name__)`); structlog's ProcessorFormatter renders those records and adds
 the context bound for the current job (`job_context`): job_id, tier, attempt, stage and worker
-on every line logged while a job is being handled, by any module, in that thread.
+on every line logged while a job is being handled, by any module, in that thread, and the
+trace_id and span_id of the current OpenTelemetry span (facefleet/tracing.py) when there is one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import IO, Any, Literal
 import structlog
 from structlog.contextvars import bind_contextvars, bound_contextvars, unbind_contextvars
 
+from facefleet.tracing import current_ids
+
 LogFormat = Literal["auto", "json", "text"]
 
 JOB_FIELDS = ("job_id", "tier", "attempt", "stage", "worker")
@@ -31,6 +34,7 @@ def configure(level: str, fmt: LogFormat = "auto", *, stream: IO[str] | None = N
     as_json = fmt == "json" or (fmt == "auto" and not _is_terminal(out))
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -51,6 +55,16 @@ def configure(level: str, fmt: LogFormat = "auto", *, stream: IO[str] | None = N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def add_trace_ids(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """trace_id and span_id of the span current where the line was logged (facefleet.tracing),
+    so a line leads to its trace and back; none outside a span or with tracing off."""
+    ids = current_ids()
+    if ids is not None:
+        event.setdefault("trace_id", ids[0])
+        event.setdefault("span_id", ids[1])
+    return event
 
 
 def _is_terminal(stream: IO[str]) -> bool:

@@ -57,6 +57,10 @@ HEADER_ATTEMPT = "x-facefleet-attempt"
 HEADER_REPLAY_SEQ = "x-facefleet-replay-seq"
 """On a job message re-queued by `facefleet dead replay`: the seq of its `replayed` event. A
 broker dead letter of a copy from before the last replay is ignored."""
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACESTATE = "tracestate"
+"""W3C trace context (facefleet/tracing.py) on job and event messages: the producer's `send`
+span, or the worker's job span an event was published under. Absent when tracing is off."""
 HEADER_STREAM_FILTER = "x-stream-filter-value"
 """RabbitMQ 3.13+ stream filtering; older brokers ignore the header."""
 

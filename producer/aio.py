@@ -32,6 +32,7 @@ import aio_pika.exceptions
 import aiormq.exceptions
 from typing_extensions import Unpack
 
+from facefleet import tracing
 from facefleet.amqp import (
     AIO_LINK_ERRORS,
     Backoff,
@@ -258,11 +259,14 @@ class AsyncJobClient:
         async with local:
             if await asyncio.to_thread(self.media.submitted, request.job_id):
                 return SubmitResult(request.job_id, duplicate=True)
-            await self._publish_job(request)
-            fresh = await asyncio.to_thread(
-                self.media.mark_submitted, request.job_id, request.encode()
-            )
-            await self.publish_event(queued_event(request))
+            # The span is current in this task only (contextvars): concurrent submits each
+            # have their own trace.
+            with tracing.send(request.job_id, request.tier):
+                await self._publish_job(request)
+                fresh = await asyncio.to_thread(
+                    self.media.mark_submitted, request.job_id, request.encode()
+                )
+                await self.publish_event(queued_event(request))
         return SubmitResult(request.job_id, duplicate=not fresh, request=request if fresh else None)
 
     async def _publish_job(self, request: JobRequest) -> None:

@@ -26,9 +26,11 @@ from urllib.parse import urlparse
 
 import pika
 import pika.exceptions
+from opentelemetry.trace import Span
 from pika.adapters.blocking_connection import BlockingChannel
 from typing_extensions import Unpack
 
+from facefleet import tracing
 from facefleet.amqp import (
     Backoff,
     PublishBlocked,
@@ -207,13 +209,17 @@ def tier_max_length(settings: ProducerSettings, tier: str) -> int | None:
         return None
 
 
-def job_properties(request: JobRequest) -> pika.BasicProperties:
+def job_properties(request: JobRequest, span: Span | None = None) -> pika.BasicProperties:
+    """A job message's properties, with the trace context of its `send` span (default: the
+    current span) in its headers (facefleet/tracing.py)."""
+    headers: dict[str, Any] = {HEADER_SCHEMA: SCHEMA_VERSION, HEADER_JOB_ID: request.job_id}
+    tracing.inject(headers, span)
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=pika.DeliveryMode.Persistent,
         message_id=request.job_id,
         timestamp=int(request.created_at.timestamp()),
-        headers={HEADER_SCHEMA: SCHEMA_VERSION, HEADER_JOB_ID: request.job_id},
+        headers=headers,
     )
 
 
@@ -386,9 +392,10 @@ class JobClient:
         and exactly one of them reports duplicate=False."""
         if self.media.submitted(request.job_id):
             return SubmitResult(request.job_id, duplicate=True)
-        self._failover(lambda ch: self._publish_job(ch, request))
-        fresh = self.media.mark_submitted(request.job_id, request.encode())
-        self._failover(lambda ch: publish_event(ch, queued_event(request)))
+        with tracing.send(request.job_id, request.tier):
+            self._failover(lambda ch: self._publish_job(ch, request))
+            fresh = self.media.mark_submitted(request.job_id, request.encode())
+            self._failover(lambda ch: publish_event(ch, queued_event(request)))
         return SubmitResult(request.job_id, duplicate=not fresh, request=request if fresh else None)
 
     def submit_many(self, requests: Sequence[JobRequest]) -> list[SubmitResult]:
@@ -414,9 +421,16 @@ class JobClient:
         duplicate = {job_id for job_id in by_id if self.media.submitted(job_id)}
         fresh = [r for job_id, r in by_id.items() if job_id not in duplicate]
         errors: dict[str, SubmitError] = {}
+        # One `send` span per job (each job is its own trace), ended at its confirm.
+        spans = {r.job_id: tracing.start_send(r.job_id, r.tier) for r in fresh}
         with pub.burst():
             confirms = [
-                (r, pub.publish_async(JOBS_EXCHANGE, r.tier, r.encode(), job_properties(r)))
+                (
+                    r,
+                    pub.publish_async(
+                        JOBS_EXCHANGE, r.tier, r.encode(), job_properties(r, spans[r.job_id])
+                    ),
+                )
                 for r in fresh
             ]
         queued = []
@@ -425,12 +439,17 @@ class JobClient:
                 confirm.result(timeout=self.settings.confirm_timeout_s + 5)
             except PublishUnroutable:
                 errors[request.job_id] = unroutable(request.tier)
-                continue
             except PublishNacked:
                 errors[request.job_id] = self._refusal(request)
-                continue
             except PublishBlocked as exc:
                 errors[request.job_id] = BrokerBlockedError(exc.reason, exc.waited_s)
+            finally:
+                err = errors.get(request.job_id)
+                tracing.end(
+                    spans.pop(request.job_id),
+                    **{"error.type": None if err is None else type(err).__name__},
+                )
+            if request.job_id in errors:
                 continue
             if not self.media.mark_submitted(request.job_id, request.encode()):
                 duplicate.add(request.job_id)

@@ -49,6 +49,10 @@ CALLER_BROKER = {
 for _key in [k for k in os.environ if k.startswith("FACEFLEET_")]:
     if not _key.startswith("FACEFLEET_TEST_"):
         del os.environ[_key]
+# Nor the caller's OpenTelemetry settings: no test's process exports to the caller's collector
+# (the tracing tests point OTEL_EXPORTER_OTLP_ENDPOINT at a receiver of their own).
+for _key in [k for k in os.environ if k.startswith("OTEL_")]:
+    del os.environ[_key]
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,8 @@ HEAVY = {
     "uvicorn",
     "grpcio",
     "numpy",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-http",
 }
 """Distributions the base install must not pull (the worker's, the gateway's, the simulator's,
 the scaler's)."""
