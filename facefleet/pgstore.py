@@ -435,41 +435,13 @@ class PostgresClaim:
 
     def try_acquire(self) -> bool:
         """Take the claim unless another live holder (this store or any other) has it; never
-        blocks. A held claim answers True without a round trip; a lost one is taken afresh."""
-        if self._generation is not None:
-            if not self.lost:
-                return True
-            self.release()
-        store = self.store
-        with store._registry:
-            other = store._claimed.get(self._uuid)
-            if other is not None and other is not self:
-                return False  # a claim object of this store holds it (or lost it, unreleased)
-            store._claimed[self._uuid] = self
-        try:
-            ok, generation = store._session.call(
-                "SELECT pg_try_advisory_lock(%s::bigint)", (self._key,)
-            )
-        except BaseException:
-            store._forget_claim(self)
-            raise
-        if not ok:
-            store._forget_claim(self)
-            return False
-        self._generation = generation
-        return True
+        blocks. A held claim answers True without a round trip; a lost one is taken afresh.
+        A batch of one (PostgresJobStore.acquire)."""
+        return self.store.acquire([self])[0]
 
     def release(self) -> None:
         """Let go (no-op when not held; a late release never frees someone else's claim)."""
-        generation, self._generation = self._generation, None
-        if generation is None:
-            return
-        try:
-            self.store._session.release(
-                "SELECT pg_advisory_unlock(%s::bigint)", (self._key,), generation
-            )
-        finally:
-            self.store._forget_claim(self)
+        self.store.release([self])
 
 
 # --- one job's log --------------------------------------------------------------------------
@@ -566,28 +538,15 @@ class PostgresJobLog:
 
     def lock(self, claim: object | None = None) -> None:
         """Take the job lock (blocking) and load the job's events; several at once only in
-        job-id order. The claim is accepted for the interface and not needed: the job lock is
-        a session advisory lock of its own, held for a step or a batch (not for the job)."""
-        if self._locked:
-            return
-        self._lock_generation = self.store._lock_job(self._uuid)
-        self._locked = True
-        self._stale = True
-        try:
-            self._refresh()
-        except BaseException:
-            self.unlock()
-            raise
+        job-id order (PostgresJobStore.lock; this is a batch of one). The claim is accepted
+        for the interface and not needed: the job lock is a session advisory lock of its own,
+        held for a step or a batch (not for the job)."""
+        self.store.lock([self])
 
     def unlock(self) -> None:
         """Let go of the job lock; events written but not synced are dropped (never durable,
         never published)."""
-        if not self._locked:
-            return
-        self._buffer, self._auto_queued = [], None
-        self._locked, self._stale = False, True
-        generation, self._lock_generation = self._lock_generation, None
-        self.store._unlock_job(self._uuid, generation)
+        self.store.unlock([self])
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -729,8 +688,8 @@ class PostgresJobLog:
 
     def settle(self, publish: Publish) -> None:
         """Wait for every in-flight publish; republish failures once; mark the confirmed
-        events published."""
-        self._write_mark(self._await(publish))
+        events published (PostgresJobStore.settle, a batch of one)."""
+        self.store.settle([self], publish)
 
     def _await(self, publish: Publish) -> int:
         """Wait for every in-flight publish (republishing failures once); the highest seq
@@ -748,11 +707,6 @@ class PostgresJobLog:
                 if again is not None:
                     again.result(timeout=60)
         return top
-
-    def _write_mark(self, seq: int) -> None:
-        """A hint (one UPDATE): if it is lost, the next writer republishes and watchers drop
-        the duplicate seq."""
-        self.store._write_marks([(self, seq)])
 
     def _flush_outbox(self, events: list[JobEvent], publish: Publish) -> None:
         """Republish events a crashed or failed writer left unconfirmed (not ours in flight)."""
@@ -938,16 +892,6 @@ class PostgresJobStore:
             if self._claimed.get(claim._uuid) is claim:
                 del self._claimed[claim._uuid]
 
-    def _lock_job(self, job: uuid.UUID) -> int:
-        """Take a job's write lock: first among this store's threads, then on the server
-        (polled with a short backoff, so a wait never blocks the shared claims session)."""
-        self._reserve(job)
-        try:
-            return self._server_lock(job)
-        except BaseException:
-            self._unlock_job(job, None)
-            raise
-
     def _reserve(self, job: uuid.UUID) -> None:
         """The job's write lock among this store's threads (they share one session, where an
         advisory lock is re-entrant)."""
@@ -967,9 +911,6 @@ class PostgresJobStore:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
-    def _unlock_job(self, job: uuid.UUID, generation: int | None) -> None:
-        self._unlock_jobs([(job, generation)])
-
     def _unlock_jobs(self, jobs: Sequence[tuple[uuid.UUID, int | None]]) -> None:
         """Let go of write locks (one statement per session generation; locks of an older
         generation died with their session), then of the in-process reservations."""
@@ -979,13 +920,7 @@ class PostgresJobStore:
                 if generation is not None:
                     by_generation.setdefault(generation, []).append(job)
             for generation, held in by_generation.items():
-                keys = [_lock_key(job) for job in held]
-                self._session.release(
-                    "SELECT count(pg_advisory_unlock(a, b)) "
-                    "FROM unnest(%s::int[], %s::int[]) AS t(a, b)",
-                    ([a for a, _ in keys], [b for _, b in keys]),
-                    generation,
-                )
+                self._release_server_locks(held, generation)
         finally:
             with self._writers:
                 for job, _ in jobs:
