@@ -352,3 +352,47 @@ def test_a_prefetched_job_not_started_is_given_back_at_once_when_draining(tmp_pa
     assert runner.handle(delivery) == "give_back"
     assert [e.type for e in events_of(runner, job)] == []
     assert JobClaim(runner.storage, job.job_id).try_acquire()  # no claim was left behind
+
+
+class CheckpointLoop:
+    """A processor that only reaches checkpoints until the job is cancelled (or 10 s pass)."""
+
+    name = "checkpoints"
+
+    def __init__(self) -> None:
+        self.checkpoints = 0
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, ctx: JobContext) -> ProcessorOutput:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ctx.checkpoint()
+            self.checkpoints += 1
+            time.sleep(0.001)
+        raise AssertionError("never cancelled")
+
+
+def test_a_cancel_only_the_store_knows_reaches_a_running_job_by_the_poll(tmp_path: Path) -> None:
+    """A cancel the control exchange never brought (recorded in the store alone) still ends a
+    running job, within FACEFLEET_CANCEL_POLL_S; and the store is asked on that period, not at
+    every checkpoint."""
+    processor = CheckpointLoop()
+    runner = make_runner(tmp_path, processor=processor, cancel_poll_s=0.2)
+    asked: list[float] = []
+    real = runner.store.cancel_reasons
+
+    def counting(job_ids: Any) -> dict[str, str]:
+        asked.append(time.monotonic())
+        return real(job_ids)
+
+    runner.store.cancel_reasons = counting  # type: ignore[method-assign]
+    job, delivery = job_delivery(runner)
+    threading.Timer(0.5, runner.store.request_cancel, (job.job_id, "store only")).start()
+    t0 = time.monotonic()
+    assert runner.handle(delivery) == "ack"
+    assert time.monotonic() - t0 < 5
+    events = events_of(runner, job)
+    assert events[-1].type == "cancelled" and events[-1].payload.message == "store only"
+    assert processor.checkpoints > 10 * len(asked)  # polled, not asked per checkpoint
