@@ -460,8 +460,10 @@ class WorkerSettings(CommonSettings):
     health_host: str = "127.0.0.1"
     health_port: int = 9464
     """HTTP port for /healthz, /readyz and /metrics; 0 disables it."""
-    progress_interval_s: float = 0.5
-    """Minimum time between two progress events of one job."""
+    progress_interval_s: float = Field(default=0.5, ge=0)
+    """A job reports progress only once it has run this long (a shorter job sends `started` and
+    its end, the stage timings in `completed`); after that every stage change, and within a
+    stage at most one event per interval. 0 reports every stage."""
     cancel_poll_s: float = Field(default=1.0, gt=0)
     """How often a running job's checkpoints ask the job store for a cancel request. Cancels
     reach running jobs at once through the control exchange (every worker hears every cancel);

@@ -33,7 +33,10 @@ def faceswap_world(
     root.mkdir()
     env = Env(broker.url, tier, root, [{"name": tier, "max_job_s": 120}])
     world = GatewayWorld(env, tier)
-    env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
+    # Interval 0: every stage is an event (by default a job this short reports none).
+    env.start_worker(
+        processor="faceswap", FACEFLEET_BACKEND="classic", FACEFLEET_PROGRESS_INTERVAL_S="0"
+    )
     yield world
     for gw in world.gateways:
         gw.stop()

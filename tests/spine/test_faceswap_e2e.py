@@ -52,7 +52,10 @@ def client(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobClient]:
 
 
 def test_classic_backend_swaps_faces_on_a_real_photo(env: Env, client: JobClient) -> None:
-    env.start_worker(processor="faceswap", FACEFLEET_BACKEND="classic")
+    # Interval 0: every stage is an event (by default a job this short reports none).
+    env.start_worker(
+        processor="faceswap", FACEFLEET_BACKEND="classic", FACEFLEET_PROGRESS_INTERVAL_S="0"
+    )
     target = IMAGES / "t1.jpg"
     job = client.submit(
         env.tier,

@@ -396,3 +396,65 @@ def test_a_cancel_only_the_store_knows_reaches_a_running_job_by_the_poll(tmp_pat
     events = events_of(runner, job)
     assert events[-1].type == "cancelled" and events[-1].payload.message == "store only"
     assert processor.checkpoints > 10 * len(asked)  # polled, not asked per checkpoint
+
+
+# --- which progress a job reports ----------------------------------------------------------------
+
+
+class ScriptedStages:
+    """Reports the stages of its script, sleeping each one's seconds after reporting it."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[tuple[str, float]]) -> None:
+        self.script = script
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, ctx: JobContext) -> ProcessorOutput:
+        for stage, seconds in self.script:
+            ctx.progress(0.5, stage)
+            time.sleep(seconds)
+        (ctx.output_dir / "r.txt").write_text("ok")
+        return ProcessorOutput("r.txt")
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "script", "reported"),
+    [
+        pytest.param(
+            0.3,
+            [("decode", 0.0), ("detect", 0.0), ("swap", 0.0), ("encode", 0.0)],
+            [],
+            id="a-job-shorter-than-the-interval-reports-no-progress",
+        ),
+        pytest.param(
+            0.3,
+            [("decode", 0.0), ("detect", 0.4), ("swap", 0.0), ("encode", 0.0)],
+            ["swap", "encode"],
+            id="after-the-first-interval-every-stage-change-is-reported",
+        ),
+        pytest.param(
+            0.3,
+            [("detect", 0.4), ("detect", 0.0), ("detect", 0.4), ("detect", 0.0)],
+            ["detect", "detect"],
+            id="within-a-stage-at-most-one-event-per-interval",
+        ),
+        pytest.param(
+            0.0,
+            [("decode", 0.0), ("detect", 0.0), ("swap", 0.0), ("encode", 0.0)],
+            ["decode", "detect", "swap", "encode"],
+            id="interval-zero-reports-every-stage",
+        ),
+    ],
+)
+def test_which_progress_a_job_reports(
+    tmp_path: Path, interval_s: float, script: list[tuple[str, float]], reported: list[str]
+) -> None:
+    runner = make_runner(tmp_path, processor=ScriptedStages(script), progress_interval_s=interval_s)
+    job, delivery = job_delivery(runner)
+    assert runner.handle(delivery) == "ack"
+    events = events_of(runner, job)
+    assert [e.payload.stage for e in events if e.type == "progress"] == reported
+    assert [e.type for e in events if e.type != "progress"] == ["queued", "started", "completed"]
