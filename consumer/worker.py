@@ -2,7 +2,9 @@
 
 Threads (pika connections are not thread-safe, and GPU work must never block heartbeats):
 
-    main thread      consumer connection: deliveries, heartbeats, acks (via add_callback_threadsafe)
+    main thread      consumer connection: deliveries, heartbeats, acks (via add_callback_threadsafe);
+                     the consume loop, pump and drain are facefleet/consuming.py, shared with the
+                     webhooks sender
     job threads      concurrency x pipeline_depth, running consumer.runner.JobRunner: decode,
                      claim, process, commit the result, emit events; with --batch N a thread
                      takes whatever deliveries wait (up to N) and runs them as one batch
@@ -63,6 +65,7 @@ from facefleet.consumer.giveback import give_back
 from facefleet.consumer.metrics import WorkerMetrics
 from facefleet.consumer.processors.base import Processor
 from facefleet.consumer.runner import JobRunner
+from facefleet.consuming import ConsumerIO, call_threadsafe
 from facefleet.jobstore import JobStore, store_outage
 from facefleet.media import MediaStore
 from facefleet.settings import WorkerSettings
@@ -80,6 +83,11 @@ from facefleet.wire import (
 
 log = logging.getLogger(__name__)
 
+DRAIN_PUMP_S = 0.2
+"""One wait of the drain loop for broker I/O (acks of finishing jobs, heartbeats)."""
+DRAIN_STUCK_S = 10.0
+"""After the drain deadline, how long jobs get to reach a checkpoint and be given back before
+the connection is closed under them (the broker then requeues them)."""
 STORE_PROBE_S = 2.0
 """How often a paused worker asks whether the job store answers again."""
 PROBE_JOB_ID = "00000000-0000-0000-0000-000000000000"
@@ -165,7 +173,7 @@ class Worker:
             stop_jobs=self.stop_jobs,
             on_store_outage=self._on_store_outage,
         )
-        self.last_tick = time.monotonic()
+        self.io = ConsumerIO(pump_s=DRAIN_PUMP_S, stuck_s=DRAIN_STUCK_S)
         self.last_activity = time.monotonic()
         self.handled = 0
         self.received = 0
@@ -190,6 +198,11 @@ class Worker:
     def request_shutdown(self, *_args: object) -> None:
         """SIGTERM/SIGINT handler: begin draining (safe to call more than once)."""
         self._draining.set()
+
+    @property
+    def last_tick(self) -> float:
+        """When the main loop last served its connection (/healthz)."""
+        return self.io.last_tick
 
     # --- main loop -----------------------------------------------------------------------------
 
@@ -263,12 +276,13 @@ class Worker:
         if self.state == WorkerState.STARTING:
             self._set_state(WorkerState.READY)
         log.info("worker %s consuming %s", self.name, job_queue(self.tier.name))
-        while not self._draining.is_set():
-            conn.process_data_events(time_limit=0.25)
-            self.last_tick = time.monotonic()
+
+        def each_turn() -> None:
             self._check_exit_conditions()
             if self._store_down.is_set():
                 self._pause_for_store(conn, ch)
+
+        self.io.consume(conn, self._draining, each_turn)
 
     def _on_store_outage(self, _exc: BaseException) -> None:
         self._store_down.set()
@@ -304,7 +318,7 @@ class Worker:
         threading.Thread(target=probe, name="store-probe", daemon=True).start()
         while not answered.is_set() and not self._draining.is_set():
             conn.process_data_events(time_limit=0.5)
-            self.last_tick = time.monotonic()
+            self.io.tick()
         answered.set()  # stops the probe when draining
         self._store_down.clear()
         if self._draining.is_set():
@@ -338,36 +352,20 @@ class Worker:
 
     def _drain(self) -> None:
         self._set_state(WorkerState.DRAINING)
-        conn, ch = self._connection, self._channel
-        if ch is not None and ch.is_open and self._consumer_tag is not None:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                ch.basic_cancel(self._consumer_tag)
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        stopped_at: float | None = None
-        while self._inflight_count() > 0:
-            now = time.monotonic()
-            if now >= deadline and stopped_at is None:
-                log.warning("drain deadline reached; giving back %d job(s)", self._inflight_count())
-                self.stop_jobs.set()
-                stopped_at = now
-            if stopped_at is not None and now - stopped_at > 10:
-                break  # stuck inside a step: closing the channel requeues it
-            self._pump(conn, 0.2)
-        self._pump(conn, 0.2)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if conn is not None and conn.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                conn.close()
 
-    def _pump(self, conn: pika.BlockingConnection | None, seconds: float) -> None:
-        try:
-            if conn is not None and conn.is_open:
-                conn.process_data_events(time_limit=seconds)
-            else:
-                time.sleep(seconds)
-        except pika.exceptions.AMQPError:
-            time.sleep(seconds)
-        self.last_tick = time.monotonic()
+        def deadline_reached(count: int) -> None:
+            log.warning("drain deadline reached; giving back %d job(s)", count)
+            self.stop_jobs.set()
+
+        self.io.drain(
+            self._connection,
+            self._channel,
+            self._consumer_tag,
+            inflight=self._inflight_count,
+            timeout_s=self.settings.drain_timeout_s,
+            on_deadline=deadline_reached,
+            before_close=lambda: self._executor.shutdown(wait=False, cancel_futures=True),
+        )
 
     def _inflight_count(self) -> int:
         with self._inflight_lock:
@@ -480,21 +478,7 @@ class Worker:
     # --- job threads ---------------------------------------------------------------------------
 
     def _threadsafe(self, fn: Callable[[], None]) -> None:
-        conn = self._connection
-        if conn is None or not conn.is_open:
-            log.warning("connection gone; the broker will redeliver instead")
-            return
-
-        def guarded() -> None:
-            try:
-                fn()
-            except pika.exceptions.AMQPError as exc:
-                log.warning("ack/nack failed (%s); the broker will redeliver", exc)
-
-        try:
-            conn.add_callback_threadsafe(guarded)
-        except pika.exceptions.AMQPError as exc:
-            log.warning("could not schedule ack/nack: %s", exc)
+        call_threadsafe(self._connection, fn)
 
     def _finish(self, ch: BlockingChannel, delivery: Delivery, action: Action) -> None:
         self._finish_many(ch, [delivery], [action])

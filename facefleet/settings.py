@@ -285,6 +285,10 @@ class GatewaySettings(ProducerSettings):
     (used only when the shared consumer has not yet fixed the end offset)."""
     replay_timeout_s: float = Field(default=60.0, gt=0)
     """Upper bound of one per-job stream replay; beyond it the client is closed with 1011."""
+    replay_grace_s: float | None = Field(default=None, gt=0)
+    """How long a WebSocket stays open after a `dead_lettered` for a `replayed` (`facefleet dead
+    replay`) to follow before it closes 1000; unset: the watchers' own grace
+    (producer.watch.REPLAY_GRACE_S, 5 s)."""
     key_max_active: int | None = Field(default=None, ge=1)
     """Default limit of one API key's jobs queued or running at once (429 beyond it); none by
     default. Counted in the job store, so it holds across replicas."""

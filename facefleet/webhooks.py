@@ -45,14 +45,14 @@ workers). What it does with one event:
   ones of its job, so receivers order by the body's `seq`.
 - **SIGTERM** stops consuming, lets taken POSTs finish within FACEFLEET_WEBHOOK_DRAIN_TIMEOUT_S
   (what has not started by then goes back to the queue unposted), and exits 0. A lost broker
-  connection is re-established with backoff.
+  connection is re-established with backoff. The consume loop, the drain and the thread-safe
+  acks are facefleet/consuming.py, shared with the worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import enum
 import logging
 import os
@@ -79,6 +79,7 @@ from prometheus_client import (
 
 from facefleet import health
 from facefleet.amqp import PublishLost, ThreadedPublisher, _declare_queue, connect, features
+from facefleet.consuming import ConsumerIO, call_threadsafe
 from facefleet.fetch import FetchError, FetchPolicy, Reply, parse_allow, redact
 from facefleet.fetch import request as http_request
 from facefleet.jobstore import JobStore
@@ -113,6 +114,11 @@ DELIVERY_LIMIT = 50
 failed queue: a message that kills the process every time must not stop the fleet. Retries on
 the schedule are fresh copies and do not count."""
 PREFETCH_PER_THREAD = 4
+DRAIN_PUMP_S = 0.1
+"""One wait of the drain loop for broker I/O (acks of finishing POSTs, heartbeats)."""
+DRAIN_STUCK_S = 5.0
+"""After the drain deadline, how long a POST still running gets before the connection is closed
+under it (its delivery goes back to the queue)."""
 USER_AGENT = "facefleet-webhooks/1"
 DEFAULT_EVENTS: frozenset[str] = frozenset(EVENT_TYPES) - {"progress"}
 """What a job gets when its webhook_events is None: every event type but progress."""
@@ -482,7 +488,7 @@ class WebhookSender:
         self.gone = _Lru(settings.webhook_cache_size)
         """Jobs whose receiver answered 410 Gone."""
         self.state = State.STARTING
-        self.last_tick = time.monotonic()
+        self.io = ConsumerIO(pump_s=DRAIN_PUMP_S, stuck_s=DRAIN_STUCK_S)
         self._stopping = threading.Event()
         self._no_more_posts = threading.Event()
         self._connection: pika.BlockingConnection | None = None
@@ -496,6 +502,11 @@ class WebhookSender:
 
     def request_shutdown(self, *_args: object) -> None:
         self._stopping.set()
+
+    @property
+    def last_tick(self) -> float:
+        """When the main loop last served its connection or waited on purpose (/healthz)."""
+        return self.io.last_tick
 
     def _set_state(self, state: State) -> None:
         if state != self.state:
@@ -549,7 +560,7 @@ class WebhookSender:
         deadline = time.monotonic() + seconds
         while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             self._stopping.wait(min(1.0, left))
-            self.last_tick = time.monotonic()
+            self.io.tick()
 
     def _consume(self) -> None:
         conn = connect(self.settings.amqp_url, self.name)
@@ -573,9 +584,7 @@ class WebhookSender:
             self.queues.main,
             ", ".join(self.queues.retry(d).rsplit(".", 1)[1] for d in self.schedule),
         )
-        while not self._stopping.is_set():
-            conn.process_data_events(time_limit=0.25)
-            self.last_tick = time.monotonic()
+        self.io.consume(conn, self._stopping)
 
     def _inflight_count(self) -> int:
         with self._inflight_lock:
@@ -583,35 +592,19 @@ class WebhookSender:
 
     def _drain(self) -> None:
         self._set_state(State.DRAINING)
-        conn, ch = self._connection, self._channel
-        if ch is not None and ch.is_open and self._consumer_tag is not None:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                ch.basic_cancel(self._consumer_tag)
-        deadline = time.monotonic() + self.settings.webhook_drain_timeout_s
-        while self._inflight_count() > 0:
-            if time.monotonic() >= deadline and not self._no_more_posts.is_set():
-                log.warning(
-                    "drain deadline reached; %d delivery(ies) go back to the queue",
-                    self._inflight_count(),
-                )
-                self._no_more_posts.set()
-            if time.monotonic() >= deadline + 5:
-                break  # a POST still stuck: closing the channel requeues its delivery
-            self._pump(conn, 0.1)
-        self._pump(conn, 0.1)
-        if conn is not None and conn.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                conn.close()
 
-    def _pump(self, conn: pika.BlockingConnection | None, seconds: float) -> None:
-        try:
-            if conn is not None and conn.is_open:
-                conn.process_data_events(time_limit=seconds)
-            else:
-                time.sleep(seconds)
-        except pika.exceptions.AMQPError:
-            time.sleep(seconds)
-        self.last_tick = time.monotonic()
+        def deadline_reached(count: int) -> None:
+            log.warning("drain deadline reached; %d delivery(ies) go back to the queue", count)
+            self._no_more_posts.set()
+
+        self.io.drain(
+            self._connection,
+            self._channel,
+            self._consumer_tag,
+            inflight=self._inflight_count,
+            timeout_s=self.settings.webhook_drain_timeout_s,
+            on_deadline=deadline_reached,
+        )
 
     # --- deliveries --------------------------------------------------------------------------
 
@@ -647,19 +640,17 @@ class WebhookSender:
             self.metrics.inflight.dec()
 
     def _settle(self, ch: BlockingChannel, tag: int, action: Action) -> None:
-        conn = self._connection
-        if conn is None or not conn.is_open or not ch.is_open:
-            return  # the broker redelivers it
+        """Ack or requeue on the I/O thread; with the channel gone the broker redelivers it."""
+        if not ch.is_open:
+            return
 
         def apply() -> None:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                if action == "ack":
-                    ch.basic_ack(tag)
-                else:
-                    ch.basic_nack(tag, requeue=True)
+            if action == "ack":
+                ch.basic_ack(tag)
+            else:
+                ch.basic_nack(tag, requeue=True)
 
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            conn.add_callback_threadsafe(apply)
+        call_threadsafe(self._connection, apply)
 
     def handle(self, headers: Mapping[str, Any], body: bytes) -> Action:
         """One delivery, start to end (POST, then retry copy or parked copy confirmed)."""

@@ -38,18 +38,29 @@ class WatchTimeout(TimeoutError):
     pass
 
 
+class Judged(Protocol):
+    """What `EndOfWatch` reads of an event: a `JobEvent`, or the gateway's pre-encoded frame."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def terminal(self) -> bool: ...
+
+
 class EndOfWatch:
     """When a watch is over. A terminal event ends it, except `dead_lettered`:
     `facefleet dead replay` may have opened the job again since, so the watcher keeps reading
     until it has caught up with the stream (a poll that delivers nothing) or `grace_s` passes
     without another event of the job, and only then ends; a `replayed` after it goes on.
-    Shared by the sync watcher and the async SDK so both end at the same event."""
+    Shared by the sync watcher, the async SDK and the gateway (its history reads, its WebSocket
+    sessions and its client) so all end at the same event."""
 
     def __init__(self, grace_s: float = REPLAY_GRACE_S) -> None:
         self.grace_s = grace_s
         self._dead_at: float | None = None
 
-    def saw(self, event: JobEvent) -> bool:
+    def saw(self, event: Judged) -> bool:
         """Told each event as it is yielded; True: the watch ends here."""
         if not event.terminal:
             self._dead_at = None

@@ -5,7 +5,9 @@ after the terminal event, raises WatchTimeout. The token goes in the first messa
 URL). A dropped connection (gateway restart, slow-client close, network) is resumed with
 after_seq = the last seq received, so the caller never sees a gap or a duplicate. A normal
 close (1000) ends the iteration: the gateway sends it after the terminal event, or at once when
-after_seq is already at or past it.
+after_seq is already at or past it. After a `dead_lettered` the iteration goes on until that
+close: the gateway keeps the socket open for a `replayed` (`EndOfWatch`), and ends it when none
+follows.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import connect
 
 from facefleet.producer.errors import SubmitError
-from facefleet.producer.watch import WatchTimeout
+from facefleet.producer.watch import EndOfWatch, WatchTimeout
 from facefleet.settings import GatewayClientSettings, ProducerSettings
 from facefleet.wire import DecodeError, JobEvent
 
@@ -79,6 +81,7 @@ def watch_via_gateway(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = after_seq
     failures = 0
+    end = EndOfWatch()
     while True:
         try:
             with connect(url, open_timeout=10, close_timeout=5, max_size=1 << 20) as ws:
@@ -101,7 +104,7 @@ def watch_via_gateway(
                     last = event.seq
                     failures = 0
                     yield event
-                    if event.terminal:
+                    if end.saw(event):  # a dead letter: the gateway's close 1000 ends it
                         return
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else 1006

@@ -19,6 +19,7 @@ from facefleet.producer.aio import AsyncJobClient
 from facefleet.producer.gateway.auth import ApiKeys, TokenSigner
 from facefleet.producer.gateway.fanout import Fanout
 from facefleet.producer.gateway.metrics import GatewayMetrics
+from facefleet.producer.watch import REPLAY_GRACE_S
 from facefleet.settings import GatewaySettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def build_gateway(
             metrics,
             replay_idle_s=settings.replay_idle_s,
             replay_timeout_s=settings.replay_timeout_s,
+            replay_grace_s=settings.replay_grace_s or REPLAY_GRACE_S,
         ),
         signer=signer,
         keys=keys,

@@ -22,6 +22,12 @@ Restart. The gateway keeps no state of its own: a restarted gateway (or another 
 the same full history from the stream, and its tail attaches at the stream's last chunk to
 learn the current end offset. The integration tests prove it, including a restart mid-job.
 
+End of a job. The gateway ends a job where the sync watcher and the async SDK do: `EndOfWatch`
+(producer/watch.py). A terminal event ends it, except a `dead_lettered` that `facefleet dead
+replay` may have opened again: a history read does not stop there (it reads on to its stop
+offset, so the `replayed` and everything after it are in the history), and a session that gave
+the client a `dead_lettered` waits `replay_grace_s` for more of the job before it closes 1000.
+
 Subscribers register *before* history is loaded, so an event is either already in the loaded
 history or arrives live: no gap is possible; `SeqOrderer` removes the overlap. A subscriber whose
 inbox is full, or whose socket holds more unsent bytes than the transport's high-water mark plus
@@ -48,7 +54,7 @@ from facefleet.amqp import Backoff, aio_connect, aio_endpoint
 from facefleet.producer.aio import server_features
 from facefleet.producer.gateway.direct import FrameSink, encode_text_frame
 from facefleet.producer.gateway.metrics import GatewayMetrics
-from facefleet.producer.watch import SeqOrderer, stream_arguments
+from facefleet.producer.watch import REPLAY_GRACE_S, EndOfWatch, SeqOrderer, stream_arguments
 from facefleet.wire import EVENTS_STREAM, BrokerFeatures, DecodeError, JobEvent
 
 log = logging.getLogger(__name__)
@@ -60,10 +66,12 @@ ACK_EVERY = 100
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One event, encoded once and shared by every subscriber of its job: `text` for the ASGI
-    path, `wire` (the whole WebSocket frame) for direct writes."""
+    path, `wire` (the whole WebSocket frame) for direct writes; `type` and `terminal` for
+    `EndOfWatch`."""
 
     seq: int
     text: str
+    type: str
     terminal: bool
     wire: bytes
 
@@ -71,7 +79,7 @@ class Frame:
     def of(cls, event: JobEvent, text: str | None = None) -> Frame:
         if text is None:
             text = event.encode().decode()
-        return cls(event.seq, text, event.terminal, encode_text_frame(text.encode()))
+        return cls(event.seq, text, event.type, event.terminal, encode_text_frame(text.encode()))
 
 
 class Signal(enum.Enum):
@@ -82,7 +90,11 @@ class Signal(enum.Enum):
     DISCONNECTED = "disconnected"
     """The client went away."""
     ENDED = "ended"
-    """The terminal frame was written directly: the session closes with 1000."""
+    """The frame that ends the job (`EndOfWatch`) was written directly: the session closes
+    with 1000."""
+    DEAD_LETTERED = "dead_lettered"
+    """A `dead_lettered` was written directly: the session waits for a `replayed` (up to the
+    end's `grace_s`) before it closes with 1000."""
 
 
 class Delivery(enum.Enum):
@@ -107,11 +119,30 @@ class Subscriber:
     behind a gap, and only between its awaited ASGI sends, so the two paths never interleave.
     Only the next seq is written directly; a duplicate is skipped, and anything else (a gap, a
     terminal event at or before after_seq) disarms and goes to the session's ordered path.
+
+    `end` decides, for both paths, which frame ends the session (`ends`).
     """
 
-    __slots__ = ("dropped", "inbox", "job_id", "last_sent", "maxsize", "orderer", "sink")
+    __slots__ = (
+        "_judged",
+        "dropped",
+        "end",
+        "inbox",
+        "job_id",
+        "last_sent",
+        "maxsize",
+        "orderer",
+        "sink",
+    )
 
-    def __init__(self, job_id: str, maxsize: int, after_seq: int = 0) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        maxsize: int,
+        after_seq: int = 0,
+        *,
+        replay_grace_s: float = REPLAY_GRACE_S,
+    ) -> None:
         self.job_id = job_id
         self.maxsize = maxsize
         self.inbox: asyncio.Queue[Frame | Signal] = asyncio.Queue(maxsize)
@@ -120,6 +151,19 @@ class Subscriber:
         self.last_sent = after_seq
         """Seq of the last frame handed to the client's socket, by either path."""
         self.sink: FrameSink | None = None
+        self.end = EndOfWatch(replay_grace_s)
+        self._judged = 0
+        """Seq of the last frame `end` was told."""
+
+    def ends(self, frame: Frame) -> bool:
+        """Tell `end` of a frame the client was given, or already had (seq <= after_seq): True
+        when the session ends with it. Frames are told in seq order, each once; an older one (a
+        duplicate) is ignored, so a re-published `dead_lettered` cannot make a replayed job
+        look dead again."""
+        if frame.seq <= self._judged:
+            return False
+        self._judged = frame.seq
+        return self.end.saw(frame)
 
     def arm(self, sink: FrameSink) -> None:
         """Write live frames straight to `sink` from now on (the session is caught up)."""
@@ -136,6 +180,7 @@ class Subscriber:
             if frame.seq == self.orderer.next_seq:
                 return self._write(sink, frame)
             if frame.seq < self.orderer.next_seq and not frame.terminal:
+                self.ends(frame)  # e.g. a `replayed` at or before after_seq: the job goes on
                 return Delivery.SKIPPED
             self.sink = None
         try:
@@ -156,8 +201,11 @@ class Subscriber:
             return Delivery.REFUSED
         self.orderer.push(frame)
         self.last_sent = frame.seq
-        if frame.terminal:
+        if self.ends(frame):
             self.signal(Signal.ENDED)
+        elif self.end.pending:
+            # Wake the session (asleep on an empty inbox while armed) to time the grace.
+            self.signal(Signal.DEAD_LETTERED)
         return Delivery.WRITTEN
 
     def _drop(self) -> None:
@@ -213,6 +261,7 @@ class Fanout:
         prefetch: int = 2000,
         replay_idle_s: float = 1.0,
         replay_timeout_s: float = 60.0,
+        replay_grace_s: float = REPLAY_GRACE_S,
         name: str = "facefleet-gateway",
     ) -> None:
         self.amqp_url = amqp_url
@@ -220,6 +269,8 @@ class Fanout:
         self.prefetch = prefetch
         self.replay_idle_s = replay_idle_s
         self.replay_timeout_s = replay_timeout_s
+        self.replay_grace_s = replay_grace_s
+        """How long a session waits after a `dead_lettered` for a `replayed` (`EndOfWatch`)."""
         self.name = name
         self.state = TailState.STOPPED
         self.position: int | None = None
@@ -336,7 +387,7 @@ class Fanout:
     # --- live fan-out --------------------------------------------------------------------------
 
     def subscribe(self, job_id: str, maxsize: int, after_seq: int = 0) -> Subscriber:
-        sub = Subscriber(job_id, maxsize, after_seq)
+        sub = Subscriber(job_id, maxsize, after_seq, replay_grace_s=self.replay_grace_s)
         self._topics.setdefault(job_id, set()).add(sub)
         return sub
 
@@ -420,6 +471,11 @@ class Fanout:
         loop = asyncio.get_running_loop()
         closing = False
         found: dict[int, Frame] = {}
+        # The read may stop early at the event that ends the job (nothing of the job follows
+        # it), told in seq order. A `dead_lettered` does not: a `replayed` may follow, and the
+        # read goes on to `stop` (or the stream's quiet end), as EndOfWatch reads on to the end.
+        ordered: SeqOrderer[Frame] = SeqOrderer()
+        end = EndOfWatch()
         done = asyncio.Event()
         last_seen = loop.time()
         unacked = 0
@@ -436,8 +492,9 @@ class Fanout:
             if _job_of(message.routing_key) == job_id:
                 decoded = _decode(message.body, job_id)
                 if decoded is not None:
-                    found[decoded[0].seq] = Frame.of(*decoded)
-                    if decoded[0].terminal:
+                    frame = Frame.of(*decoded)
+                    found[frame.seq] = frame
+                    if any(end.saw(ready) for ready in ordered.push(frame)):
                         done.set()
             offset = message.headers.get("x-stream-offset")
             if stop is not None and isinstance(offset, int) and offset >= stop - 1:

@@ -17,7 +17,7 @@ import pytest
 from facefleet.amqp import connect, declare_topology
 from facefleet.producer.gateway.fanout import Fanout
 from facefleet.producer.gateway.metrics import GatewayMetrics
-from facefleet.wire import EVENTS_EXCHANGE, EventPayload, JobEvent, utcnow
+from facefleet.wire import EVENTS_EXCHANGE, EventPayload, EventType, JobEvent, utcnow
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +62,40 @@ def test_history_reads_survive_the_loss_of_their_connection_and_never_touch_the_
     assert second == [1, 2, 3]
     assert separate
     assert tail_ready
+
+
+def publish_kinds(amqp_url: str, job_id: str, kinds: list[EventType]) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for seq, kind in enumerate(kinds, 1):
+        ev = JobEvent(job_id=job_id, seq=seq, type=kind, ts=utcnow(), payload=EventPayload())
+        ch.basic_publish(EVENTS_EXCHANGE, f"job.{job_id}.{kind}", ev.encode())
+    conn.close()
+
+
+def test_a_history_read_goes_past_a_dead_letter_that_a_replay_follows(amqp_url: str) -> None:
+    """A history read stops early at the event that ends the job (EndOfWatch), never at a
+    `dead_lettered` that `facefleet dead replay` followed: the replayed run is history too.
+    Many events after the dead letter, so a read that stopped there could not have them all."""
+    conn = connect(amqp_url, "test-topology")
+    declare_topology(conn, [])
+    conn.close()
+    job_id = str(uuid.uuid4())
+    since = datetime.now(UTC)
+    progress: list[EventType] = ["progress"] * 300
+    after: list[EventType] = ["replayed", "started", *progress, "completed"]
+    kinds: list[EventType] = ["queued", "started", "retrying", "dead_lettered", *after]
+    publish_kinds(amqp_url, job_id, kinds)
+
+    async def scenario() -> list[str]:
+        fanout = Fanout(amqp_url, GatewayMetrics(), replay_idle_s=5.0)
+        await fanout.start()
+        try:
+            assert await fanout.wait_attached(20)
+            found = await fanout.stream_history(job_id, since=since, stop=None)
+            return [f.type for f in found]
+        finally:
+            await fanout.stop()
+
+    assert asyncio.run(scenario()) == kinds

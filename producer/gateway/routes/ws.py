@@ -6,7 +6,9 @@ Protocol (client's view):
     send     {"token": T, "after_seq": N}      first message, when T is not in the URL (preferred:
                                                URLs end up in logs)
     receive  one text frame per event: the JobEvent JSON of the wire contract (seq, type, ...)
-    close    1000 after the terminal event, or at once when after_seq is at or past it
+    close    1000 after the terminal event, or at once when after_seq is at or past it; after
+             a `dead_lettered`, only once no `replayed` follows within the replay grace
+             (producer/watch.py `EndOfWatch`, the sync watcher's and the SDK's rule too)
              1008 bad/missing/expired/other-job token (nothing was sent)   4400 bad after_seq
              4008 client too slow (reconnect with the last seq received)   1011 history
              unavailable, or a gap in it that one re-read did not fill (retry with after_seq)
@@ -20,7 +22,9 @@ Replay goes through ASGI `send()`. Once LIVE and caught up (inbox empty, no gap)
 a server that offers direct writes (`direct.sink_of`) arms its subscriber, and the stream tail
 writes each next frame straight to the socket; the session task sleeps until a signal (the
 terminal frame was written, too slow, gone) or a frame that needs the ordered path (a gap)
-arrives, sends that through ASGI, and re-arms.
+arrives, sends that through ASGI, and re-arms. The subscriber's `EndOfWatch` decides which
+frame ends the session on both paths; after a `dead_lettered` the session waits its grace for
+more of the job (a `replayed`, `facefleet dead replay`) and closes 1000 if none comes.
 """
 
 from __future__ import annotations
@@ -179,7 +183,14 @@ class ClientSession:
         while True:
             if sink is not None:
                 sub.arm(sink)  # only takes when caught up: inbox empty, nothing behind a gap
-            item = await sub.inbox.get()
+            item = await self._next(sub)
+            if item is None:
+                if sub.end.idle(caught_up=True):  # a dead letter that no replay followed
+                    await self.close(Close.NORMAL, "job ended")
+                    return
+                continue  # a replay was written directly meanwhile: the job goes on
+            if item is Signal.DEAD_LETTERED:
+                continue  # wait for a replay, timed by `_next`
             if item is Signal.DISCONNECTED:
                 self.move(SessionState.CLOSED)
                 return
@@ -199,6 +210,17 @@ class ClientSession:
             if orderer.holding and await self._fill_gap(orderer, since):
                 return
 
+    @staticmethod
+    async def _next(sub: Subscriber) -> Frame | Signal | None:
+        """The next inbox item; None when the client was given a `dead_lettered` and nothing
+        arrived within the end's grace (the async SDK's wait for a `replayed`)."""
+        if not sub.end.pending:
+            return await sub.inbox.get()
+        try:
+            return await asyncio.wait_for(sub.inbox.get(), sub.end.grace_s)
+        except TimeoutError:
+            return None
+
     def _direct_sink(self) -> FrameSink | None:
         """The connection's direct-write sink, if the server offers one (`direct.py`)."""
         return sink_of(self.ws.scope)
@@ -214,13 +236,15 @@ class ClientSession:
     async def _push(self, orderer: SeqOrderer[Frame], frames: list[Frame]) -> bool:
         """Order and send frames; True once the session is over.
 
-        A terminal frame the orderer drops (seq <= the client's after_seq) still ends the
-        session: nothing will follow it, and a client reconnecting after the end must not wait
-        in LIVE forever."""
+        A frame the orderer drops (seq <= the client's after_seq) is still told to the end: an
+        ending frame there ends the session (nothing will follow it, and a client reconnecting
+        after the end must not wait in LIVE forever), a `dead_lettered` there waits for its
+        replay like one sent now."""
         for frame in frames:
+            had = frame.seq < orderer.next_seq
             if await self._send_ready(orderer.push(frame)):
                 return True
-            if frame.terminal and frame.seq < orderer.next_seq:
+            if had and self._ends(frame):
                 await self.close(Close.NORMAL, "job ended")
                 return True
         return False
@@ -256,10 +280,14 @@ class ClientSession:
             if self.sub is not None:
                 self.sub.last_sent = frame.seq
             self.gw.metrics.fanned_out.inc()
-            if frame.terminal:
+            if self._ends(frame):
                 await self.close(Close.NORMAL, "job ended")
                 return True
         return False
+
+    def _ends(self, frame: Frame) -> bool:
+        """Whether the job ends with this frame (the subscriber's `EndOfWatch`)."""
+        return self.sub.ends(frame) if self.sub is not None else frame.terminal
 
     async def close(self, code: Close, reason: str) -> None:
         if self.state is not SessionState.CLOSED:

@@ -179,6 +179,11 @@ class JobView {
         $("eta").textContent = p.eta_s !== undefined ? `about ${Math.ceil(p.eta_s)} s left` : "";
         break;
       case "retrying": this.setState("retrying"); $("stage").textContent = p.message || ""; break;
+      case "replayed":  // `facefleet dead replay` opened the dead-lettered job again
+        this.done = false;
+        this.setState("queued");
+        $("stage").textContent = p.replayed_by ? `replayed by ${p.replayed_by}` : "replayed";
+        break;
       case "completed":
         this.done = true;
         this.setState("completed");
