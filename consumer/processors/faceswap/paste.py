@@ -5,8 +5,9 @@ face's neighbourhood.
 threshold >20, erode by max(s//10, 10), Gaussian blur 2*max(s//20, 5)+1, s = sqrt of the mask
 extent, float blend, truncate to uint8) computed on a region of interest around the face instead
 of the whole frame. The region has a margin wider than the erosion plus the blur, so the result
-equals the full-frame computation up to OpenCV's fixed-point warp rounding (at most a level or
-two on a few pixels), while costing face-sized rather than frame-sized work.
+equals the full-frame computation up to OpenCV's fixed-point warp rounding (on photo-like
+content at most three levels on under 1% of the pixels: tests/faceswap/test_paste.py), while
+costing face-sized rather than frame-sized work.
 
 `paste_crop` is facefusion's paste (bounding box of the warped crop corners, replicate border,
 mask-weighted blend), used by the enhancer; `box_mask` is facefusion's box mask.
@@ -59,17 +60,24 @@ def paste_swapped(frame: Frame, crop: np.ndarray, matrix: Matrix) -> bool:
     white = np.full((size, size), 255, dtype=np.float32)
     mask = cv2.warpAffine(white, inverse, (w, h), borderValue=0.0)
     mask[mask > 20] = 255
-    ys, xs = np.where(mask == 255)
-    if ys.size == 0:
+    # The extent of the 255 pixels (np.where's min/max, without its index arrays).
+    _, _, span_x, span_y = cv2.boundingRect((mask == 255).view(np.uint8))
+    if span_x == 0:
         return False
-    mask_size = int(np.sqrt((ys.max() - ys.min()) * (xs.max() - xs.min())))
+    mask_size = int(np.sqrt((span_y - 1) * (span_x - 1)))
     k = max(mask_size // 10, 10)
     mask = cv2.erode(mask, np.ones((k, k), np.uint8), iterations=1)
     k = max(mask_size // 20, 5)
     mask = cv2.GaussianBlur(mask, (2 * k + 1, 2 * k + 1), 0)
     alpha = (mask / 255).reshape((h, w, 1))
     region = frame[y0:y1, x0:x1]
-    merged = alpha * fake + (1 - alpha) * region.astype(np.float32)
+    # alpha * fake + (1 - alpha) * region, the same float32 operations in place (bit-identical,
+    # fewer frame-sized temporaries), truncated to uint8 as insightface does.
+    merged = fake.astype(np.float32)
+    merged *= alpha
+    rest = region.astype(np.float32)
+    rest *= 1 - alpha
+    merged += rest
     frame[y0:y1, x0:x1] = merged.astype(np.uint8)
     return True
 
