@@ -14,14 +14,21 @@ and, beside it, held / wall with the device's held seconds as the worker exports
 oversleep on a loaded machine, so that figure is a little higher; the headline is the lower one.
 
 is measured on any machine. Each model time (30 ms and 8 ms per job by default) runs the
-sequential worker (FACEFLEET_PIPELINE_DEPTH=1, today's path) and the pipelined one (depth 3:
-job N on the device, N+1 decoding, N-1 committing), interleaved over --rounds, medians shown.
-Every job is checked to have completed exactly once.
+sequential worker (FACEFLEET_PIPELINE_DEPTH=1, today's path) and the pipelined one (--depth,
+4 by default: job N on the device while others decode, paste back, encode and commit),
+interleaved over --rounds, medians shown. Every job is checked to have completed exactly once.
 
-    python -m bench.bench_gpu_duty [--jobs 150] [--rounds 1] [--json]
+Beside each figure, what this machine's CPU allows: the ceiling a CPU-bound worker could reach
+(cores / worker CPU per job, as duty at that model time; the broker and this process share the
+cores, so the real ceiling is lower) and the CPU the JPEG codec alone takes per job (decoding
+both photos and encoding the result, measured here with the same OpenCV): no scheduling makes a
+job cheaper than that.
+
+    python -m bench.bench_gpu_duty [--jobs 150] [--rounds 1] [--depth 4] [--json]
 
 JSON keys: duty_sequential / duty_pipelined (30 ms), duty_sequential_8ms / duty_pipelined_8ms,
-held_duty_*, jobs_per_s_* likewise, cpu_ms_per_job_* (the worker's CPU per job), loadavg (1-minute, before
+held_duty_*, jobs_per_s_* likewise, cpu_ms_per_job_* (the worker's CPU per job),
+cpu_ceiling_duty_pipelined*, codec_cpu_ms_per_job, depth_pipelined, loadavg (1-minute, before
 and after: this machine's 2 cores are shared).
 """
 
@@ -54,7 +61,7 @@ from facefleet.settings import ProducerSettings
 from facefleet.wire import control_pending_queue, dead_notify_queue, job_queue
 
 MODEL_TIMES_MS = (30.0, 8.0)
-PIPELINED_DEPTH = 3
+PIPELINED_DEPTH = 4
 SPLIT = {"detect": 1 / 3, "embed": 1 / 15, "swap": 4 / 15}
 """A one-face photo job's model calls: detect twice (source, target), embed once, swap once;
 these shares of the job's model time add up to 1."""
@@ -203,15 +210,40 @@ def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int) -> Run:
         shutil.rmtree(data_root, ignore_errors=True)
 
 
-def measure(amqp_url: str, jobs: int, rounds: int, times_ms: tuple[float, ...]) -> dict[str, Any]:
+def codec_cpu_ms() -> float:
+    """CPU ms per job of the JPEG codec alone: decode both photos, encode the 1080p result (at
+    the faceswap processor's default quality); the median of 20."""
+    from facefleet.consumer.processors.faceswap.options import FaceSwapOptions
+
+    quality = FaceSwapOptions().quality
+    with tempfile.TemporaryDirectory() as tmp:
+        datas = [np.frombuffer(p.read_bytes(), np.uint8) for p in photos(Path(tmp))]
+    samples = []
+    for _ in range(20):
+        t0 = time.process_time()
+        frames = [cv2.imdecode(d, cv2.IMREAD_COLOR) for d in datas]
+        cv2.imencode(".jpg", frames[1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        samples.append(time.process_time() - t0)
+    return 1000 * statistics.median(samples)
+
+
+def measure(
+    amqp_url: str,
+    jobs: int,
+    rounds: int,
+    times_ms: tuple[float, ...],
+    depth: int = PIPELINED_DEPTH,
+) -> dict[str, Any]:
     """Sequential and pipelined, interleaved per round, for each model time; medians."""
-    out: dict[str, Any] = {"jobs": jobs, "rounds": rounds, "depth_pipelined": PIPELINED_DEPTH}
+    out: dict[str, Any] = {"jobs": jobs, "rounds": rounds, "depth_pipelined": depth}
     out["loadavg_before"] = round(os.getloadavg()[0], 2)
+    cpus = os.cpu_count() or 1
+    out["codec_cpu_ms_per_job"] = round(codec_cpu_ms(), 2)
     for ms in times_ms:
         runs: dict[str, list[Run]] = {"sequential": [], "pipelined": []}
         for _ in range(rounds):
             runs["sequential"].append(run_once(amqp_url, jobs, ms, 1))
-            runs["pipelined"].append(run_once(amqp_url, jobs, ms, PIPELINED_DEPTH))
+            runs["pipelined"].append(run_once(amqp_url, jobs, ms, depth))
         suffix = "" if ms == MODEL_TIMES_MS[0] else f"_{ms:g}ms"
         for mode, rs in runs.items():
             out[f"duty_{mode}{suffix}"] = round(statistics.median(r.duty for r in rs), 4)
@@ -222,8 +254,10 @@ def measure(amqp_url: str, jobs: int, rounds: int, times_ms: tuple[float, ...]) 
             out[f"cpu_ms_per_job_{mode}{suffix}"] = round(
                 statistics.median(r.worker_cpu_ms_per_job for r in rs), 2
             )
+        cpu_ms = out[f"cpu_ms_per_job_pipelined{suffix}"]
+        out[f"cpu_ceiling_duty_pipelined{suffix}"] = round(min(1.0, cpus * ms / cpu_ms), 4)
     out["loadavg_after"] = round(os.getloadavg()[0], 2)
-    out["cpus"] = os.cpu_count()
+    out["cpus"] = cpus
     return out
 
 
@@ -231,17 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--jobs", type=int, default=150)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--depth", type=int, default=PIPELINED_DEPTH, help="the pipelined run's depth")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     amqp_url = discover().url
-    result = measure(amqp_url, args.jobs, args.rounds, MODEL_TIMES_MS)
+    result = measure(amqp_url, args.jobs, args.rounds, MODEL_TIMES_MS, args.depth)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(
         f"{args.jobs} 1080p photo jobs per run, {args.rounds} round(s), one emulated device; "
         f"load average {result['loadavg_before']} -> {result['loadavg_after']} on "
-        f"{result['cpus']} CPUs"
+        f"{result['cpus']} CPUs; pipelined depth {result['depth_pipelined']}; the JPEG codec "
+        f"alone {result['codec_cpu_ms_per_job']:.1f} ms CPU/job"
     )
     for ms in MODEL_TIMES_MS:
         suffix = "" if ms == MODEL_TIMES_MS[0] else f"_{ms:g}ms"
@@ -254,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         ratio = result[f"jobs_per_s_pipelined{suffix}"] / result[f"jobs_per_s_sequential{suffix}"]
         print(f"  model {ms:4g} ms/job  pipelined / sequential: {ratio:.2f}x")
+        ceiling = result[f"cpu_ceiling_duty_pipelined{suffix}"]
+        print(
+            f"  model {ms:4g} ms/job  the most this CPU allows: duty {100 * ceiling:5.1f}% "
+            f"({result['cpus']} cores / the pipelined worker's CPU per job)"
+        )
     return 0
 
 
