@@ -113,6 +113,9 @@ def free_map(description: str) -> Schema:
 QUANTITY = {"type": ["string", "integer", "number"]}
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$"
 
+# A Kubernetes object name or empty (existingClaim, existingSecret...).
+OPTIONAL_NAME = string(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", maxLength=253)
+
 RESOURCE_LIST = {"type": "object", "additionalProperties": QUANTITY}
 RESOURCES = obj(
     {"requests": RESOURCE_LIST, "limits": RESOURCE_LIST},
@@ -151,10 +154,31 @@ def tier_schema() -> Schema:
             "terminationGracePeriodSeconds": integer(1, nullable=True),
             "prefetch": integer(1, 64),
             "batch": integer(1, 256),
+            # The worker's GPU-duty settings, bounded as WorkerSettings bounds them.
+            "pipelineDepth": {"type": "integer", **field_bounds(WorkerSettings, "pipeline_depth")},
+            "instances": {"type": "integer", **field_bounds(WorkerSettings, "instances")},
+            "dynamicBatch": {"type": "integer", **field_bounds(WorkerSettings, "dynamic_batch")},
+            # Whole ms: `--set` passes 0.5 as a string (the worker takes any number in range).
+            "batchDelayMs": {"type": "integer", **field_bounds(WorkerSettings, "batch_delay_ms")},
             "podDeletionCost": boolean(),
             "processor": string(enum=sorted(PROCESSORS)),
             "backend": string(enum=literal_choices(WorkerSettings, "backend")),
             "executionProviders": string(pattern=f"^({providers})(,({providers}))*$"),
+            "tensorrt": obj(
+                {
+                    "fp16": boolean(),
+                    "cache": obj(
+                        {
+                            "type": string(enum=["emptyDir", "hostPath", "pvc"]),
+                            "emptyDirSizeLimit": string(pattern=QUANTITY_PATTERN),
+                            "hostPath": string(pattern="^/.+"),
+                            "existingClaim": OPTIONAL_NAME,
+                        },
+                        required=["type", "emptyDirSizeLimit", "hostPath", "existingClaim"],
+                    ),
+                },
+                required=["fp16", "cache"],
+            ),
             "deviceId": integer(0),
             "gpu": obj(
                 {
@@ -219,10 +243,15 @@ def tier_schema() -> Schema:
             "deliveryLimit",
             "prefetch",
             "batch",
+            "pipelineDepth",
+            "instances",
+            "dynamicBatch",
+            "batchDelayMs",
             "podDeletionCost",
             "processor",
             "backend",
             "executionProviders",
+            "tensorrt",
             "deviceId",
             "gpu",
             "resources",
@@ -246,7 +275,7 @@ def image_schema() -> Schema:
 
 def build() -> Schema:
     k8s_name = string(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", maxLength=63)
-    optional_name = string(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", maxLength=253)
+    optional_name = OPTIONAL_NAME
     secret_key = string(pattern=r"^[-._a-zA-Z0-9]+$")
     tier_pattern = TIER_PATTERN.pattern
     # Joined with "," into FACEFLEET_FETCH_ALLOW (workers and webhooks).

@@ -487,6 +487,13 @@ def test_workers_follow_the_runtime_contract(helm: Path, values_file: str) -> No
         assert env["FACEFLEET_DRAIN_TIMEOUT_S"] == str(grace - margin)
         assert env["FACEFLEET_CONCURRENCY"] == str(tier["prefetch"])
         assert env["FACEFLEET_BATCH"] == str(tier["batch"])
+        assert env["FACEFLEET_PIPELINE_DEPTH"] == str(tier["pipelineDepth"])
+        assert env["FACEFLEET_INSTANCES"] == str(tier["instances"])
+        assert env["FACEFLEET_DYNAMIC_BATCH"] == str(tier["dynamicBatch"])
+        assert env["FACEFLEET_BATCH_DELAY_MS"] == str(tier["batchDelayMs"])
+        # The AMQP prefetch the worker takes (concurrency x depth x batch) fits the trigger target.
+        held = tier["prefetch"] * tier["pipelineDepth"] * tier["batch"]
+        assert tier["scaling"]["jobsPerReplica"] >= held
         assert env["FACEFLEET_MODEL_DIR"] == "/models"
         no_data_volume = values["store"]["backend"] == "postgres" and values["storage"]["media"][
             "url"

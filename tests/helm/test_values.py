@@ -112,6 +112,116 @@ def test_grace_period_override(helm: Path) -> None:
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
 
 
+def tier_pod(objs: list[dict[str, Any]], tier: str) -> dict[str, Any]:
+    """The pod spec of a tier's Deployment or ScaledJob."""
+    name = f"ff-facefleet-worker-{tier}"
+    w = next(
+        o for o in objs
+        if o["kind"] in ("Deployment", "ScaledJob") and o["metadata"]["name"] == name
+    )  # fmt: skip
+    spec = w["spec"]
+    return (
+        spec["jobTargetRef"]["template"]["spec"]
+        if "jobTargetRef" in spec
+        else spec["template"]["spec"]
+    )
+
+
+def worker_env(pod: dict[str, Any]) -> dict[str, Any]:
+    worker = next(c for c in pod["containers"] if c["name"] == "worker")
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in worker["env"]}
+
+
+GPU_DEFAULTS = {
+    "FACEFLEET_PIPELINE_DEPTH": "1",
+    "FACEFLEET_INSTANCES": "1",
+    "FACEFLEET_DYNAMIC_BATCH": "1",
+    "FACEFLEET_BATCH_DELAY_MS": "2",
+}
+
+
+@pytest.mark.parametrize(
+    ("sets", "tier", "env"),
+    [
+        pytest.param([], "high", GPU_DEFAULTS, id="defaults-high"),
+        pytest.param([], "batch", GPU_DEFAULTS, id="defaults-batch-scaledjob"),
+        pytest.param(["tiers.standard.pipelineDepth=3", "tiers.standard.scaling.jobsPerReplica=3"],
+                     "standard", {**GPU_DEFAULTS, "FACEFLEET_PIPELINE_DEPTH": "3"},
+                     id="standard-depth-3"),
+        pytest.param(["tiers.high.pipelineDepth=4", "tiers.high.scaling.jobsPerReplica=4"], "high",
+                     {**GPU_DEFAULTS, "FACEFLEET_PIPELINE_DEPTH": "4"}, id="high-depth-4"),
+        pytest.param(["tiers.batch.pipelineDepth=2", "tiers.batch.scaling.jobsPerReplica=2"],
+                     "batch", {**GPU_DEFAULTS, "FACEFLEET_PIPELINE_DEPTH": "2"},
+                     id="batch-scaledjob-depth-2"),
+        pytest.param(["tiers.high.instances=2"], "high",
+                     {**GPU_DEFAULTS, "FACEFLEET_INSTANCES": "2"}, id="instances"),
+        pytest.param(["tiers.standard.dynamicBatch=8", "tiers.standard.batchDelayMs=5"],
+                     "standard",
+                     {**GPU_DEFAULTS, "FACEFLEET_DYNAMIC_BATCH": "8",
+                      "FACEFLEET_BATCH_DELAY_MS": "5"}, id="dynamic-batch-and-delay"),
+        pytest.param(["tiers.high.batchDelayMs=0"], "high",
+                     {**GPU_DEFAULTS, "FACEFLEET_BATCH_DELAY_MS": "0"}, id="zero-batch-delay"),
+    ],
+)  # fmt: skip
+def test_gpu_duty_settings_reach_the_worker(
+    helm: Path, sets: list[str], tier: str, env: dict[str, str]
+) -> None:
+    """`helm upgrade --set tiers.<tier>.pipelineDepth=...` etc. land in the tier's worker env as the
+    worker reads them (facefleet.settings.WorkerSettings), and only in that tier's."""
+    objs = render(helm, sets=sets)
+    got = worker_env(tier_pod(objs, tier))
+    assert {k: got.get(k) for k in env} == env
+    for other in {"high", "standard", "batch"} - {tier}:
+        other_env = worker_env(tier_pod(objs, other))
+        assert {k: other_env.get(k) for k in GPU_DEFAULTS} == GPU_DEFAULTS
+
+
+TRT = "tensorrt\\,cuda\\,cpu"
+
+
+@pytest.mark.parametrize(
+    ("sets", "volume", "fp16"),
+    [
+        pytest.param([], None, None, id="cuda-default-no-cache"),
+        pytest.param([f"tiers.high.executionProviders={TRT}"],
+                     {"emptyDir": {"sizeLimit": "10Gi"}}, "false", id="tensorrt-emptydir"),
+        pytest.param([f"tiers.high.executionProviders={TRT}", "tiers.high.tensorrt.fp16=true",
+                      "tiers.high.tensorrt.cache.type=hostPath",
+                      "tiers.high.tensorrt.cache.hostPath=/mnt/trt"],
+                     {"hostPath": {"path": "/mnt/trt", "type": "Directory"}}, "true",
+                     id="tensorrt-hostpath-fp16"),
+        pytest.param([f"tiers.high.executionProviders={TRT}",
+                      "tiers.high.tensorrt.cache.type=pvc",
+                      "tiers.high.tensorrt.cache.existingClaim=trt-cache"],
+                     {"persistentVolumeClaim": {"claimName": "trt-cache"}}, "false",
+                     id="tensorrt-existing-pvc"),
+    ],
+)  # fmt: skip
+def test_tensorrt_cache_is_mounted_only_when_asked(
+    helm: Path, sets: list[str], volume: dict[str, Any] | None, fp16: str | None
+) -> None:
+    """The TensorRT caches get a writable volume at /trt-cache (the model volume is read-only for
+    workers) only on a tier whose executionProviders lists tensorrt; the other tiers get none."""
+    objs = render(helm, sets=sets)
+    for tier in ("high", "standard", "batch"):
+        pod = tier_pod(objs, tier)
+        worker = next(c for c in pod["containers"] if c["name"] == "worker")
+        mounts = {m["name"]: m for m in worker["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        env = worker_env(pod)
+        assert mounts["models"]["readOnly"] is True
+        if tier == "high" and volume is not None:
+            assert mounts["trt-cache"]["mountPath"] == "/trt-cache"
+            assert not mounts["trt-cache"].get("readOnly", False)
+            assert {k: v for k, v in volumes["trt-cache"].items() if k != "name"} == volume
+            assert env["FACEFLEET_TRT_CACHE_DIR"] == "/trt-cache"
+            assert env["FACEFLEET_TRT_FP16"] == fp16
+            assert env["FACEFLEET_EXECUTION_PROVIDERS"] == "tensorrt,cuda,cpu"
+        else:
+            assert "trt-cache" not in mounts and "trt-cache" not in volumes
+            assert "FACEFLEET_TRT_CACHE_DIR" not in env and "FACEFLEET_TRT_FP16" not in env
+
+
 REJECTED = [
     # schema: types, ranges, unknown keys, enums
     pytest.param(["tiers.high.scaling.minReplicas=-1"],
@@ -186,13 +296,61 @@ REJECTED = [
                  ["/workers/drainMarginSeconds", "minimum"], id="negative-drain-margin"),
     pytest.param(["tiers.high.prefetch=4"],
                  ["tiers.high.scaling.jobsPerReplica (1) is below tiers.high.prefetch x "
-                  "tiers.high.batch (4)",
+                  "tiers.high.pipelineDepth x tiers.high.batch (4)",
                   "Fix: --set tiers.high.scaling.jobsPerReplica=4"], id="target-below-prefetch"),
     pytest.param(["tiers.standard.prefetch=2", "tiers.standard.batch=8"],
                  ["tiers.standard.scaling.jobsPerReplica", "is below tiers.standard.prefetch x "
-                  "tiers.standard.batch (16)",
+                  "tiers.standard.pipelineDepth x tiers.standard.batch (16)",
                   "Fix: --set tiers.standard.scaling.jobsPerReplica=16"],
                  id="target-below-prefetch-times-batch"),
+    pytest.param(["tiers.standard.pipelineDepth=3"],
+                 ["tiers.standard.scaling.jobsPerReplica (2) is below tiers.standard.prefetch x "
+                  "tiers.standard.pipelineDepth x tiers.standard.batch (3)", "its AMQP prefetch",
+                  "Fix: --set tiers.standard.scaling.jobsPerReplica=3"],
+                 id="target-below-pipelined-prefetch"),
+    pytest.param(["tiers.batch.prefetch=2", "tiers.batch.pipelineDepth=2", "tiers.batch.batch=2"],
+                 ["tiers.batch.scaling.jobsPerReplica (1) is below", "(8)",
+                  "Fix: --set tiers.batch.scaling.jobsPerReplica=8"],
+                 id="target-below-prefetch-depth-batch-scaledjob"),
+    # keeping the GPU busy: the worker's own bounds (facefleet.settings.WorkerSettings)
+    pytest.param(["tiers.high.pipelineDepth=0"], ["/tiers/high/pipelineDepth", "minimum"],
+                 id="depth-below-one"),
+    pytest.param(["tiers.high.pipelineDepth=17"], ["/tiers/high/pipelineDepth", "maximum"],
+                 id="depth-above-worker-bound"),
+    pytest.param(["tiers.standard.instances=0"], ["/tiers/standard/instances", "minimum"],
+                 id="zero-instances"),
+    pytest.param(["tiers.batch.dynamicBatch=257"], ["/tiers/batch/dynamicBatch", "maximum"],
+                 id="dynamic-batch-above-bound"),
+    pytest.param(["tiers.high.batchDelayMs=-1"], ["/tiers/high/batchDelayMs", "minimum"],
+                 id="negative-batch-delay"),
+    pytest.param(["tiers.high.batchDelayMs=0.5"], ["/tiers/high/batchDelayMs", "want integer"],
+                 id="fractional-batch-delay"),
+    pytest.param(["tiers.high.pipelineDepth=deep"], ["/tiers/high/pipelineDepth", "want integer"],
+                 id="depth-not-a-number"),
+    # TensorRT (tiers.<tier>.tensorrt)
+    pytest.param(["tiers.high.tensorrt.cache.type=nfs"], ["/tiers/high/tensorrt/cache/type"],
+                 id="unknown-trt-cache-type"),
+    pytest.param(["tiers.high.tensorrt.cache.existingClaim=Not_A_Name"],
+                 ["/tiers/high/tensorrt/cache/existingClaim"], id="bad-trt-claim-name"),
+    pytest.param(["tiers.high.tensorrt.cache.hostPath=relative/dir"],
+                 ["/tiers/high/tensorrt/cache/hostPath"], id="relative-trt-host-path"),
+    pytest.param(["tiers.high.tensorrt.engines=/x"],
+                 ["/tiers/high/tensorrt", "'engines' not allowed"], id="unknown-trt-key"),
+    pytest.param(["tiers.high.tensorrt.fp16=true"],
+                 ["tiers.high.tensorrt.fp16=true: TensorRT is not in "
+                  "tiers.high.executionProviders (cuda,cpu)", "would be ignored",
+                  "Fix: --set tiers.high.executionProviders=tensorrt\\,cuda\\,cpu"],
+                 id="trt-fp16-without-tensorrt"),
+    pytest.param(["tiers.standard.tensorrt.cache.type=pvc",
+                  "tiers.standard.tensorrt.cache.existingClaim=trt"],
+                 ["tiers.standard.tensorrt.cache.type=pvc: TensorRT is not in "
+                  "tiers.standard.executionProviders"], id="trt-cache-without-tensorrt"),
+    pytest.param(["tiers.high.executionProviders=tensorrt\\,cuda\\,cpu",
+                  "tiers.high.tensorrt.cache.type=pvc"],
+                 ["tiers.high.tensorrt.cache.type=pvc needs "
+                  "tiers.high.tensorrt.cache.existingClaim",
+                  "Fix: --set tiers.high.tensorrt.cache.existingClaim=<pvc>"],
+                 id="trt-pvc-without-claim"),
     pytest.param(["tiers.high.batch=0"], ["/tiers/high/batch", "minimum"], id="batch-below-one"),
     pytest.param(["tiers.standard.scaling.idleReplicas=0"],
                  ["tiers.standard.scaling.idleReplicas (0) needs tiers.standard.scaling.minReplicas >= 1"],

@@ -145,6 +145,15 @@ SIGKILL. Call with (dict "root" $ "tier" <tier map>).
 {{- end -}}
 
 {{/*
+facefleet.tensorrt: "true" when a tier's executionProviders lists tensorrt (the worker then tries
+TensorRT first, and the chart mounts its cache volume and sets FACEFLEET_TRT_*), else empty.
+Call with the tier map.
+*/}}
+{{- define "facefleet.tensorrt" -}}
+{{- if has "tensorrt" (splitList "," (lower (nospace (toString .executionProviders)))) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
 facefleet.tiersJson: FACEFLEET_TIERS, the one description of all enabled tiers that workers,
 gateway and CLI read (facefleet.settings.CommonSettings.tiers): a JSON list of
 {"name", "max_job_s", "max_length", "delivery_limit"}. Keep it the only place that builds it.

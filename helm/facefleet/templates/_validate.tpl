@@ -22,9 +22,10 @@ stop before anything reaches the cluster.
 {{- if ge (float64 $s.activationJobs) (float64 $s.jobsPerReplica) -}}
 {{- $msgs = append $msgs (printf "%s.scaling.activationJobs (%v) must be below %s.scaling.jobsPerReplica (%v): activation wins over the target, so a tier with that many jobs would stay at zero. Fix: --set %s.scaling.activationJobs=0" $p $s.activationJobs $p $s.jobsPerReplica $p) -}}
 {{- end -}}
-{{- $held := mul (int $t.prefetch) (int $t.batch) -}}
+{{- /* The worker's AMQP prefetch: concurrency x pipeline depth x batch (consumer/worker.py). */ -}}
+{{- $held := mul (int $t.prefetch) (int (default 1 $t.pipelineDepth)) (int $t.batch) -}}
 {{- if lt (float64 $s.jobsPerReplica) (float64 $held) -}}
-{{- $msgs = append $msgs (printf "%s.scaling.jobsPerReplica (%v) is below %s.prefetch x %s.batch (%d): each busy worker holds that many unacked jobs, which the trigger counts, so the HPA would keep pods that get no work. Fix: --set %s.scaling.jobsPerReplica=%d" $p $s.jobsPerReplica $p $p $held $p $held) -}}
+{{- $msgs = append $msgs (printf "%s.scaling.jobsPerReplica (%v) is below %s.prefetch x %s.pipelineDepth x %s.batch (%d): each busy worker holds that many unacked jobs (its AMQP prefetch), which the trigger counts, so the HPA would keep pods that get no work. Fix: --set %s.scaling.jobsPerReplica=%d" $p $s.jobsPerReplica $p $p $p $held $p $held) -}}
 {{- end -}}
 {{- /* Grace period >= max job time, checked on the rendered values (derived or hand-set): the
 worker's drain timeout, grace - drainMarginSeconds, must cover the longest job and be positive. */ -}}
@@ -80,6 +81,26 @@ worker's drain timeout, grace - drainMarginSeconds, must cover the longest job a
 {{- end -}}
 {{- if and (eq $trigger "predictive") (or (kindIs "invalid" $s.startupSeconds) (le (float64 $s.startupSeconds) 0.0)) -}}
 {{- $msgs = append $msgs (printf "%s.scaling.startupSeconds (%v) must be above 0: predictive adds the work forecast to arrive within it. Fix: --set %s.scaling.startupSeconds=90 (your pods' start-up time)" $p $s.startupSeconds $p) -}}
+{{- end -}}
+{{- end -}}
+{{- /* TensorRT: its settings apply only with tensorrt in executionProviders (as the worker reads
+them); a pvc cache needs the claim. */ -}}
+{{- with $t.tensorrt -}}
+{{- if include "facefleet.tensorrt" $t -}}
+{{- if and (eq .cache.type "pvc") (not .cache.existingClaim) -}}
+{{- $msgs = append $msgs (printf "%s.tensorrt.cache.type=pvc needs %s.tensorrt.cache.existingClaim: a ReadWriteMany PVC you create for the TensorRT caches (the chart creates none). Fix: --set %s.tensorrt.cache.existingClaim=<pvc>, or --set %s.tensorrt.cache.type=emptyDir" $p $p $p $p) -}}
+{{- end -}}
+{{- else -}}
+{{- $unused := list -}}
+{{- if .fp16 -}}
+{{- $unused = append $unused (printf "%s.tensorrt.fp16=true" $p) -}}
+{{- end -}}
+{{- if ne .cache.type "emptyDir" -}}
+{{- $unused = append $unused (printf "%s.tensorrt.cache.type=%s" $p .cache.type) -}}
+{{- end -}}
+{{- if $unused -}}
+{{- $msgs = append $msgs (printf "%s: TensorRT is not in %s.executionProviders (%s), so the worker never uses it and no cache volume is mounted; the setting would be ignored. Fix: --set %s.executionProviders=tensorrt\\,cuda\\,cpu (an image built with TENSORRT=1), or back to the default: --set %s.tensorrt.fp16=false --set %s.tensorrt.cache.type=emptyDir" (join ", " $unused) $p $t.executionProviders $p $p $p) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and $t.podDeletionCost (not $.Values.rbac.create) -}}

@@ -12,6 +12,10 @@ ScaledJob. Call with (dict "root" $ "name" "<tier>" "tier" <tier map>).
   media; with the PostgreSQL store (FACEFLEET_STORE_URL from its Secret) and s3 media the pod
   mounts none (facefleet.dataVolume). With s3 media inputs are downloaded to, and results staged
   in, a size-limited scratch emptyDir.
+- TensorRT (only when executionProviders lists tensorrt, facefleet.tensorrt): its engine and
+  timing caches go to a read-write volume at /trt-cache (tiers.<tier>.tensorrt.cache: emptyDir,
+  hostPath or an existing PVC), FACEFLEET_TRT_CACHE_DIR; the read-only model volume cannot hold
+  them.
 */}}
 {{- define "facefleet.workerPod" -}}
 {{- $root := .root -}}
@@ -21,6 +25,7 @@ ScaledJob. Call with (dict "root" $ "name" "<tier>" "tier" <tier map>).
 {{- $s3 := include "facefleet.mediaS3" $root -}}
 {{- $data := include "facefleet.dataVolume" $root -}}
 {{- $fetch := $root.Values.workers.fetch -}}
+{{- $trt := include "facefleet.tensorrt" $t -}}
 metadata:
   labels:
     {{- include "facefleet.labels" (dict "root" $root "component" "worker" "tier" .name) | nindent 4 }}
@@ -145,6 +150,16 @@ spec:
           value: {{ $t.prefetch | quote }}
         - name: FACEFLEET_BATCH
           value: {{ $t.batch | quote }}
+        # Keeping the GPU busy: jobs in flight per slot (AMQP prefetch = concurrency x depth x
+        # batch), sessions per model, dynamic batching across jobs.
+        - name: FACEFLEET_PIPELINE_DEPTH
+          value: {{ $t.pipelineDepth | quote }}
+        - name: FACEFLEET_INSTANCES
+          value: {{ $t.instances | quote }}
+        - name: FACEFLEET_DYNAMIC_BATCH
+          value: {{ $t.dynamicBatch | quote }}
+        - name: FACEFLEET_BATCH_DELAY_MS
+          value: {{ $t.batchDelayMs | toString | quote }}
         - name: FACEFLEET_DRAIN_TIMEOUT_S
           value: {{ include "facefleet.drainTimeout" (dict "root" $root "tier" $t) | quote }}
         - name: FACEFLEET_HEALTH_HOST
@@ -153,6 +168,12 @@ spec:
           value: "9464"
         - name: FACEFLEET_EXECUTION_PROVIDERS
           value: {{ $t.executionProviders | quote }}
+        {{- if $trt }}
+        - name: FACEFLEET_TRT_FP16
+          value: {{ $t.tensorrt.fp16 | quote }}
+        - name: FACEFLEET_TRT_CACHE_DIR
+          value: /trt-cache
+        {{- end }}
         - name: FACEFLEET_DEVICE_ID
           value: {{ $t.deviceId | quote }}
         - name: FACEFLEET_DELETION_COST
@@ -227,6 +248,10 @@ spec:
         - name: scratch
           mountPath: /scratch
         {{- end }}
+        {{- if $trt }}
+        - name: trt-cache
+          mountPath: /trt-cache
+        {{- end }}
   volumes:
     - name: models
       {{- if eq $root.Values.models.volume.type "pvc" }}
@@ -252,5 +277,20 @@ spec:
     - name: scratch
       emptyDir:
         sizeLimit: {{ $root.Values.workers.scratch.sizeLimit }}
+    {{- end }}
+    {{- if $trt }}
+    {{- $cache := $t.tensorrt.cache }}
+    - name: trt-cache
+      {{- if eq $cache.type "pvc" }}
+      persistentVolumeClaim:
+        claimName: {{ $cache.existingClaim }}
+      {{- else if eq $cache.type "hostPath" }}
+      hostPath:
+        path: {{ $cache.hostPath }}
+        type: Directory
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ $cache.emptyDirSizeLimit }}
+      {{- end }}
     {{- end }}
 {{- end -}}
