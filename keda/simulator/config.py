@@ -330,6 +330,12 @@ def tier_from_mapping(
     max_job_s = r.integer("maxJobSeconds", lo=1)
     grace = r.opt_integer("terminationGracePeriodSeconds", lo=1)
     prefetch = r.integer("prefetch", lo=1, hi=64)
+    # What a busy worker holds unacked (its AMQP prefetch), as _validate.tpl computes it.
+    held = (
+        prefetch
+        * (r.opt_integer("pipelineDepth", lo=1, hi=16) or 1)
+        * (r.opt_integer("batch", lo=1, hi=256) or 1)
+    )
     pod_deletion_cost = r.boolean("podDeletionCost")
     min_r = s.integer("minReplicas", lo=0)
     max_r = s.integer("maxReplicas", lo=1)
@@ -354,8 +360,10 @@ def tier_from_mapping(
         raise ConfigError(
             f"{p}.scaling: activationJobs {activation} must be below jobsPerReplica {jpr}"
         )
-    if jpr < prefetch:
-        raise ConfigError(f"{p}.scaling: jobsPerReplica {jpr} is below prefetch {prefetch}")
+    if jpr < held:
+        raise ConfigError(
+            f"{p}.scaling: jobsPerReplica {jpr} is below prefetch x pipelineDepth x batch {held}"
+        )
     grace_s = grace_period_s(max_job_s, grace, drain_margin_s)
     drain_s = grace_s - drain_margin_s  # facefleet.drainTimeout
     if drain_s < max_job_s:  # maxJobSeconds >= 1, so this also keeps the drain timeout > 0

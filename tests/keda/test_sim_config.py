@@ -171,8 +171,13 @@ def test_user_values_override_chart_defaults(tmp_path: Path) -> None:
         ),
         pytest.param(
             "tiers:\n  gold:\n    prefetch: 2\n    scaling: {jobsPerReplica: 1}",
-            "jobsPerReplica 1 is below prefetch 2",
+            "jobsPerReplica 1 is below prefetch x pipelineDepth x batch 2",
             id="chart-target-below-prefetch",
+        ),
+        pytest.param(
+            "tiers:\n  gold:\n    pipelineDepth: 3\n    batch: 2\n    scaling: {jobsPerReplica: 4}",
+            "jobsPerReplica 4 is below prefetch x pipelineDepth x batch 6",
+            id="chart-target-below-depth-times-batch",
         ),
         pytest.param(
             "tiers:\n  gold: {terminationGracePeriodSeconds: 610}",
