@@ -62,6 +62,9 @@ from facefleet.wire import control_pending_queue, dead_notify_queue, job_queue
 
 MODEL_TIMES_MS = (30.0, 8.0)
 PIPELINED_DEPTH = 4
+PROCESSES = 2
+"""Worker processes sharing the device in the third run (as worker pods share a GPU through
+time-slicing or MPS): one Python process's GIL caps what its CPU lanes can feed."""
 SPLIT = {"detect": 1 / 3, "embed": 1 / 15, "swap": 4 / 15}
 """A one-face photo job's model calls: detect twice (source, target), embed once, swap once;
 these shares of the job's model time add up to 1."""
@@ -125,11 +128,12 @@ class Run:
     worker_cpu_ms_per_job: float
 
 
-def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int) -> Run:
-    """One worker, `jobs` photo jobs queued at once; the figures of that stream."""
+def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int, processes: int = 1) -> Run:
+    """`processes` workers sharing one device, `jobs` photo jobs queued at once; the figures of
+    that stream."""
     tier = "gpuduty" + uuid.uuid4().hex[:8]
     data_root = Path(tempfile.mkdtemp(prefix="ff-gpuduty-"))
-    port = _free_port()
+    ports = [_free_port() for _ in range(processes)]
     env = _env(
         amqp_url,
         data_root,
@@ -139,36 +143,49 @@ def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int) -> Run:
         FACEFLEET_EMULATED_MODEL_MS=model_ms(per_job_ms),
         FACEFLEET_PIPELINE_DEPTH=str(depth),
     )
-    env["FACEFLEET_HEALTH_PORT"] = str(port)
+    if processes > 1:
+        env["FACEFLEET_EMULATED_DEVICE_LOCK"] = str(data_root / "device.lock")
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in env.items() if k.startswith(("FACEFLEET_", "AMQP_URL"))})
     client = JobClient(ProducerSettings.load())
-    proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         client.apply_topology()
         media_dir = data_root / "media"
         media_dir.mkdir()
         source, target = photos(media_dir)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "facefleet.cli", "worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_consumers(amqp_url, job_queue(tier), 1)
-        held0 = _metric(_scrape(port), "facefleet_device_held_seconds_total")
+        for port in ports:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "facefleet.cli", "worker"],
+                    env={**env, "FACEFLEET_HEALTH_PORT": str(port)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        _wait_consumers(amqp_url, job_queue(tier), processes)
+
+        def held_now() -> float:
+            return sum(
+                _metric(_scrape(port), "facefleet_device_held_seconds_total") for port in ports
+            )
+
+        def completed_now() -> float:
+            return sum(_completed(_scrape(port)) for port in ports)
+
+        held0 = held_now()
         requests = [
             build_request(client.media, tier, str(source), str(target)) for _ in range(jobs)
         ]
-        meter = CpuMeter([proc.pid])
+        meter = CpuMeter([p.pid for p in procs])
         meter.start()
         client.submit_many(requests)
         store = ProducerSettings.load().job_store()
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and _completed(_scrape(port)) < jobs:
+        while time.monotonic() < deadline and completed_now() < jobs:
             time.sleep(0.1)
         cpu = meter.stop(jobs)
-        held = _metric(_scrape(port), "facefleet_device_held_seconds_total") - held0
+        held = held_now() - held0
         first_start, last_done = None, None
         for req in requests:
             events = store.log(req.job_id).events()
@@ -198,8 +215,9 @@ def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int) -> Run:
             cpu["workers"],
         )
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
+        for proc in procs:
             proc.wait(30)
         ch = client._ch()
         for queue in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
@@ -233,17 +251,28 @@ def measure(
     rounds: int,
     times_ms: tuple[float, ...],
     depth: int = PIPELINED_DEPTH,
+    processes: int = PROCESSES,
 ) -> dict[str, Any]:
-    """Sequential and pipelined, interleaved per round, for each model time; medians."""
-    out: dict[str, Any] = {"jobs": jobs, "rounds": rounds, "depth_pipelined": depth}
+    """Sequential, pipelined, and pipelined in `processes` workers sharing the device,
+    interleaved per round, for each model time; medians."""
+    out: dict[str, Any] = {
+        "jobs": jobs,
+        "rounds": rounds,
+        "depth_pipelined": depth,
+        "processes": processes,
+    }
     out["loadavg_before"] = round(os.getloadavg()[0], 2)
     cpus = os.cpu_count() or 1
     out["codec_cpu_ms_per_job"] = round(codec_cpu_ms(), 2)
     for ms in times_ms:
         runs: dict[str, list[Run]] = {"sequential": [], "pipelined": []}
+        if processes > 1:
+            runs["processes"] = []
         for _ in range(rounds):
             runs["sequential"].append(run_once(amqp_url, jobs, ms, 1))
             runs["pipelined"].append(run_once(amqp_url, jobs, ms, depth))
+            if processes > 1:
+                runs["processes"].append(run_once(amqp_url, jobs, ms, depth, processes))
         suffix = "" if ms == MODEL_TIMES_MS[0] else f"_{ms:g}ms"
         for mode, rs in runs.items():
             out[f"duty_{mode}{suffix}"] = round(statistics.median(r.duty for r in rs), 4)
@@ -254,8 +283,9 @@ def measure(
             out[f"cpu_ms_per_job_{mode}{suffix}"] = round(
                 statistics.median(r.worker_cpu_ms_per_job for r in rs), 2
             )
-        cpu_ms = out[f"cpu_ms_per_job_pipelined{suffix}"]
-        out[f"cpu_ceiling_duty_pipelined{suffix}"] = round(min(1.0, cpus * ms / cpu_ms), 4)
+        for mode in runs:
+            cpu_ms = out[f"cpu_ms_per_job_{mode}{suffix}"]
+            out[f"cpu_ceiling_duty_{mode}{suffix}"] = round(min(1.0, cpus * ms / cpu_ms), 4)
     out["loadavg_after"] = round(os.getloadavg()[0], 2)
     out["cpus"] = cpus
     return out
@@ -265,11 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--jobs", type=int, default=150)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--depth", type=int, default=PIPELINED_DEPTH, help="the pipelined run's depth")
+    p.add_argument("--depth", type=int, default=PIPELINED_DEPTH, help="the pipelined runs' depth")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=PROCESSES,
+        help="worker processes sharing the device in the third run (1: no third run)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     amqp_url = discover().url
-    result = measure(amqp_url, args.jobs, args.rounds, MODEL_TIMES_MS, args.depth)
+    result = measure(amqp_url, args.jobs, args.rounds, MODEL_TIMES_MS, args.depth, args.processes)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -281,19 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     for ms in MODEL_TIMES_MS:
         suffix = "" if ms == MODEL_TIMES_MS[0] else f"_{ms:g}ms"
-        for mode in ("sequential", "pipelined"):
+        modes = ["sequential", "pipelined"] + (["processes"] if args.processes > 1 else [])
+        for mode in modes:
+            label = f"{args.processes} procs" if mode == "processes" else mode
             print(
-                f"  model {ms:4g} ms/job  {mode:10s}  {result[f'jobs_per_s_{mode}{suffix}']:6.1f}"
+                f"  model {ms:4g} ms/job  {label:10s}  {result[f'jobs_per_s_{mode}{suffix}']:6.1f}"
                 f" jobs/s  duty {100 * result[f'duty_{mode}{suffix}']:5.1f}% (held "
                 f"{100 * result[f'held_duty_{mode}{suffix}']:5.1f}%)  worker CPU "
                 f"{result[f'cpu_ms_per_job_{mode}{suffix}']:5.1f} ms/job"
             )
         ratio = result[f"jobs_per_s_pipelined{suffix}"] / result[f"jobs_per_s_sequential{suffix}"]
         print(f"  model {ms:4g} ms/job  pipelined / sequential: {ratio:.2f}x")
-        ceiling = result[f"cpu_ceiling_duty_pipelined{suffix}"]
+        ceiling = result[f"cpu_ceiling_duty_{modes[-1]}{suffix}"]
         print(
             f"  model {ms:4g} ms/job  the most this CPU allows: duty {100 * ceiling:5.1f}% "
-            f"({result['cpus']} cores / the pipelined worker's CPU per job)"
+            f"({result['cpus']} cores / the last run's worker CPU per job)"
         )
     return 0
 

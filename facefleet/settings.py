@@ -409,6 +409,10 @@ class WorkerSettings(CommonSettings):
     emulated_model_ms: str = "detect=10,embed=2,swap=8,enhance=10"
     """The emulated backend's model times: `name=base` or `name=base+per_row` in milliseconds
     (per_row: added for each row of a batched call), names detect, embed, swap, enhance."""
+    emulated_device_lock: Path | None = None
+    """The emulated backend: a file several worker processes lock around each model call, so
+    they share one emulated device as worker pods share a GPU (time-slicing, MPS). Unset: the
+    device is this process's own."""
     concurrency: int = Field(default=1, ge=1, le=64)
     """Jobs run at once; also the AMQP prefetch (1 per GPU slot: a crash loop then burns only one
     job's delivery count)."""

@@ -95,7 +95,7 @@ class FaceSwapProcessor:
         if self.backend_name == "insightface":
             self.device = Device(settings.concurrency * settings.instances)
         elif self.backend_name == "emulated":
-            self.device = Device(1)
+            self.device = Device(1, shared_lock=settings.emulated_device_lock)
         self.catalog_path = catalog_path
         self.batch_size = batch_size
         self.limits = media.MediaLimits.from_settings(settings)
