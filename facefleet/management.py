@@ -23,13 +23,15 @@ def default_management_url(amqp_url: str) -> str:
     return f"http://{urlparse(amqp_url).hostname or '127.0.0.1'}:15672"
 
 
+def queues_path(vhost: str) -> str:
+    """The management API path of a vhost's queue rows (only the columns we read)."""
+    return f"/api/queues/{quote(vhost, safe='')}?columns={QUEUE_COLUMNS}"
+
+
 def queues_request(amqp_url: str, management_url: str) -> tuple[str, tuple[str, str]]:
     """URL of the vhost's queue rows and the basic-auth pair, both from the AMQP URL."""
-    parsed = urlparse(amqp_url)
-    vhost = unquote(parsed.path[1:]) or "/"
-    url = f"{management_url.rstrip('/')}/api/queues/{quote(vhost, safe='')}?columns={QUEUE_COLUMNS}"
-    auth = (unquote(parsed.username or "guest"), unquote(parsed.password or "guest"))
-    return url, auth
+    vhost, auth = amqp_auth(amqp_url)
+    return f"{management_url.rstrip('/')}{queues_path(vhost)}", auth
 
 
 def rows_by_name(rows: Any) -> dict[str, dict[str, Any]]:
@@ -79,23 +81,8 @@ def read_queues(
     amqp_url: str, management_url: str, timeout_s: float = 2.0
 ) -> dict[str, dict[str, Any]]:
     """Queue rows by name; raises ManagementUnavailable when the API does not answer."""
-    url, (user, password) = queues_request(amqp_url, management_url)
-    req = urllib.request.Request(url)
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    req.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            rows = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise ManagementUnavailable(
-            f"the management API at {management_url} answered HTTP {exc.code} {exc.reason} "
-            "(check the AMQP user's credentials and its management tag)"
-        ) from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ManagementUnavailable(
-            f"the management API at {management_url} is not reachable ({reason}); {ENABLE_HINT}"
-        ) from exc
+    vhost, auth = amqp_auth(amqp_url)
+    rows = get_json(management_url, queues_path(vhost), auth, timeout_s)
     if not isinstance(rows, list):
         raise ManagementUnavailable(f"the management API at {management_url} sent no queue rows")
     return rows_by_name(rows)
