@@ -195,10 +195,12 @@ class GatewayWorld:
         sleep_s: float = 1.0,
         steps: int = 5,
         tier: str | None = None,
+        options: dict[str, Any] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """Submit a sleep job through `gw` with two small uploaded PNGs (multipart)."""
-        options = {"sleep_s": sleep_s, "steps": steps}
+        """Submit a sleep job through `gw` with two small uploaded PNGs (multipart); `options`
+        adds to the sleep processor's, `extra` to the form."""
+        options = {"sleep_s": sleep_s, "steps": steps, **(options or {})}
         with gw.http() as client:
             resp = client.post(
                 "/v1/jobs",

@@ -20,27 +20,11 @@ from typing import Any
 import pytest
 
 from facefleet.producer.watch import REPLAY_GRACE_S
-from facefleet.wire import JobOptionValue, utcnow
-from tests.gateway.conftest import API_KEY, Gateway, GatewayWorld, png, read_events, seqs
+from facefleet.wire import utcnow
+from tests.gateway.conftest import API_KEY, Gateway, GatewayWorld, read_events, seqs
 from tests.spine.test_dead import take_parked_copies
 
 pytestmark = pytest.mark.integration
-
-
-def submit(gw: Gateway, world: GatewayWorld, options: dict[str, JobOptionValue]) -> dict[str, Any]:
-    with gw.http() as client:
-        resp = client.post(
-            "/v1/jobs",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-            files={
-                "source": ("a.png", png(), "image/png"),
-                "target": ("b.png", png(rgb=(1, 2, 3)), "image/png"),
-            },
-            data={"options": json.dumps(options), "tier": world.env.tier},
-        )
-    assert resp.status_code == 202, resp.text
-    body: dict[str, Any] = resp.json()
-    return body
 
 
 def wait_until_last(world: GatewayWorld, job_id: str, kind: str, timeout_s: float = 30) -> None:
@@ -64,7 +48,7 @@ def test_a_websocket_follows_a_replayed_dead_letter_to_completed(world: GatewayW
     # A grace long enough to run `facefleet dead replay` while the first client waits.
     gw = world.start_gateway(FACEFLEET_REPLAY_GRACE_S="120")
     until = utcnow() + timedelta(seconds=8)
-    job = submit(gw, world, {"sleep_s": 0.3, "steps": 3, "fail_until": until.isoformat()})
+    job = world.submit(gw, sleep_s=0.3, steps=3, options={"fail_until": until.isoformat()})
     job_id, token = job["job_id"], job["token"]
     with ThreadPoolExecutor(1) as pool:
         live = pool.submit(read_events, gw.ws_url(job_id), first={"token": token}, timeout_s=120)
@@ -113,7 +97,7 @@ def test_a_websocket_follows_a_replayed_dead_letter_to_completed(world: GatewayW
 def test_a_dead_letter_nobody_replays_closes_1000_after_the_grace(
     world: GatewayWorld, gateway: Gateway
 ) -> None:
-    job = submit(gateway, world, {"sleep_s": 0.1, "steps": 1, "fail": "transient"})
+    job = world.submit(gateway, sleep_s=0.1, steps=1, options={"fail": "transient"})
     job_id = job["job_id"]
     try:
         wait_until_last(world, job_id, "dead_lettered")
