@@ -30,8 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pika
-import pika.exceptions
+from facefleet.broker import amqp_answers
 
 
 class ClusterUnavailable(RuntimeError):
@@ -116,17 +115,7 @@ class Node:
         return self.proc is not None and self.proc.poll() is None
 
     def amqp_ready(self) -> bool:
-        if not _answers(self.port):
-            return False
-        params = pika.URLParameters(self.url)
-        params.connection_attempts = 1
-        params.socket_timeout = 2
-        params.blocked_connection_timeout = 2
-        try:
-            pika.BlockingConnection(params).close()
-            return True
-        except pika.exceptions.AMQPError:
-            return False
+        return _answers(self.port) and amqp_answers(self.url)
 
 
 @dataclass
