@@ -54,11 +54,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench.bench_spine import CpuMeter, _env, _wait_consumers
+from bench.bench_spine import CpuMeter, _env, _wait_consumers, stop_workers
 from facefleet.broker import discover
 from facefleet.producer.sdk import JobClient, build_request
 from facefleet.settings import ProducerSettings
-from facefleet.wire import control_pending_queue, dead_notify_queue, job_queue
+from facefleet.wire import job_queue
 
 MODEL_TIMES_MS = (30.0, 8.0)
 PIPELINED_DEPTH = 4
@@ -215,14 +215,7 @@ def run_once(amqp_url: str, jobs: int, per_job_ms: float, depth: int, processes:
             cpu["workers"],
         )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-        ch = client._ch()
-        for queue in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
-            ch.queue_delete(queue)
-        client.close()
+        stop_workers(procs, client, tier)
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(data_root, ignore_errors=True)

@@ -197,6 +197,19 @@ class Run:
         return f"CPU ms/job: {parts}  total {sum(self.cpu_ms_per_job.values()):5.2f}"
 
 
+def stop_workers(procs: list[subprocess.Popen[bytes]], client: JobClient, tier: str) -> None:
+    """Stop the tier's worker processes, delete the tier's queues from the shared broker and
+    close the client."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+    ch = client._ch()
+    for queue in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
+        ch.queue_delete(queue)
+    client.close()
+
+
 def run_facefleet(
     amqp_url: str,
     jobs: int,
@@ -253,14 +266,7 @@ def run_facefleet(
     cpu = meter.stop(jobs)
     counter.stop.set()
     done = len(counter.done)
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.wait(30)
-    ch = client._ch()
-    for queue in (job_queue(tier), dead_notify_queue(tier), control_pending_queue(tier)):
-        ch.queue_delete(queue)
-    client.close()
+    stop_workers(procs, client, tier)
     LEFTOVERS.append(data_root)
     if done < jobs:
         raise RuntimeError(f"facefleet: only {done}/{jobs} jobs completed")
