@@ -59,6 +59,11 @@ class Device:
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Take a lane for one model call (waiting in line), let go after it."""
+        with self._lane(), self._other_processes_out(), self._timed():
+            yield
+
+    @contextlib.contextmanager
+    def _lane(self) -> Iterator[None]:
         ticket = object()
         with self._cond:
             self._queue.append(ticket)
@@ -69,28 +74,39 @@ class Device:
             self.calls += 1
             self._cond.notify_all()  # the next in line may take another free lane
         try:
-            if self._shared_fd is not None:
-                # Outside the condition: only this process's next in line waits for it.
-                fcntl.flock(self._shared_fd, fcntl.LOCK_EX)
-            try:
-                with self._cond:
-                    if self._holders == 0:
-                        self._since = time.monotonic()
-                    self._holders += 1
-                try:
-                    yield
-                finally:
-                    with self._cond:
-                        self._holders -= 1
-                        if self._holders == 0:
-                            self._held += time.monotonic() - self._since
-            finally:
-                if self._shared_fd is not None:
-                    fcntl.flock(self._shared_fd, fcntl.LOCK_UN)
+            yield
         finally:
             with self._cond:
                 self._lanes_taken -= 1
                 self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _other_processes_out(self) -> Iterator[None]:
+        """The shared device's flock (outside the condition: only this process's next in line
+        waits for it); nothing for a device of this process's own."""
+        if self._shared_fd is None:
+            yield
+            return
+        fcntl.flock(self._shared_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._shared_fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Count the hold into held_s (the union of overlapping holds)."""
+        with self._cond:
+            if self._holders == 0:
+                self._since = time.monotonic()
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._held += time.monotonic() - self._since
 
     def occupy(self, seconds: float) -> None:
         """Hold a lane for `seconds` without using CPU (the emulated backend's model call)."""
