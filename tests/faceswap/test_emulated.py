@@ -89,3 +89,14 @@ def test_bad_model_times_name_the_variable(text: str, monkeypatch: pytest.Monkey
     monkeypatch.setenv("FACEFLEET_EMULATED_MODEL_MS", text)
     with pytest.raises(SettingsError, match="FACEFLEET_EMULATED_MODEL_MS"):
         WorkerSettings.load()
+
+
+def test_a_lock_file_that_cannot_be_opened_names_the_variable(tmp_path: Path) -> None:
+    """The worker's CLI turns this ValueError into a clean exit 2 with the message."""
+    settings = WorkerSettings(
+        backend="emulated",
+        processor="faceswap",
+        emulated_device_lock=tmp_path / "no-such-dir" / "device.lock",
+    )
+    with pytest.raises(ValueError, match=r"FACEFLEET_EMULATED_DEVICE_LOCK=.*No such file"):
+        FaceSwapProcessor(settings)

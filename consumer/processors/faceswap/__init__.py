@@ -95,7 +95,13 @@ class FaceSwapProcessor:
         if self.backend_name == "insightface":
             self.device = Device(settings.concurrency * settings.instances)
         elif self.backend_name == "emulated":
-            self.device = Device(1, shared_lock=settings.emulated_device_lock)
+            try:
+                self.device = Device(1, shared_lock=settings.emulated_device_lock)
+            except OSError as exc:
+                raise ValueError(
+                    f"FACEFLEET_EMULATED_DEVICE_LOCK={settings.emulated_device_lock}: cannot "
+                    f"open the shared device's lock file ({exc.strerror})"
+                ) from exc
         self.catalog_path = catalog_path
         self.batch_size = batch_size
         self.limits = media.MediaLimits.from_settings(settings)
