@@ -273,17 +273,17 @@ class Placement:
     leader_locator: str | None = None
 
     def quorum_arguments(self, features: BrokerFeatures) -> dict[str, Any]:
-        args: dict[str, Any] = {}
-        if self.group_size is not None:
-            args["x-quorum-initial-group-size"] = self.group_size
-        if self.leader_locator is not None and features.leader_locator:
-            args["x-queue-leader-locator"] = self.leader_locator
-        return args
+        return self._arguments("x-quorum-initial-group-size", features)
 
     def stream_arguments(self, features: BrokerFeatures) -> dict[str, Any]:
+        return self._arguments("x-initial-cluster-size", features)
+
+    def _arguments(self, size_argument: str, features: BrokerFeatures) -> dict[str, Any]:
+        """The group size under the queue type's own argument name; the leader locator only
+        where the broker has it."""
         args: dict[str, Any] = {}
         if self.group_size is not None:
-            args["x-initial-cluster-size"] = self.group_size
+            args[size_argument] = self.group_size
         if self.leader_locator is not None and features.leader_locator:
             args["x-queue-leader-locator"] = self.leader_locator
         return args
