@@ -200,8 +200,6 @@ def watch_events(
                 raise
             time.sleep(backoff.next_s())
             continue
-        lost_since = None
-        backoff.reset()
         try:
             feats = features(connection)
             ch = connection.channel()
@@ -231,6 +229,8 @@ def watch_events(
                 buffered.extend(orderer.push(event))
 
             ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
+            lost_since = None  # consuming again: the next loss gets its own reconnect_s
+            backoff.reset()
             while True:
                 before = delivered[0]
                 connection.process_data_events(time_limit=idle_poll_s)
@@ -252,8 +252,25 @@ def watch_events(
             failed = connection_endpoint(connection) or failed
             lost_since = time.monotonic()
             log.warning("watch: link to %s lost (%r); resuming on another node", failed, exc)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if not stream_member_unready(exc):
+                raise
+            # After a node loss the stream's member here may still be (re)starting; another
+            # node's member, or this one a moment later, serves the same offsets.
+            failed = connection_endpoint(connection) or failed
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > reconnect_s:
+                raise
+            log.warning("watch: stream member on %s not ready (%s); retrying", failed, exc)
+            time.sleep(backoff.next_s())
         finally:
             close_stream_consumer(connection)
+
+
+def stream_member_unready(exc: pika.exceptions.ChannelClosedByBroker) -> bool:
+    """True for the broker's answer while this node's stream member is not (yet) running: a
+    406 naming the local replica. It passes; a missing stream (404) or bad argument does not."""
+    return exc.reply_code == 406 and "replica" in (exc.reply_text or "")
 
 
 def close_stream_consumer(connection: pika.BlockingConnection) -> None:
