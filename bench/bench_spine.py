@@ -107,13 +107,13 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def _broker_pids() -> list[int]:
+def _pids_named(comm: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/comm") as fh:
-                    if fh.read().strip() == "beam.smp":
+                    if fh.read().strip() == comm:
                         pids.append(int(entry))
             except (FileNotFoundError, ProcessLookupError):
                 continue
@@ -123,12 +123,14 @@ def _broker_pids() -> list[int]:
 class CpuMeter:
     """CPU seconds spent by the bench process (producer + completion detection), the workers
     and the broker between start() and stop(): on a CPU-bound 2-core machine this says where a
-    job's cost goes, which the jobs/s figure alone does not. The broker is counted only when it
-    runs on this machine (a beam.smp process is visible)."""
+    job's cost goes, which the jobs/s figure alone does not. The broker and PostgreSQL are
+    counted only when they run on this machine (beam.smp / postgres processes are visible);
+    PostgreSQL's backends are sampled at both ends, so a connection opened and closed within
+    the run is missed (the workers' pools open theirs before)."""
 
     def __init__(self, worker_roots: list[int]) -> None:
         self.worker_roots = worker_roots
-        self.broker = _broker_pids()
+        self.broker = _pids_named("beam.smp")
 
     def _sample(self) -> dict[str, float]:
         workers = {pid for root in self.worker_roots for pid in _tree(root)}
@@ -136,6 +138,7 @@ class CpuMeter:
             "producer": _cpu_s(os.getpid()),
             "workers": sum(_cpu_s(pid) for pid in workers),
             "broker": sum(_cpu_s(pid) for pid in self.broker),
+            "postgres": sum(_cpu_s(pid) for pid in _pids_named("postgres")),
         }
 
     def start(self) -> None:
@@ -451,7 +454,7 @@ def _main(args: argparse.Namespace, url: str, store_url: str) -> int:
             flush=True,
         )
     c = statistics.median(x.jobs_per_s for x in cel)
-    low = floor.measure(url, args.jobs, lambda: sum(_cpu_s(p) for p in _broker_pids()))
+    low = floor.measure(url, args.jobs, lambda: sum(_cpu_s(p) for p in _pids_named("beam.smp")))
     celery_cpu = sum(_median_run(cel).cpu_ms_per_job.values())
     lines = [
         f"\nno-op jobs end to end, {args.jobs} jobs, {args.workers} worker processes, "

@@ -187,13 +187,25 @@ def use(span: Span | None) -> contextlib.AbstractContextManager[Any]:
     )
 
 
-@contextlib.contextmanager
-def step(name: str, **attributes: Any) -> Iterator[Span]:
-    """A child span of the current one for a step of the work (fetch inputs, process, ...)."""
-    with _tracer.start_as_current_span(
+def step(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
+    """A child span of the current one for a step of the work (fetch inputs, process, ...).
+
+    With no tracer provider installed a child would be a non-recording copy of the current
+    span (same context, nothing exported), so the current span is kept instead: the runner
+    opens several steps per job, and the API's no-op machinery cost ~10% of a no-op job."""
+    if not recording():
+        return contextlib.nullcontext(trace.get_current_span())
+    return _tracer.start_as_current_span(
         name, attributes={k: v for k, v in attributes.items() if v is not None}
-    ) as span:
-        yield span
+    )
+
+
+def recording() -> bool:
+    """Whether a tracer provider is installed in this process (by `configure`, or by whoever
+    embeds FaceFleet); without one every span is a no-op that only carries context."""
+    if isinstance(_tracer, trace.ProxyTracer):  # resolves to whatever provider is set later
+        return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return not isinstance(_tracer, trace.NoOpTracer)
 
 
 def start_step(

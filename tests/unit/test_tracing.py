@@ -73,6 +73,21 @@ def test_without_an_sdk_spans_are_no_ops_and_headers_carry_no_context() -> None:
     tracing.end(process, **{"facefleet.outcome": "ack"})  # nothing breaks
 
 
+def test_without_an_sdk_a_step_keeps_the_current_spans_context() -> None:
+    """No provider: a step opens no span of its own, and what runs inside it (events the job
+    publishes) still carries the context the delivery brought."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    assert not tracing.recording()
+    parent = NonRecordingSpan(
+        SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    )
+    with tracing.use(parent), tracing.step("publish events") as span:
+        assert span is trace.get_current_span() is parent
+        assert tracing.current_ids() == (format(0x1234, "032x"), format(0x5678, "016x"))
+
+
 @pytest.mark.parametrize(
     "as_bytes",
     [pytest.param(False, id="pika-str-headers"), pytest.param(True, id="aio-pika-bytes-headers")],
