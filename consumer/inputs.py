@@ -97,14 +97,21 @@ class Inputs:
             raise PermanentJobError(exc.code, f"{role}: {exc.message}") from exc
 
     def _localize(self, uri: str, role: str, scratch: Scratch) -> Path:
-        scheme = urlsplit(uri).scheme.lower()
-        name = f"{role}-{safe_name(os.path.basename(urlsplit(uri).path) or role)}"
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower()
+        name = f"{role}-{safe_name(os.path.basename(parts.path) or role)}"
         if scheme in FETCHED:
             dest = scratch.path / name
             fetch_to_file(uri, dest, self.policy)
             return dest
-        if self.media.owns(uri):
+        try:  # `owns` and `local_path` in one: each resolves the path (realpath) on file://
             local = self.media.local_path(uri)
+            owned = True
+        except StorageError as exc:
+            if exc.code != "media_outside_data_root":
+                raise
+            owned = False
+        if owned:
             if local is None:
                 dest = scratch.path / name
                 self.media.download(uri, dest, max_bytes=self.max_bytes)

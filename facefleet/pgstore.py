@@ -1132,7 +1132,10 @@ class PostgresJobStore:
         if not todo:
             return
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as conn, conn.transaction():
+                # A hint: its commit need not wait for the WAL flush (a crash loses at most the
+                # last marks, and their events are published again).
+                conn.execute("SET LOCAL synchronous_commit = off")
                 conn.execute(
                     "UPDATE job_events AS e SET published = true "
                     "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
