@@ -74,6 +74,26 @@ def test_a_jobs_fields_are_on_every_line_logged_in_its_context_and_gone_after() 
     assert not {"job_id", "stage", "attempt"} & set(lines[2])
 
 
+def test_a_nested_context_adds_to_the_outer_one_and_its_stage_ends_with_it() -> None:
+    out = io.StringIO()
+    configure("INFO", "json", stream=out)
+    log = logging.getLogger("facefleet.consumer.runner")
+    with job_context(job_id="j1", worker="w-1"):
+        with job_context(attempt=3, tier=None):
+            bind_stage("swap")
+            log.info("inner")
+        log.info("outer")
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert {k: lines[0].get(k) for k in ("job_id", "worker", "attempt", "stage")} == {
+        "job_id": "j1",
+        "worker": "w-1",
+        "attempt": 3,
+        "stage": "swap",
+    }
+    assert "tier" not in lines[0]  # None is left out
+    assert lines[1]["job_id"] == "j1" and not {"attempt", "stage"} & set(lines[1])
+
+
 def test_job_contexts_of_two_threads_do_not_mix() -> None:
     out = io.StringIO()
     configure("INFO", "json", stream=out)
