@@ -5,17 +5,20 @@ reconnects, misses nothing. Events are delivered to the caller in seq order, eac
 duplicates (an event republished after a crash) are dropped and out-of-order arrivals wait in a
 small buffer. On RabbitMQ 3.13+ the broker filters the stream by job id; older brokers send every
 event and the watcher filters them here. A watcher whose node goes reconnects through the other
-addresses of AMQP_URL and resumes at the stream offset after the last one it read.
+addresses of AMQP_URL and resumes at the stream offset after the last one it read; where it
+resumes (`StreamCursor`), how long it tries (`ReconnectWindow`) and which refusal it waits out
+(`stream_member_unready`) are shared with the async SDK's watch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol
 
+import aiormq.exceptions
 import pika
 import pika.exceptions
 from typing_extensions import TypeVar
@@ -163,6 +166,62 @@ def stream_offset(headers: dict[str, Any] | None) -> int | None:
     return value if isinstance(value, int) else None
 
 
+class StreamCursor:
+    """Where one job's stream reader (re)starts: near `since` the first time, then right after
+    the last offset it read, whichever node serves it. Shared by the sync and the async watch.
+    Told every delivery, the job's or not, before anything can interrupt its handling."""
+
+    def __init__(self, job_id: str, since: datetime | None) -> None:
+        self.job_id = job_id
+        self.since = since
+        self.next_offset: int | None = None
+
+    def took(self, headers: dict[str, Any] | None) -> None:
+        offset = stream_offset(headers)
+        if offset is not None and (self.next_offset is None or offset >= self.next_offset):
+            self.next_offset = offset + 1
+
+    def arguments(self, feats: BrokerFeatures) -> dict[str, Any]:
+        return stream_arguments(self.job_id, self.since, feats, offset=self.next_offset)
+
+
+class ReconnectWindow:
+    """How long and how often a stream reader tries again; one rule for the sync and the async
+    watch. A link lost while consuming opens a fresh `reconnect_s` window and is tried again at
+    once (through another node); a connect that fails, or a stream member that is not ready,
+    waits a jittered, growing delay, within the same window. Consuming again closes it."""
+
+    def __init__(
+        self,
+        reconnect_s: float,
+        *,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reconnect_s = reconnect_s
+        self.backoff = backoff or Backoff(0.2, 5.0)
+        self.clock = clock
+        self.since: float | None = None
+
+    def lost(self) -> None:
+        """The link went while consuming: a new window starts now."""
+        self.since = self.clock()
+
+    def delay_s(self) -> float | None:
+        """After a refused try: how long to wait before the next, or None when the window is
+        spent (the caller raises what it got)."""
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        if now - self.since > self.reconnect_s:
+            return None
+        return self.backoff.next_s()
+
+    def consuming(self) -> None:
+        self.since = None
+        self.backoff.reset()
+
+
 def watch_events(
     amqp_urls: str | Sequence[str],
     job_id: str,
@@ -187,25 +246,22 @@ def watch_events(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     end = EndOfWatch()
     delivered = [0]
-    last_offset: list[int] = []
+    cursor = StreamCursor(job_id, since)
     failed: str | None = None
-    backoff = Backoff(0.2, 5.0)
-    lost_since: float | None = None
+    window = ReconnectWindow(reconnect_s)
     while True:
         try:
             connection = connect(amqp_urls, f"facefleet-watch-{job_id[:8]}", avoid=failed)
         except pika.exceptions.AMQPConnectionError:
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since > reconnect_s:
+            delay = window.delay_s()
+            if delay is None:
                 raise
-            time.sleep(backoff.next_s())
+            time.sleep(delay)
             continue
         try:
             feats = features(connection)
             ch = connection.channel()
             ch.basic_qos(prefetch_count=1000)
-            resume = last_offset[-1] + 1 if last_offset else None
-            args = stream_arguments(job_id, since, feats, offset=resume)
             acks = BatchAcker(ch)
 
             def on_message(
@@ -217,9 +273,7 @@ def watch_events(
             ) -> None:
                 delivered[0] += 1
                 acks.took(method.delivery_tag)
-                offset = stream_offset(props.headers)
-                if offset is not None:
-                    last_offset[:] = [offset]
+                cursor.took(props.headers)
                 if not method.routing_key.startswith(prefix):
                     return
                 try:
@@ -228,9 +282,8 @@ def watch_events(
                     return
                 buffered.extend(orderer.push(event))
 
-            ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
-            lost_since = None  # consuming again: the next loss gets its own reconnect_s
-            backoff.reset()
+            ch.basic_consume(EVENTS_STREAM, on_message, arguments=cursor.arguments(feats))
+            window.consuming()  # consuming again: the next loss gets its own reconnect_s
             while True:
                 before = delivered[0]
                 connection.process_data_events(time_limit=idle_poll_s)
@@ -250,7 +303,7 @@ def watch_events(
             pika.exceptions.ChannelWrongStateError,
         ) as exc:
             failed = connection_endpoint(connection) or failed
-            lost_since = time.monotonic()
+            window.lost()
             log.warning("watch: link to %s lost (%r); resuming on another node", failed, exc)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if not stream_member_unready(exc):
@@ -258,19 +311,27 @@ def watch_events(
             # After a node loss the stream's member here may still be (re)starting; another
             # node's member, or this one a moment later, serves the same offsets.
             failed = connection_endpoint(connection) or failed
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since > reconnect_s:
+            delay = window.delay_s()
+            if delay is None:
                 raise
             log.warning("watch: stream member on %s not ready (%s); retrying", failed, exc)
-            time.sleep(backoff.next_s())
+            time.sleep(delay)
         finally:
             close_stream_consumer(connection)
 
 
-def stream_member_unready(exc: pika.exceptions.ChannelClosedByBroker) -> bool:
+def stream_member_unready(exc: BaseException) -> bool:
     """True for the broker's answer while this node's stream member is not (yet) running: a
-    406 naming the local replica. It passes; a missing stream (404) or bad argument does not."""
-    return exc.reply_code == 406 and "replica" in (exc.reply_text or "")
+    406 naming the local replica. It passes; a missing stream (404) or bad argument does not.
+    Takes pika's channel close (sync watch) or aiormq's ChannelPreconditionFailed (async SDK),
+    which carries the reply text alone."""
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        code, text = exc.reply_code, exc.reply_text
+    elif isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        code, text = 406, str(exc.args[0]) if exc.args else ""
+    else:
+        return False
+    return code == 406 and "replica" in (text or "")
 
 
 def close_stream_consumer(connection: pika.BlockingConnection) -> None:
