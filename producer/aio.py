@@ -8,7 +8,9 @@
 Why it shares rather than copies: the request is built by `sdk.build_request`, message
 properties come from `sdk.job_properties` / `amqp.event_properties` (converted once, below), the
 `queued` event is `wire.queued_event`, duplicate detection is the media store's submission
-record, stream arguments and ordering come from `facefleet.producer.watch`. Only the transport differs.
+record, stream arguments and ordering come from `facefleet.producer.watch`, and so do a watch's
+rules for a lost node (where to resume, how long to retry, which refusal to wait out). Only the
+transport differs.
 
 The event loop never blocks on files or the store: uploads and the submission record run in
 worker threads (`asyncio.to_thread`). A per-process asyncio lock per job id makes concurrent
@@ -23,6 +25,7 @@ import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -56,7 +59,14 @@ from facefleet.producer.sdk import (
     tier_max_length,
     unroutable_cancel,
 )
-from facefleet.producer.watch import EndOfWatch, SeqOrderer, WatchTimeout, stream_arguments
+from facefleet.producer.watch import (
+    EndOfWatch,
+    ReconnectWindow,
+    SeqOrderer,
+    StreamCursor,
+    WatchTimeout,
+    stream_member_unready,
+)
 from facefleet.settings import ProducerSettings
 from facefleet.wire import (
     CONTROL_EXCHANGE,
@@ -79,6 +89,29 @@ T = TypeVar("T")
 
 def event_message(event: JobEvent) -> aio_pika.Message:
     return as_message(event.encode(), event_properties(event))
+
+
+AIO_GONE: tuple[type[BaseException], ...] = (*AIO_LINK_ERRORS, aiormq.exceptions.AMQPError)
+"""What a connect, an ack or a close raises when the broker or the link is not there."""
+
+
+@dataclass(frozen=True)
+class _ChannelClosed:
+    """A watch's stream channel closed: which attempt's, and why (None: no reason given)."""
+
+    attempt: int
+    reason: BaseException | None
+
+
+def channel_loss(reason: BaseException | None) -> BaseException:
+    """What a watch makes of its stream channel closing under it: the broker's channel error
+    as is (a stream member not ready is retried, anything else is the caller's), and anything
+    else, the connection's error or none, as the lost link it is."""
+    if reason is not None and isinstance(
+        reason, (aiormq.exceptions.AMQPChannelError, *AIO_LINK_ERRORS)
+    ):
+        return reason
+    return ConnectionError(f"the stream channel closed ({reason!r})")
 
 
 def server_features(connection: aio_pika.abc.AbstractConnection) -> BrokerFeatures:
@@ -117,6 +150,8 @@ class AsyncJobClient:
         self._control: aio_pika.abc.AbstractExchange | None = None
         self._features: BrokerFeatures | None = None
         self._connect_lock = asyncio.Lock()
+        self._closed_by_owner = False
+        """close() was called: a watch whose link goes then ends instead of reconnecting."""
         self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -124,6 +159,10 @@ class AsyncJobClient:
     # --- connection ----------------------------------------------------------------------------
 
     async def connect(self) -> aio_pika.abc.AbstractConnection:
+        self._closed_by_owner = False
+        return await self._connect()
+
+    async def _connect(self) -> aio_pika.abc.AbstractConnection:
         async with self._connect_lock:
             if self._connection is None or self._connection.is_closed:
                 self._connection = await aio_connect(
@@ -161,6 +200,13 @@ class AsyncJobClient:
         self._failed = aio_endpoint(conn) or self._failed
         with contextlib.suppress(Exception):
             await conn.close()
+
+    async def _lost(self, conn: aio_pika.abc.AbstractConnection) -> None:
+        """A watch's link went (or its node refused the stream): drop the client's connection if
+        it is still that one, so the next connect tries the other addresses first; another task
+        may have replaced it already."""
+        if self._connection is conn:
+            await self._drop()
 
     async def _failover(self, publish: Callable[[], Awaitable[T]]) -> T:
         """Run one publish; if its node goes, reconnect through the other addresses and run it
@@ -205,6 +251,7 @@ class AsyncJobClient:
                     task.cancel()
 
     async def close(self) -> None:
+        self._closed_by_owner = True
         if self._connection is not None:
             await self._connection.close()
         self._connection = None
@@ -349,53 +396,125 @@ class AsyncJobClient:
         since: datetime | None = None,
         timeout_s: float | None = None,
         prefetch: int = 1000,
+        reconnect_s: float = 60.0,
     ) -> AsyncIterator[JobEvent]:
         """Yield the job's events with seq > after_seq in order, once each; stops after the
-        terminal event. Reads the durable stream (full history, then live) on its own channel.
+        terminal event. Reads the durable stream (full history, then live) on its own channel
+        of the client's connection.
 
-        Raises WatchTimeout if no terminal event arrives within timeout_s.
+        A lost link or node is retried like the sync watch (`producer.watch.watch_events`):
+        through AMQP_URL's other addresses, with jittered backoff, for up to `reconnect_s`,
+        resuming after the last stream offset read; a stream member not ready yet after a
+        failover is waited out, on another node, within the same bound. The reconnect is the
+        client's: its publishes move with it. Raises WatchTimeout if no terminal event arrives
+        within timeout_s.
         """
-        conn = await self.connect()
         orderer: SeqOrderer[JobEvent] = SeqOrderer(after_seq)
-        inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
+        cursor = StreamCursor(job_id, since)
+        window = ReconnectWindow(reconnect_s)
+        inbox: asyncio.Queue[JobEvent | _ChannelClosed] = asyncio.Queue()
         prefix = f"job.{job_id}."
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        end = EndOfWatch()
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await message.ack()
-            if not (message.routing_key or "").startswith(prefix):
-                return
-            try:
-                event = JobEvent.decode(message.body)
-            except DecodeError:
-                return
-            for ready in orderer.push(event):
-                inbox.put_nowait(ready)
+            # Before the first await: deliveries run as tasks in order, so the cursor and the
+            # orderer see them in stream order whatever the acks do.
+            cursor.took(message.headers)
+            if (message.routing_key or "").startswith(prefix):
+                with contextlib.suppress(DecodeError):
+                    for ready in orderer.push(JobEvent.decode(message.body)):
+                        inbox.put_nowait(ready)
+            with contextlib.suppress(*AIO_GONE):
+                await message.ack()
 
-        channel = await conn.channel()
-        try:
-            await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.get_queue(EVENTS_STREAM, ensure=False)
-            await queue.consume(
-                on_message, arguments=stream_arguments(job_id, since, self.features)
-            )
-            loop = asyncio.get_running_loop()
-            deadline = None if timeout_s is None else loop.time() + timeout_s
-            end = EndOfWatch()
-            while True:
-                left = None if deadline is None else max(0.0, deadline - loop.time())
-                if end.pending:  # a dead letter read: wait for a `replayed` a little while
-                    left = end.grace_s if left is None else min(left, end.grace_s)
-                try:
-                    event = await asyncio.wait_for(inbox.get(), left)
-                except TimeoutError:
-                    if end.idle(caught_up=True):
+        def on_close(attempt: int) -> Callable[[Any, BaseException | None], None]:
+            def closed(_channel: Any, reason: BaseException | None) -> None:
+                inbox.put_nowait(_ChannelClosed(attempt, reason))
+
+            return closed
+
+        attempt = 0
+        self._closed_by_owner = False
+        conn = await self._connect_within(window)
+        while True:
+            attempt += 1
+            channel: aio_pika.abc.AbstractChannel | None = None
+            try:
+                channel = await conn.channel()
+                channel.close_callbacks.add(on_close(attempt))
+                await channel.set_qos(prefetch_count=prefetch)
+                queue = await channel.get_queue(EVENTS_STREAM, ensure=False)
+                args = cursor.arguments(self.features)
+                await queue.consume(on_message, arguments=args)
+                if attempt > 1:
+                    log.info(
+                        "watch: job %s resumed at stream offset %s on %s",
+                        job_id,
+                        args["x-stream-offset"],
+                        aio_endpoint(conn),
+                    )
+                window.consuming()  # consuming again: the next loss gets its own reconnect_s
+                while True:
+                    left = None if deadline is None else max(0.0, deadline - loop.time())
+                    if end.pending:  # a dead letter read: wait for a `replayed` a little while
+                        left = end.grace_s if left is None else min(left, end.grace_s)
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), left)
+                    except TimeoutError:
+                        if end.idle(caught_up=True):
+                            return
+                        raise WatchTimeout(
+                            f"no terminal event for job {job_id} within {timeout_s} s"
+                        ) from None
+                    if isinstance(item, _ChannelClosed):
+                        if item.attempt == attempt:
+                            raise channel_loss(item.reason)
+                        continue  # an earlier attempt's channel
+                    yield item
+                    if end.saw(item):
                         return
-                    raise WatchTimeout(
-                        f"no terminal event for job {job_id} within {timeout_s} s"
-                    ) from None
-                yield event
-                if end.saw(event):
-                    return
-        finally:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
-                await channel.close()
+            except WatchTimeout:
+                raise  # a TimeoutError, hence an OSError: not a lost link
+            except AIO_LINK_ERRORS as exc:
+                if self._closed_by_owner:
+                    raise
+                window.lost()
+                log.warning(
+                    "watch: link to %s lost (%r); resuming on another node", aio_endpoint(conn), exc
+                )
+                await self._lost(conn)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                if not stream_member_unready(exc):
+                    raise
+                delay = window.delay_s()
+                if delay is None:
+                    raise
+                # Like the sync watch: another node's member, or this one a moment later,
+                # serves the same offsets.
+                log.warning(
+                    "watch: stream member on %s not ready (%s); retrying", aio_endpoint(conn), exc
+                )
+                await self._lost(conn)
+                await asyncio.sleep(delay)
+            finally:
+                if channel is not None and not channel.is_closed:
+                    with contextlib.suppress(*AIO_GONE):
+                        await channel.close()
+            conn = await self._connect_within(window)
+
+    async def _connect_within(self, window: ReconnectWindow) -> aio_pika.abc.AbstractConnection:
+        """The client's connection, for a watch: through AMQP_URL's addresses (the one
+        that failed last tried last), waiting between rounds until `window` is spent."""
+        while True:
+            if self._closed_by_owner:
+                raise ConnectionError("the client was closed while a watch reconnected")
+            try:
+                return await self._connect()
+            except AIO_GONE as exc:
+                delay = window.delay_s()
+                if delay is None:
+                    raise
+                log.warning("watch: no broker address answers (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)

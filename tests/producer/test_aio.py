@@ -7,13 +7,21 @@ from tests/conftest.py: its own tier(s), data root and, where needed, a real sle
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
+import re
+import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
 from facefleet.journal import JobJournal
+from facefleet.management import amqp_auth, default_management_url
 from facefleet.producer.aio import AsyncJobClient
 from facefleet.producer.errors import InvalidJobError, TierFullError, UnroutableJobError
 from facefleet.producer.watch import WatchTimeout
@@ -21,6 +29,7 @@ from facefleet.settings import ProducerSettings
 from facefleet.storage import Storage
 from facefleet.wire import EventPayload, JobEvent, utcnow
 from tests.conftest import Env
+from tests.spine.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -222,6 +231,129 @@ def test_watch_times_out_without_a_terminal_event(
 
     with pytest.raises(WatchTimeout):
         run(main())
+
+
+def via(proxy: TcpProxy, url: str) -> str:
+    """The AMQP URL with the proxy's port in place of the broker's."""
+    parts = urlsplit(url)
+    creds, _, _host = parts.netloc.rpartition("@")
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{creds}@{host}" if creds else host))
+
+
+class Connections:
+    """The broker's side of client connections (management API): find one by its client
+    connection name and close it, as an operator or a node shutting down would."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.api = default_management_url(amqp_url)
+        _vhost, (user, password) = amqp_auth(amqp_url)
+        self.token = base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def call(self, method: str, path: str) -> Any:
+        req = urllib.request.Request(f"{self.api}{path}", method=method)
+        req.add_header("Authorization", f"Basic {self.token}")
+        req.add_header("X-Reason", "test: the watch's connection closed by force")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            body = resp.read()
+        return json.loads(body) if body else None
+
+    def named(self, name: str, timeout_s: float = 15) -> list[str]:
+        """The broker's names of the connections called `name`, once it lists any."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rows = self.call("GET", "/api/connections?columns=name,client_properties")
+            found = [
+                r["name"] for r in rows if r["client_properties"].get("connection_name") == name
+            ]
+            if found:
+                return found
+            time.sleep(0.3)
+        raise AssertionError(f"no connection named {name} in the management API")
+
+    def close(self, names: list[str]) -> None:
+        for conn in names:
+            self.call("DELETE", f"/api/connections/{quote(conn, safe='')}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "loss",
+    [
+        pytest.param("cut", id="the TCP link cut (proxy)"),
+        pytest.param("closed", id="closed by the broker (management API)"),
+    ],
+)
+def test_watch_resumes_after_its_connection_is_lost_mid_job(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, loss: str
+) -> None:
+    """The watch's connection goes after the first progress event: it reconnects, resumes at
+    the stream offset after the last one it read (not from `since` again), and yields every
+    event once, in seq order, to `completed`."""
+    caplog.set_level(logging.INFO, logger="facefleet.producer.aio")
+    env.settings_env(monkeypatch)
+    broker = urlsplit(env.amqp_url)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    monkeypatch.setenv("AMQP_URL", via(proxy, env.amqp_url))  # the worker connects directly
+    settings = ProducerSettings.load()
+    src, tgt = media(env)
+    env.start_worker()
+    name = f"facefleet-test-watch-{uuid.uuid4().hex[:8]}"
+    connections = Connections(env.amqp_url)
+
+    async def main() -> tuple[str, list[JobEvent]]:
+        async with AsyncJobClient(settings, connection_name=name) as client:
+            # Listed before the job starts: the management API may show a connection late.
+            listed = [] if loss == "cut" else await asyncio.to_thread(connections.named, name)
+            result = await client.submit(env.tier, src, tgt, options={"sleep_s": 3, "steps": 10})
+            assert result.request is not None
+            seen: list[JobEvent] = []
+            watch = client.watch(
+                result.job_id, since=result.request.created_at, timeout_s=60, reconnect_s=30
+            )
+            async for event in watch:
+                seen.append(event)
+                if event.type == "progress" and len([e for e in seen if e.type == "progress"]) == 1:
+                    if loss == "cut":
+                        proxy.cut()
+                    else:
+                        await asyncio.to_thread(connections.close, listed)
+            return result.job_id, seen
+
+    try:
+        job_id, seen = run(main())
+    finally:
+        proxy.close()
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1)), [e.seq for e in seen]
+    assert seen[-1].type == "completed"
+    assert [e.type for e in seen] == journal_types(env, job_id)
+    assert re.search(r"link to 127\.0\.0\.1:\d+ lost", caplog.text), caplog.text
+    resumed = re.findall(r"resumed at stream offset (\S+)", caplog.text)
+    assert resumed and all(offset.isdigit() for offset in resumed), resumed
+
+
+def test_closing_the_client_ends_a_watch_instead_of_reconnecting(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() under a running watch is its owner's word: the watch ends with the lost link
+    and the client stays closed."""
+    settings = settings_for(env, monkeypatch)
+
+    async def main() -> tuple[BaseException | None, bool]:
+        client = AsyncJobClient(settings)
+        await client.apply_topology()
+        task = asyncio.create_task(
+            collect(client, str(uuid.uuid4()), since=utcnow(), timeout_s=30, reconnect_s=30)
+        )
+        await asyncio.sleep(1.0)  # consuming by now
+        await client.close()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done, "the watch went on after close()"
+        return task.exception(), client.connected
+
+    error, connected = run(main())
+    assert isinstance(error, ConnectionError), repr(error)
+    assert not connected
 
 
 def test_cancel_a_queued_job(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
