@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -418,6 +419,54 @@ def test_watch_resumes_on_another_node_after_its_node_is_killed(
     assert seen[-1].type == "completed"
     assert len(seen) == len(cenv.events(job.job_id))
     assert f"link to 127.0.0.1:{victim.port} lost" in caplog.text  # it did fail over
+
+
+def test_async_watch_resumes_on_another_node_after_its_node_is_killed(
+    cenv: Env, healthy: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The async SDK's watch, its client connected to a node that is killed mid-job, reconnects
+    through another node and resumes after the last stream offset it read: every event once,
+    in seq order, to the end."""
+    caplog.set_level(logging.INFO, logger="facefleet.producer.aio")
+    cluster = healthy
+    victim = cluster.nodes[1]
+    client = producer(cenv, monkeypatch, cluster.urls[0])
+    client.apply_topology()
+    cenv.start_worker(processor="sleep", AMQP_URL=cluster.urls[0])
+    src = cenv.data_root / "w.txt"
+    src.write_text("w")
+    job = client.submit(cenv.tier, str(src), str(src), options={"sleep_s": 6, "steps": 12})
+    client.close()
+    monkeypatch.setenv("AMQP_URL", urls_from(cluster, victim))
+    settings = ProducerSettings.load()
+    seen: list[JobEvent] = []
+    failure: list[BaseException] = []
+
+    async def follow() -> None:
+        async with AsyncJobClient(settings) as aio:
+            async for event in aio.watch(job.job_id, timeout_s=90, reconnect_s=60):
+                seen.append(event)
+
+    def run_follow() -> None:
+        try:
+            asyncio.run(follow())
+        except BaseException as exc:
+            failure.append(exc)
+
+    watcher = threading.Thread(target=run_follow, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 30
+    while not any(e.type == "progress" for e in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any(e.type == "progress" for e in seen), (seen, failure)
+    cluster.kill(victim)
+    watcher.join(120)
+    assert not failure, failure
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1)), [e.seq for e in seen]
+    assert seen[-1].type == "completed"
+    assert len(seen) == len(cenv.events(job.job_id))
+    assert f"link to 127.0.0.1:{victim.port} lost" in caplog.text  # it did fail over
+    assert "resumed at stream offset" in caplog.text
 
 
 def test_every_producer_fails_over_when_its_node_is_killed(
