@@ -3,7 +3,9 @@
 - Inference calls are counted through a proxy around the real onnxruntime sessions: a batch of
   frames costs one detector / enhancer call on the `batched` tiny models (symbolic batch axis,
   rank-3 detector outputs) and one call per frame / face on the default ones, whose signatures
-  are the real files' (batch fixed at 1, rank-2 detector outputs). Both give the same result.
+  are the real files' (batch fixed at 1, rank-2 detector outputs). Both give the same result:
+  the same frames handed to the encoder. Not the same file: libx264's output for equal frames
+  is not reproducible run to run (media.VideoWriter says why), so files are compared loosely.
 - The bounded video pipeline is instrumented (decoder, inference and encoder timestamps, queue
   depths) with a deliberately slow stage, to show the three stages overlap and that the decoder
   never runs further ahead than the queues allow.
@@ -193,6 +195,19 @@ def _decoded(path: Path) -> list[np.ndarray]:
         return [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
 
 
+def _record_encoded(monkeypatch: pytest.MonkeyPatch, into: list[Frame]) -> None:
+    """The pipeline's writer becomes the real VideoWriter keeping a copy of each frame written."""
+
+    class RecordingWriter(media.VideoWriter):
+        """A PROXY for the real VideoWriter: every frame is still encoded."""
+
+        def write(self, frame: Frame) -> None:
+            into.append(frame.copy())
+            super().write(frame)
+
+    monkeypatch.setattr(pipeline, "VideoWriter", RecordingWriter)
+
+
 def test_video_job_batches_on_batched_models_and_matches_the_per_frame_path(
     tiny_models: tuple[Path, Path],
     batched_models: tuple[Path, Path],
@@ -207,12 +222,14 @@ def test_video_job_batches_on_batched_models_and_matches_the_per_frame_path(
     runs = {}
     for name, models in (("batched", batched_models), ("real-layout", tiny_models)):
         counted = _counted(models, monkeypatch)
+        written: list[Frame] = []
+        _record_encoded(monkeypatch, written)
         ctx = make_ctx(ASTRONAUT, video, face_selector="many", enhance=True)
         out = counted.processor.run(ctx)
-        runs[name] = (counted, out, _decoded(ctx.output_dir / out.result_file))
+        runs[name] = (counted, out, written, _decoded(ctx.output_dir / out.result_file))
 
-    batched, b_out, b_frames = runs["batched"]
-    per_frame, p_out, p_frames = runs["real-layout"]
+    batched, b_out, b_written, b_frames = runs["batched"]
+    per_frame, p_out, p_written, p_frames = runs["real-layout"]
     faces = b_out.details["faces_swapped"]
     assert isinstance(faces, int) and faces > count  # several faces per frame: batching matters
     # 18 frames in batches of 8: the source image once, then 8 + 8 + 2
@@ -223,9 +240,14 @@ def test_video_job_batches_on_batched_models_and_matches_the_per_frame_path(
     assert len(enh) == 3 and sum(enh) == faces
     assert per_frame.sessions["gfpgan_1.4"].batches == [1] * faces
     assert p_out.details["faces_swapped"] == faces
-    assert len(b_frames) == len(p_frames) == count
-    for a, b in zip(b_frames, p_frames, strict=True):
+    # the same frames to the encoder, to the bit
+    assert len(b_written) == len(p_written) == count
+    for a, b in zip(b_written, p_written, strict=True):
         np.testing.assert_array_equal(a, b)
+    # and each result file holds its frames, up to H.264's loss (about 37 dB here)
+    for written, decoded in ((b_written, b_frames), (p_written, p_frames)):
+        assert len(decoded) == count
+        assert min(cv2.PSNR(a, b) for a, b in zip(written, decoded, strict=True)) > 30
 
 
 # --- overlap in the bounded pipeline ----------------------------------------------------------

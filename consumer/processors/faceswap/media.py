@@ -517,7 +517,12 @@ _MP4_AUDIO_COPY = frozenset({"aac", "mp3", "opus", "ac3", "eac3", "alac", "flac"
 
 
 class VideoWriter:
-    """H.264 MP4 writer at a fixed frame rate; frame i gets pts i, so count and fps match."""
+    """H.264 MP4 writer at a fixed frame rate; frame i gets pts i, so count and fps match.
+
+    The bytes are not reproducible: on AVX-512 CPUs libx264's lookahead (MB-tree with adaptive
+    quantisation) reads uninitialised memory at some widths (320 px among them, not 256 or 384),
+    so equal frames can encode differently depending on what the process allocated and freed
+    before. Compare the frames written, or decoded frames with a tolerance, never two files."""
 
     def __init__(
         self,
