@@ -65,6 +65,7 @@ from facefleet.producer.watch import (
     SeqOrderer,
     StreamCursor,
     WatchTimeout,
+    note_resumed,
     stream_member_unready,
 )
 from facefleet.settings import ProducerSettings
@@ -449,12 +450,7 @@ class AsyncJobClient:
                 args = cursor.arguments(self.features)
                 await queue.consume(on_message, arguments=args)
                 if attempt > 1:
-                    log.info(
-                        "watch: job %s resumed at stream offset %s on %s",
-                        job_id,
-                        args["x-stream-offset"],
-                        aio_endpoint(conn),
-                    )
+                    note_resumed(job_id, args, aio_endpoint(conn))
                 window.consuming()  # consuming again: the next loss gets its own reconnect_s
                 while True:
                     left = None if deadline is None else max(0.0, deadline - loop.time())

@@ -222,6 +222,16 @@ class ReconnectWindow:
         self.backoff.reset()
 
 
+def note_resumed(job_id: str, arguments: dict[str, Any], endpoint: str | None) -> None:
+    """The line both watches log when they consume again after a loss: where they resumed."""
+    log.info(
+        "watch: job %s resumed at stream offset %s on %s",
+        job_id,
+        arguments.get("x-stream-offset"),
+        endpoint,
+    )
+
+
 def watch_events(
     amqp_urls: str | Sequence[str],
     job_id: str,
@@ -249,6 +259,7 @@ def watch_events(
     cursor = StreamCursor(job_id, since)
     failed: str | None = None
     window = ReconnectWindow(reconnect_s)
+    attempt = 0
     while True:
         try:
             connection = connect(amqp_urls, f"facefleet-watch-{job_id[:8]}", avoid=failed)
@@ -282,7 +293,11 @@ def watch_events(
                     return
                 buffered.extend(orderer.push(event))
 
-            ch.basic_consume(EVENTS_STREAM, on_message, arguments=cursor.arguments(feats))
+            args = cursor.arguments(feats)
+            ch.basic_consume(EVENTS_STREAM, on_message, arguments=args)
+            attempt += 1
+            if attempt > 1:
+                note_resumed(job_id, args, connection_endpoint(connection))
             window.consuming()  # consuming again: the next loss gets its own reconnect_s
             while True:
                 before = delivered[0]

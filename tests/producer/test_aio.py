@@ -291,6 +291,7 @@ def test_watch_resumes_after_its_connection_is_lost_mid_job(
     the stream offset after the last one it read (not from `since` again), and yields every
     event once, in seq order, to `completed`."""
     caplog.set_level(logging.INFO, logger="facefleet.producer.aio")
+    caplog.set_level(logging.INFO, logger="facefleet.producer.watch")  # the resume line
     env.settings_env(monkeypatch)
     broker = urlsplit(env.amqp_url)
     proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)

@@ -379,13 +379,42 @@ def test_alarm_raised_and_cleared_mid_load(
     assert_nothing_lost(row, load)
 
 
-def test_watch_resumes_on_another_node_after_its_node_is_killed(
-    cenv: Env, healthy: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """`watch` connected to a node that is killed mid-job reconnects through another one and
-    resumes after the last stream offset it read: every event once, in seq order, to the end."""
+def sync_watch(amqp_url: str, job_id: str, seen: list[JobEvent]) -> None:
     from facefleet.producer.watch import watch_events
 
+    for event in watch_events(amqp_url, job_id, timeout_s=90, reconnect_s=60):
+        seen.append(event)
+
+
+def async_watch(amqp_url: str, job_id: str, seen: list[JobEvent]) -> None:
+    settings = ProducerSettings.load()  # AMQP_URL is set to amqp_url by the test
+
+    async def follow() -> None:
+        async with AsyncJobClient(settings) as aio:
+            async for event in aio.watch(job_id, timeout_s=90, reconnect_s=60):
+                seen.append(event)
+
+    asyncio.run(follow())
+
+
+@pytest.mark.parametrize(
+    "watch",
+    [
+        pytest.param(sync_watch, id="sync watch_events"),
+        pytest.param(async_watch, id="async AsyncJobClient.watch"),
+    ],
+)
+def test_watch_resumes_on_another_node_after_its_node_is_killed(
+    cenv: Env,
+    healthy: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    watch: Callable[[str, str, list[JobEvent]], None],
+) -> None:
+    """A watch (the sync one, the async SDK's) connected to a node that is killed mid-job
+    reconnects through another one and resumes after the last stream offset it read: every
+    event once, in seq order, to the end."""
+    caplog.set_level(logging.INFO, logger="facefleet.producer.watch")
     cluster = healthy
     victim = cluster.nodes[1]
     client = producer(cenv, monkeypatch, cluster.urls[0])
@@ -395,65 +424,18 @@ def test_watch_resumes_on_another_node_after_its_node_is_killed(
     src.write_text("w")
     job = client.submit(cenv.tier, str(src), str(src), options={"sleep_s": 6, "steps": 12})
     client.close()
+    urls = urls_from(cluster, victim)
+    monkeypatch.setenv("AMQP_URL", urls)
     seen: list[JobEvent] = []
     failure: list[BaseException] = []
 
     def follow() -> None:
         try:
-            seen.extend(
-                watch_events(urls_from(cluster, victim), job.job_id, timeout_s=90, reconnect_s=60)
-            )
+            watch(urls, job.job_id, seen)
         except BaseException as exc:
             failure.append(exc)
 
     watcher = threading.Thread(target=follow, daemon=True)
-    watcher.start()
-    deadline = time.monotonic() + 30
-    while not any(e.type == "progress" for e in seen) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert any(e.type == "progress" for e in seen), (seen, failure)
-    cluster.kill(victim)
-    watcher.join(120)
-    assert not failure, failure
-    assert [e.seq for e in seen] == list(range(1, len(seen) + 1)), [e.seq for e in seen]
-    assert seen[-1].type == "completed"
-    assert len(seen) == len(cenv.events(job.job_id))
-    assert f"link to 127.0.0.1:{victim.port} lost" in caplog.text  # it did fail over
-
-
-def test_async_watch_resumes_on_another_node_after_its_node_is_killed(
-    cenv: Env, healthy: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The async SDK's watch, its client connected to a node that is killed mid-job, reconnects
-    through another node and resumes after the last stream offset it read: every event once,
-    in seq order, to the end."""
-    caplog.set_level(logging.INFO, logger="facefleet.producer.aio")
-    cluster = healthy
-    victim = cluster.nodes[1]
-    client = producer(cenv, monkeypatch, cluster.urls[0])
-    client.apply_topology()
-    cenv.start_worker(processor="sleep", AMQP_URL=cluster.urls[0])
-    src = cenv.data_root / "w.txt"
-    src.write_text("w")
-    job = client.submit(cenv.tier, str(src), str(src), options={"sleep_s": 6, "steps": 12})
-    client.close()
-    monkeypatch.setenv("AMQP_URL", urls_from(cluster, victim))
-    settings = ProducerSettings.load()
-    seen: list[JobEvent] = []
-    failure: list[BaseException] = []
-
-    async def follow() -> None:
-        async with AsyncJobClient(settings) as aio:
-            async for event in aio.watch(job.job_id, timeout_s=90, reconnect_s=60):
-                seen.append(event)
-
-    def run_follow() -> None:
-        try:
-            asyncio.run(follow())
-        except BaseException as exc:
-            failure.append(exc)
-
-    watcher = threading.Thread(target=run_follow, daemon=True)
     watcher.start()
     deadline = time.monotonic() + 30
     while not any(e.type == "progress" for e in seen) and time.monotonic() < deadline:
