@@ -47,7 +47,9 @@ job's events; `write` buffers the next event in memory with a provisional seq; `
 writes every buffered event of every given log in ONE transaction (the batch lane's group
 commit), renumbering them if another writer got in between (possible only if this store's
 claims session was lost meanwhile: they are not published yet, so that is safe); then
-`publish_written` and `settle` publish in seq order and mark the confirmed events published.
+`publish_written` and `settle` publish in seq order and mark the confirmed events published
+(one statement per batch, committed without waiting for the WAL flush: a lost mark only means
+the next writer publishes those events again, and watchers drop the duplicate seq).
 Before writing, a writer republishes earlier events of the job that are still unpublished (the
 outbox), exactly like the journal. The job lock is held for one append or one batch step, never
 for a whole job (the claim covers that), and no transaction stays open while a job runs: it
