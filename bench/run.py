@@ -11,6 +11,10 @@ import sys
 
 BENCHES: tuple[tuple[str, list[str]], ...] = (
     ("spine vs Celery", ["-m", "bench.bench_spine", "--jobs", "2000", "--rounds", "3"]),
+    (
+        "spine, job state in PostgreSQL, vs Celery",
+        ["-m", "bench.bench_spine", "--jobs", "2000", "--rounds", "3", "--store", "postgres"],
+    ),
     ("video pipeline vs naive loop", ["bench/bench_video.py"]),
     ("gateway: 10,000 WebSockets", ["bench/bench_gateway.py", "--client-procs", "2"]),
     ("media store vs boto3 (moto_server)", ["bench/bench_media.py"]),
