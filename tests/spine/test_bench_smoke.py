@@ -63,6 +63,10 @@ def test_bench_spine_runs_and_prints_its_ratios(amqp_url: str, store: str) -> No
     }
     assert set(cpu) == {"facefleet batched", "facefleet one by one", "celery"}, run.stdout
     assert cpu["facefleet batched"]["workers"] > 0 and cpu["celery"]["workers"] > 0
+    assert all(parts["postgres"] >= 0 for parts in cpu.values()), cpu
     if store == "postgres":  # the job state's own CPU is counted where the server is local
-        assert cpu["facefleet batched"]["postgres"] > 0, cpu
+        # (in 10 ms clock ticks: 60 batched jobs may cost PostgreSQL less than one tick; the
+        # one-by-one run's commits cost it tens)
+        ours = cpu["facefleet batched"]["postgres"] + cpu["facefleet one by one"]["postgres"]
+        assert ours > 0, cpu
     assert bench_databases() == before  # the bench's database is dropped again
