@@ -399,19 +399,21 @@ def _dead(conn: Connection) -> bool:
     return bool(conn.closed or conn.broken)
 
 
-_SUMMARY_COLUMNS = (
-    "job_id",
-    "state",
-    "tier",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "error_code",
-    "last_seq",
-    "api_key_id",
-    "gpu_seconds",
+_SYNC_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("job_id", "uuid"),
+    ("state", "text"),
+    ("tier", "text"),
+    ("created_at", "timestamptz"),
+    ("started_at", "timestamptz"),
+    ("finished_at", "timestamptz"),
+    ("error_code", "text"),
+    ("last_seq", "int"),
+    ("api_key_id", "text"),
+    ("gpu_seconds", "float8"),
 )
-"""The jobs row's columns a sync writes (`_Planned.row`), as `sync`'s UPDATE names them."""
+"""The jobs row's columns a sync writes, and their types: the keys of `_Planned.row` and the
+record `sync`'s UPDATE reads them as (one list, so a key can never silently read as NULL)."""
+_SYNC_RECORD = ", ".join(f"{name} {kind}" for name, kind in _SYNC_COLUMNS)
 
 
 def _array(values: Iterable[uuid.UUID | int]) -> str:
@@ -694,7 +696,7 @@ class PostgresJobLog:
             stale=stale,
             row=dict(
                 zip(
-                    _SUMMARY_COLUMNS,
+                    (name for name, _ in _SYNC_COLUMNS),
                     (
                         self._uuid,
                         state,
@@ -1217,9 +1219,7 @@ class PostgresJobStore:
                     "last_seq = v.last_seq, updated_at = now(), "
                     "api_key_id = coalesce(v.api_key_id, j.api_key_id), "
                     "gpu_seconds = coalesce(v.gpu_seconds, j.gpu_seconds) "
-                    "FROM jsonb_to_recordset(%s::jsonb) AS v(job_id uuid, state text, tier text, "
-                    "created_at timestamptz, started_at timestamptz, finished_at timestamptz, "
-                    "error_code text, last_seq int, api_key_id text, gpu_seconds float8) "
+                    f"FROM jsonb_to_recordset(%s::jsonb) AS v({_SYNC_RECORD}) "
                     "WHERE j.job_id = v.job_id",
                     (_records(p.row for p in plans if p.row is not None),),
                 )
