@@ -105,27 +105,23 @@ class Inputs:
             fetch_to_file(uri, dest, self.policy)
             return dest
         try:  # `owns` and `local_path` in one: each resolves the path (realpath) on file://
-            local = self.media.local_path(uri)
-            owned = True
+            in_store = self.media.local_path(uri)
         except StorageError as exc:
             if exc.code != "media_outside_data_root":
                 raise
-            owned = False
-        if owned:
-            if local is None:
+            if scheme not in ("", "file"):
+                raise StorageError(
+                    "media_outside_data_root",
+                    f"{uri}: outside the media store {self.media.url} (use a URI in the store, "
+                    "an https:// URL or a file:// path in the data root)",
+                ) from None
+            local = self.data_root().resolve(uri)  # the workers' data root, as before S3
+        else:
+            if in_store is None:  # an object: fetched into the scratch dir
                 dest = scratch.path / name
                 self.media.download(uri, dest, max_bytes=self.max_bytes)
                 return dest
-        elif scheme in ("", "file"):
-            local = self.data_root().resolve(
-                uri
-            )  # the workers' data root, as before object storage
-        else:
-            raise StorageError(
-                "media_outside_data_root",
-                f"{uri}: outside the media store {self.media.url} (use a URI in the store, "
-                "an https:// URL or a file:// path in the data root)",
-            )
+            local = in_store
         if not local.is_file():
             raise StorageError("media_not_found", f"{local} does not exist")
         return local
