@@ -414,6 +414,35 @@ _SYNC_COLUMNS: tuple[tuple[str, str], ...] = (
 """The jobs row's columns a sync writes, and their types: the keys of `_Planned.row` and the
 record `sync`'s UPDATE reads them as (one list, so a key can never silently read as NULL)."""
 _SYNC_RECORD = ", ".join(f"{name} {kind}" for name, kind in _SYNC_COLUMNS)
+_SYNC_NAMES = ", ".join(name for name, _ in _SYNC_COLUMNS)
+_LOCKED_ROW = "job_id, last_seq, state, tier, created_at, started_at, finished_at, error_code"
+"""What `_plan` reads of a jobs row locked FOR UPDATE."""
+_NEW_ROW = (0, "queued", None, None, None, None, None)
+"""A job without a row yet, as `_LOCKED_ROW` after its job_id (the table's defaults)."""
+
+
+_REFRESH_MANY = (
+    "SELECT t.job_id, e.seq, e.published, CASE WHEN e.seq > t.top THEN e.body::text END "
+    "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
+    "CROSS JOIN LATERAL (SELECT seq, published, body FROM job_events "
+    "WHERE job_id = t.job_id AND (seq > t.top OR NOT published) OFFSET 0) AS e "
+    "ORDER BY t.job_id, e.seq"
+)
+"""Several logs' refresh (ids, known tops): a lookup by job per log, LATERAL and kept from being
+flattened into a join by OFFSET 0. As a join the planner hashes the ids and scans all of
+job_events while the table is young (thousands of rows): a batch's lock cost O(events ever
+written)."""
+
+_MARK_MANY = (
+    "UPDATE job_events AS e SET published = true "
+    "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
+    "CROSS JOIN LATERAL (SELECT ctid AS tid FROM job_events "
+    "WHERE job_id = t.job_id AND seq <= t.top AND NOT published OFFSET 0) AS m "
+    "WHERE e.ctid = m.tid"
+)
+"""Several logs' publish marks (ids, confirmed tops): the unpublished events found by job, as
+`_REFRESH_MANY` finds them, then updated by row address. (A row marked meanwhile by another
+writer has moved on, and is skipped: marks only ever go from false to true.)"""
 
 
 def _array(values: Iterable[uuid.UUID | int]) -> str:
@@ -1099,11 +1128,7 @@ class PostgresJobStore:
         by_id = {lg._uuid: lg for lg in logs}
         with self._pool.connection() as conn:
             rows = conn.execute(
-                "SELECT e.job_id, e.seq, e.published, "
-                "CASE WHEN e.seq > t.top THEN e.body::text END "
-                "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
-                "JOIN job_events e ON e.job_id = t.job_id AND (e.seq > t.top OR NOT e.published) "
-                "ORDER BY e.job_id, e.seq",
+                _REFRESH_MANY,
                 (_array(lg._uuid for lg in logs), _array(lg._top for lg in logs)),
             ).fetchall()
         grouped: dict[uuid.UUID, list[tuple[Any, ...]]] = {job: [] for job in by_id}
@@ -1141,9 +1166,7 @@ class PostgresJobStore:
                 # last marks, and their events are published again).
                 conn.execute("SET LOCAL synchronous_commit = off")
                 conn.execute(
-                    "UPDATE job_events AS e SET published = true "
-                    "FROM unnest(%s::uuid[], %s::int[]) AS t(job_id, top) "
-                    "WHERE e.job_id = t.job_id AND e.seq <= t.top AND NOT e.published",
+                    _MARK_MANY,
                     (_array(lg._uuid for lg, _ in todo), _array(seq for _, seq in todo)),
                 )
         except psycopg.Error as exc:
@@ -1162,9 +1185,10 @@ class PostgresJobStore:
 
     def sync(self, logs: Sequence[object]) -> None:
         """Write every buffered event of the given logs in ONE transaction (the batch lane's
-        group commit): per job in job-id order, the jobs row is created if missing and locked
-        FOR UPDATE; buffered events are renumbered after its last_seq if another writer got in,
-        dropped if the job already ended, inserted, and the row's summary updated. With only
+        group commit): the jobs rows are locked FOR UPDATE in job-id order; buffered events
+        are renumbered after a row's last_seq if another writer got in, dropped if the job
+        already ended, inserted, and the row's summary updated; a job without a row gets it
+        inserted with its summary (one row version). With only
         fsync=False logs the commit does not wait for the WAL flush."""
         pending: dict[int, PostgresJobLog] = {}
         for item in logs:
@@ -1177,23 +1201,51 @@ class PostgresJobStore:
         batch = sorted(pending.values(), key=lambda lg: lg._uuid)
         if len({lg._uuid for lg in batch}) != len(batch):
             raise ValueError("sync: two logs of one job (only one may hold its lock)")
-        ids = [lg._uuid for lg in batch]
-        plans: list[_Planned] = []
+        plans: dict[uuid.UUID, _Planned] = {}
+        created: set[uuid.UUID] = set()
         with self._pool.connection() as conn, conn.transaction():
             if all(not lg.fsync for lg in batch):
                 conn.execute("SET LOCAL synchronous_commit = off")
-            conn.execute(
-                "INSERT INTO jobs (job_id) SELECT unnest(%s::uuid[]) ON CONFLICT DO NOTHING",
-                (_array(ids),),
-            )
-            rows = conn.execute(
-                "SELECT job_id, last_seq, state, tier, created_at, started_at, finished_at, "
-                "error_code FROM jobs WHERE job_id = ANY(%s::uuid[]) ORDER BY job_id FOR UPDATE",
-                (_array(ids),),
-            ).fetchall()
-            by_id = {r[0]: r for r in rows}
-            plans = [lg._plan(by_id[lg._uuid]) for lg in batch]
-            events = [(lg._uuid, e) for lg, p in zip(batch, plans, strict=True) for e in p.final]
+            todo = batch
+            while todo:
+                # Existing rows are locked and planned on; a job without a row yet gets it
+                # inserted with its planned summary at once (one row version, not a default
+                # row and then an UPDATE). A row someone else created in between (the
+                # gateway's record_submitted) is taken on the next round, like an old one.
+                rows = conn.execute(
+                    f"SELECT {_LOCKED_ROW} FROM jobs "
+                    "WHERE job_id = ANY(%s::uuid[]) ORDER BY job_id FOR UPDATE",
+                    (_array(lg._uuid for lg in todo),),
+                ).fetchall()
+                by_id = {r[0]: r for r in rows}
+                fresh: dict[uuid.UUID, _Planned] = {}
+                for lg in todo:
+                    row = by_id.get(lg._uuid)
+                    if row is None:
+                        fresh[lg._uuid] = lg._plan((lg._uuid, *_NEW_ROW))
+                    else:
+                        plans[lg._uuid] = lg._plan(row)
+                inserting = [p.row for p in fresh.values() if p.row is not None]
+                inserted: set[uuid.UUID] = set()
+                if inserting:
+                    inserted = {
+                        r[0]
+                        for r in conn.execute(
+                            f"INSERT INTO jobs ({_SYNC_NAMES}) SELECT {_SYNC_NAMES} "
+                            f"FROM jsonb_to_recordset(%s::jsonb) AS v({_SYNC_RECORD}) "
+                            "ON CONFLICT DO NOTHING RETURNING job_id",
+                            (_records(inserting),),
+                        ).fetchall()
+                    }
+                for job in inserted:
+                    plans[job] = fresh.pop(job)
+                created |= inserted
+                for job, plan in list(fresh.items()):
+                    if plan.row is None:  # nothing to write: no row needed
+                        plans[job] = fresh.pop(job)
+                todo = [lg for lg in todo if lg._uuid in fresh]
+            ordered = [plans[lg._uuid] for lg in batch]
+            events = [(lg._uuid, e) for lg, p in zip(batch, ordered, strict=True) for e in p.final]
             if events:
                 conn.execute(
                     "INSERT INTO job_events (job_id, seq, type, ts, body) "
@@ -1212,6 +1264,8 @@ class PostgresJobStore:
                         ),
                     ),
                 )
+            updating = [p.row for job, p in plans.items() if p.row and job not in created]
+            if updating:
                 conn.execute(
                     "UPDATE jobs AS j SET state = v.state, tier = v.tier, "
                     "created_at = v.created_at, started_at = v.started_at, "
@@ -1221,9 +1275,9 @@ class PostgresJobStore:
                     "gpu_seconds = coalesce(v.gpu_seconds, j.gpu_seconds) "
                     f"FROM jsonb_to_recordset(%s::jsonb) AS v({_SYNC_RECORD}) "
                     "WHERE j.job_id = v.job_id",
-                    (_records(p.row for p in plans if p.row is not None),),
+                    (_records(updating),),
                 )
-        for lg, plan in zip(batch, plans, strict=True):
+        for lg, plan in zip(batch, ordered, strict=True):
             lg._synced(plan)
 
     # --- cancel markers -------------------------------------------------------------------------

@@ -14,8 +14,11 @@ import pytest
 
 from facefleet.jobstore import JobStore, StoreError
 from facefleet.pgstore import (
+    _MARK_MANY,
+    _REFRESH_MANY,
     PostgresClaim,
     PostgresJobStore,
+    _array,
     latest_version,
     migrate,
     migrations,
@@ -230,6 +233,96 @@ def test_a_batch_sync_is_one_transaction(stores: Callable[[], PostgresJobStore])
     assert count == (12,)
     assert len(events) == 1  # every event and every summary row: one transaction
     assert rows == events
+
+
+def test_a_row_created_while_a_sync_waits_is_taken_as_an_existing_one(
+    stores: Callable[[], PostgresJobStore], pg_url: str
+) -> None:
+    """The gateway's record_submitted creates a job's row after a worker's sync found none: the
+    sync's insert waits for it, finds the row, and plans again on it (its own `queued` dropped,
+    its event after the recorded one), as for a row that was there all along."""
+    store = stores()
+    job = new_job()
+    log = store.log(job)
+    failed: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            store.sync([log])
+        except BaseException as exc:
+            failed.append(exc)
+
+    log.lock()
+    try:
+        log.write("started", None, nothing)
+        with psycopg.connect(pg_url) as gateway, psycopg.connect(pg_url, autocommit=True) as look:
+            gateway.execute(
+                "INSERT INTO jobs (job_id, state, last_seq) VALUES (%s, 'queued', 1)",
+                (uuid.UUID(job),),
+            )
+            gateway.execute(
+                "INSERT INTO job_events (job_id, seq, type, ts, body, published) "
+                "VALUES (%s, 1, 'queued', now(), %s, true)",
+                (
+                    uuid.UUID(job),
+                    JobEvent(job_id=job, seq=1, type="queued", ts=utcnow()).encode().decode(),
+                ),
+            )
+            syncing = threading.Thread(target=sync)
+            syncing.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                row = look.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                ).fetchone()
+                if row and row[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the sync never waited for the uncommitted row")
+            gateway.commit()
+            syncing.join(10)
+    finally:
+        log.unlock()
+    assert failed == []
+    assert seqs(stores().log(job).events()) == [(1, "queued"), (2, "started")]
+    row = stores().get_job(job)
+    assert row is not None and (row.state, row.last_seq) == ("running", 2)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        pytest.param(_REFRESH_MANY, id="loading a batch's logs under their locks"),
+        pytest.param(_MARK_MANY, id="marking a batch's events published"),
+    ],
+)
+def test_a_batch_looks_its_events_up_by_job(fresh_pg_url: Callable[[bool], str], sql: str) -> None:
+    """A young job_events table (thousands of rows, no statistics yet: too few for the planner
+    to prefer the primary key on its own) is not read whole for a batch's statement."""
+    url = fresh_pg_url(True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO jobs (job_id) SELECT gen_random_uuid() FROM generate_series(1, 4000)"
+        )
+        conn.execute(
+            "INSERT INTO job_events SELECT job_id, s, 'progress', now(), '{}'::jsonb, s = 1 "
+            "FROM jobs, generate_series(1, 3) AS s"
+        )
+        ids = [uuid.uuid4() for _ in range(32)]
+        row = conn.execute(
+            "EXPLAIN (FORMAT JSON) " + sql, (_array(ids), _array([3] * len(ids)))
+        ).fetchone()
+    assert row is not None
+    scans: list[tuple[str, str]] = []
+    todo = [row[0][0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        scans.append((node["Node Type"], node.get("Relation Name", "")))
+        todo.extend(node.get("Plans", []))
+    assert ("Seq Scan", "job_events") not in scans, scans
+    assert any(name == "job_events" for _, name in scans), scans
 
 
 def test_a_failed_sync_writes_nothing(stores: Callable[[], PostgresJobStore]) -> None:
