@@ -135,12 +135,17 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _MIGRATE_LOCK = 0x66_66_6D_69_67_72_74  # "ffmigrt": the advisory key migrators serialize on
 
+_COMPATIBLE_FROM = re.compile(r"^-- facefleet-compatible-from: (\d+)\s*$", re.MULTILINE)
 _SCHEMA_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    version         integer PRIMARY KEY,
+    name            text NOT NULL,
+    applied_at      timestamptz NOT NULL DEFAULT now(),
+    compatible_from integer
 )"""
+_SCHEMA_MIGRATIONS_COMPATIBLE = (
+    "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS compatible_from integer"
+)
 
 
 # --- migrations -----------------------------------------------------------------------------
@@ -152,6 +157,22 @@ class Migration:
     name: str
     """`0001_init`: the file name without `.sql`."""
     sql: str
+    compatible_from: int
+    """The oldest build (by the schema version it ships) that still runs on a schema with this
+    migration applied: its own version unless the file says `-- facefleet-compatible-from: N`
+    (e.g. a dropped index, a column nobody older reads). Lets pods of the release before keep
+    starting during a rolling upgrade, after the pre-upgrade hook migrated."""
+
+
+def _migration(version: int, name: str, sql: str) -> Migration:
+    marker = _COMPATIBLE_FROM.search(sql)
+    compatible_from = int(marker[1]) if marker else version
+    if not 1 <= compatible_from <= version:
+        raise StoreError(
+            f"facefleet/migrations/{name}.sql: facefleet-compatible-from {compatible_from} "
+            f"must lie in 1..{version}"
+        )
+    return Migration(version, name, sql, compatible_from)
 
 
 def migrations() -> list[Migration]:
@@ -160,7 +181,7 @@ def migrations() -> list[Migration]:
     for entry in importlib.resources.files("facefleet.migrations").iterdir():
         match = _MIGRATION_FILE.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), entry.name[:-4], entry.read_text("utf-8")))
+            found.append(_migration(int(match[1]), entry.name[:-4], entry.read_text("utf-8")))
     found.sort(key=lambda m: m.version)
     if not found:
         raise StoreError(
@@ -186,6 +207,23 @@ def schema_version(conn: Connection) -> int:
     return int(top[0]) if top else 0
 
 
+def oldest_compatible_build(conn: Connection, version: int) -> int:
+    """The oldest build (by the schema version it ships) that runs on this database, judged by
+    the migrations applied past `version`: each one's `compatible_from` (strict, its own
+    version, where a migrator recorded none)."""
+    column = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+        "WHERE table_name = 'schema_migrations' AND column_name = 'compatible_from' "
+        "AND table_schema = current_schema())"
+    ).fetchone()
+    compatible = "coalesce(compatible_from, version)" if column and column[0] else "version"
+    row = conn.execute(
+        f"SELECT coalesce(max({compatible}), 0) FROM schema_migrations WHERE version > %s",
+        (version,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def migrate(url: str, *, connect_timeout_s: float = 10.0) -> list[str]:
     """Apply the pending migrations, each in its own transaction; returns their names (empty
     when the schema is up to date). Each transaction first takes a transaction-level advisory
@@ -198,6 +236,7 @@ def migrate(url: str, *, connect_timeout_s: float = 10.0) -> list[str]:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (_MIGRATE_LOCK,))
                 conn.execute(_SCHEMA_MIGRATIONS)
+                conn.execute(_SCHEMA_MIGRATIONS_COMPATIBLE)
                 row = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
                 ).fetchone()
@@ -205,8 +244,9 @@ def migrate(url: str, *, connect_timeout_s: float = 10.0) -> list[str]:
                     continue
                 conn.execute(cast(Any, migration.sql))
                 conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
+                    "INSERT INTO schema_migrations (version, name, compatible_from) "
+                    "VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.compatible_from),
                 )
             applied.append(migration.name)
             log.info("job store: applied migration %s", migration.name)
@@ -932,9 +972,18 @@ class PostgresJobStore:
                 "`facefleet store migrate`"
             )
         if have > need:
-            raise StoreError(
-                f"job store schema at version {have}, but this build knows only up to {need}: "
-                "this build is older than the schema; run a newer facefleet"
+            oldest = oldest_compatible_build(conn, need)
+            if oldest > need:
+                raise StoreError(
+                    f"job store schema at version {have}, but this build knows only up to "
+                    f"{need} and its later migrations need builds of version {oldest} or "
+                    "later: this build is older than the schema; run a newer facefleet"
+                )
+            log.info(
+                "job store schema at version %d, ahead of this build's %d; its later migrations "
+                "run with this build",
+                have,
+                need,
             )
 
     def __enter__(self) -> PostgresJobStore:

@@ -19,6 +19,7 @@ from facefleet.pgstore import (
     PostgresClaim,
     PostgresJobStore,
     _array,
+    _migration,
     latest_version,
     migrate,
     migrations,
@@ -122,6 +123,81 @@ def test_a_schema_ahead_of_the_build_is_refused(fresh_pg_url: Callable[[bool], s
         PostgresJobStore(url)
 
 
+@pytest.mark.parametrize(
+    ("compatible_from", "starts"),
+    [
+        pytest.param(None, False, id="recorded by a migrator without markers: strict"),
+        pytest.param("ahead", False, id="needs builds of its own version"),
+        pytest.param("latest", True, id="runs with this build"),
+        pytest.param(1, True, id="runs with any build"),
+    ],
+)
+def test_a_schema_ahead_runs_with_the_builds_its_migrations_allow(
+    fresh_pg_url: Callable[[bool], str], compatible_from: int | str | None, starts: bool
+) -> None:
+    """A rolling upgrade: the pre-upgrade hook migrated, and pods of the release before start
+    (a restart, a scale-up) while the rollout runs."""
+    url = fresh_pg_url(True)
+    ahead = latest_version() + 1
+    marker = {"ahead": ahead, "latest": latest_version()}.get(
+        compatible_from if isinstance(compatible_from, str) else "", compatible_from
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, compatible_from) "
+            "VALUES (%s, 'from_the_future', %s)",
+            (ahead, marker),
+        )
+    if starts:
+        PostgresJobStore(url).close()
+        return
+    with pytest.raises(StoreError, match=f"version {ahead}, .* needs? builds of version {ahead}"):
+        PostgresJobStore(url)
+
+
+def test_a_schema_table_from_before_the_markers_is_read_strictly_and_upgraded(
+    fresh_pg_url: Callable[[bool], str],
+) -> None:
+    url = fresh_pg_url(True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE schema_migrations DROP COLUMN compatible_from")
+        conn.execute("DELETE FROM schema_migrations WHERE version = %s", (latest_version(),))
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (%s, 'from_the_future')",
+            (latest_version() + 1,),
+        )
+    with pytest.raises(StoreError, match="older than the schema"):
+        PostgresJobStore(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version > %s", (latest_version() - 1,))
+    assert migrate(url) == [migrations()[-1].name]
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT compatible_from FROM schema_migrations WHERE version = %s",
+            (latest_version(),),
+        ).fetchone()
+    assert row == (migrations()[-1].compatible_from,)
+
+
+@pytest.mark.parametrize(
+    ("sql", "compatible_from", "error"),
+    [
+        pytest.param("DROP INDEX x;", 3, None, id="no marker: its own version"),
+        pytest.param("-- facefleet-compatible-from: 2\nDROP INDEX x;", 2, None, id="marked"),
+        pytest.param("-- facefleet-compatible-from: 4\n", None, "must lie in 1..3", id="later"),
+        pytest.param("-- facefleet-compatible-from: 0\n", None, "must lie in 1..3", id="zero"),
+    ],
+)
+def test_a_migration_says_which_builds_run_on_it(
+    sql: str, compatible_from: int | None, error: str | None
+) -> None:
+    if error is not None:
+        with pytest.raises(StoreError, match=error):
+            _migration(3, "0003_x", sql)
+        return
+    assert _migration(3, "0003_x", sql).compatible_from == compatible_from
+
+
 def test_the_store_url_hides_the_password(pg_url: str) -> None:
     with_password = pg_url.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it
     with PostgresJobStore(with_password) as store:
@@ -175,8 +251,10 @@ def test_migrate_applies_each_file_once(fresh_pg_url: Callable[[bool], str]) -> 
     assert migrate(url) == names
     assert migrate(url) == []
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1").fetchall()
-    assert rows == [(m.version, m.name) for m in migrations()]
+        rows = conn.execute(
+            "SELECT version, name, compatible_from FROM schema_migrations ORDER BY 1"
+        ).fetchall()
+    assert rows == [(m.version, m.name, m.compatible_from) for m in migrations()]
     PostgresJobStore(url).close()
 
 
