@@ -1270,28 +1270,25 @@ class PostgresJobStore:
                 fresh: dict[uuid.UUID, _Planned] = {}
                 for lg in todo:
                     row = by_id.get(lg._uuid)
-                    if row is None:
-                        fresh[lg._uuid] = lg._plan((lg._uuid, *_NEW_ROW))
-                    else:
-                        plans[lg._uuid] = lg._plan(row)
-                inserting = [p.row for p in fresh.values() if p.row is not None]
+                    plan = lg._plan(row if row is not None else (lg._uuid, *_NEW_ROW))
+                    if row is None and plan.row is not None:
+                        fresh[lg._uuid] = plan
+                    else:  # an existing row, or nothing to write (no row needed)
+                        plans[lg._uuid] = plan
                 inserted: set[uuid.UUID] = set()
-                if inserting:
+                if fresh:
                     inserted = {
                         r[0]
                         for r in conn.execute(
                             f"INSERT INTO jobs ({_SYNC_NAMES}) SELECT {_SYNC_NAMES} "
                             f"FROM jsonb_to_recordset(%s::jsonb) AS v({_SYNC_RECORD}) "
                             "ON CONFLICT DO NOTHING RETURNING job_id",
-                            (_records(inserting),),
+                            (_records(p.row for p in fresh.values() if p.row is not None),),
                         ).fetchall()
                     }
                 for job in inserted:
                     plans[job] = fresh.pop(job)
                 created |= inserted
-                for job, plan in list(fresh.items()):
-                    if plan.row is None:  # nothing to write: no row needed
-                        plans[job] = fresh.pop(job)
                 todo = [lg for lg in todo if lg._uuid in fresh]
             ordered = [plans[lg._uuid] for lg in batch]
             events = [(lg._uuid, e) for lg, p in zip(batch, ordered, strict=True) for e in p.final]
