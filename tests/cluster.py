@@ -45,17 +45,23 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports given to nodes by this process: a probe lets its port go at once, so without this two
+of a cluster's nine ports could be drawn the same (the second node to bind it: eaddrinuse)."""
+
+
 def _free_port() -> int:
     """A free port OUTSIDE the kernel's ephemeral range: a node that restarts must get its port
     back, and an outgoing connection may have taken an ephemeral one meanwhile (eaddrinuse)."""
     low, high = _ephemeral_range()
-    candidates = [p for p in range(20000, 32000) if not low <= p <= high]
+    candidates = [p for p in range(20000, 32000) if not low <= p <= high and p not in _HANDED_OUT]
     for port in random.sample(candidates, 200):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise ClusterUnavailable("no free port outside the ephemeral range")
 
